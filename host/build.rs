@@ -1,0 +1,64 @@
+//! Builds the plugin components (Rust guests in this workspace) for
+//! `wasm32-wasip2` and places each next to its `plugin.toml`, so `cargo run`
+//! and `cargo test` always load plugins built from the current sources. The
+//! nested build uses its own target directory, as wasmtime's test programs
+//! do, so it never waits on the outer build's lock.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// (folder, package, component file named in its plugin.toml)
+const GUESTS: [(&str, &str, &str); 4] = [
+    ("plugins/crm", "crm-plugin", "crm.wasm"),
+    ("plugins/meta-capi", "meta-capi-plugin", "meta-capi.wasm"),
+    ("plugins/brevo", "brevo-plugin", "brevo.wasm"),
+    ("tests/plugins/misbehave", "misbehave-plugin", "misbehave.wasm"),
+];
+
+fn main() {
+    let host_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = host_dir.parent().expect("host/ is inside the workspace").to_path_buf();
+    println!("cargo:rerun-if-changed={}", root.join("wit").display());
+    println!("cargo:rerun-if-changed={}", root.join("plugins/support/src").display());
+    println!("cargo:rerun-if-changed={}", root.join("Cargo.lock").display());
+    for (dir, _, _) in GUESTS {
+        println!("cargo:rerun-if-changed={}", root.join(dir).join("src").display());
+        println!("cargo:rerun-if-changed={}", root.join(dir).join("Cargo.toml").display());
+    }
+    println!("cargo:rerun-if-env-changed=CRM_SKIP_PLUGIN_BUILD");
+    if std::env::var_os("CRM_SKIP_PLUGIN_BUILD").is_some() {
+        return;
+    }
+
+    // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out: share one
+    // plugin build across profiles at <target>/plugins.
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let target_dir = out_dir.ancestors().nth(4).unwrap_or(&out_dir).join("plugins");
+
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args(["build", "--locked", "--profile", "plugin", "--target", "wasm32-wasip2", "--target-dir"])
+        .arg(&target_dir);
+    for (_, package, _) in GUESTS {
+        cmd.args(["-p", package]);
+    }
+    for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WORKSPACE_WRAPPER"] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().expect("could not run cargo to build the plugins");
+    if !status.success() {
+        panic!("building the plugins for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`)");
+    }
+    for (dir, package, file) in GUESTS {
+        let built = target_dir.join("wasm32-wasip2/plugin").join(format!("{}.wasm", package.replace('-', "_")));
+        copy_if_changed(&built, &root.join(dir).join(file));
+    }
+}
+
+fn copy_if_changed(from: &Path, to: &Path) {
+    let new = std::fs::read(from).unwrap_or_else(|e| panic!("missing built plugin {}: {e}", from.display()));
+    if std::fs::read(to).ok().as_deref() != Some(new.as_slice()) {
+        std::fs::write(to, &new).unwrap_or_else(|e| panic!("cannot write {}: {e}", to.display()));
+    }
+}

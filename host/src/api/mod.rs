@@ -1,0 +1,189 @@
+//! The HTTP API: webhook intake (both the documented path and the one the
+//! original service actually served), health, readiness, metrics, and the
+//! operator's receipts / dead-letter endpoints.
+
+mod error;
+mod webhook;
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+pub use error::ApiError;
+
+use crate::App;
+use crate::store::{DeliveryState, ListQuery};
+
+/// The whole API.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/api/v1/webhook/{provider}", post(webhook::receive))
+        .route("/v1/webhooks/{provider}", post(webhook::receive))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/receipts", get(list_receipts))
+        .route("/api/v1/receipts/{id}", get(get_receipt))
+        .route("/api/v1/dead-letters", get(list_dead_letters))
+        .route("/api/v1/dead-letters/replay", post(replay))
+        // The webhook handler enforces MAX_BODY_BYTES itself, with a JSON 413.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(app)
+}
+
+/// Constant-time comparison, so response timing does not leak the key.
+pub(crate) fn key_matches(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Operator endpoints require the API key too, and answer a plain 401.
+fn require_key(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers.get("x-api-key").map(|v| v.as_bytes()).unwrap_or_default();
+    if key_matches(given, app.config.api_key.expose().as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid x-api-key"))
+    }
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the store and queue answer and at least one source is loaded.
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let store = app.store.ping().await.err().map(|e| e.to_string());
+    let queue = app.queue.ping().await.err().map(|e| e.to_string());
+    let plugins = app.plugins.snapshot();
+    let sources = (!plugins.sources.is_empty()).then_some(()).ok_or("no source plugin loaded").err();
+    let ok = store.is_none() && queue.is_none() && sources.is_none();
+    let check = |e: Option<String>| match e {
+        None => json!({ "ok": true }),
+        Some(reason) => json!({ "ok": false, "reason": reason }),
+    };
+    let body = json!({
+        "status": if ok { "ready" } else { "not_ready" },
+        "checks": {
+            "store": check(store),
+            "queue": check(queue),
+            "plugins": check(sources.map(str::to_string)),
+        },
+    });
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    if let Ok(depth) = app.queue.depth().await {
+        app.metrics.set_queue_depth(depth);
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct ListParams {
+    limit: Option<usize>,
+    state: Option<DeliveryState>,
+}
+
+async fn list_receipts(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_key(&app, &headers)?;
+    let limit = params.limit.unwrap_or(50).clamp(1, 1000);
+    let receipts = app
+        .store
+        .list(ListQuery { limit, state: params.state })
+        .await
+        .map_err(|e| ApiError::unavailable("store_unavailable", "the receipt store is unavailable", e))?;
+    Ok(Json(json!({ "receipts": receipts })))
+}
+
+async fn get_receipt(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_key(&app, &headers)?;
+    match app.store.get(&id).await {
+        Ok(Some(r)) => Ok(Json(json!(r))),
+        Ok(None) => Err(ApiError::new(StatusCode::NOT_FOUND, "receipt_not_found", format!("no receipt {id}"))),
+        Err(e) => Err(ApiError::unavailable("store_unavailable", "the receipt store is unavailable", e)),
+    }
+}
+
+async fn list_dead_letters(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_key(&app, &headers)?;
+    let limit = params.limit.unwrap_or(100).clamp(1, 10_000);
+    let letters = app
+        .queue
+        .dead_letters(limit)
+        .await
+        .map_err(|e| ApiError::unavailable("queue_unavailable", "the job queue is unavailable", e))?;
+    Ok(Json(json!({ "dead_letters": letters })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReplayRequest {
+    /// One job; omitted = every dead letter.
+    job_id: Option<String>,
+}
+
+/// Put dead letters back in the queue with a fresh retry budget.
+async fn replay(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Option<Json<ReplayRequest>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_key(&app, &headers)?;
+    let request = body.map(|Json(r)| r).unwrap_or_default();
+    let unavailable = |e| ApiError::unavailable("queue_unavailable", "the job queue is unavailable", e);
+    let one = request.job_id.is_some();
+    let ids = match request.job_id {
+        Some(id) => vec![id],
+        None => app.queue.dead_letters(usize::MAX).await.map_err(unavailable)?.into_iter().map(|l| l.job.id).collect(),
+    };
+    let mut replayed = Vec::new();
+    for id in ids {
+        if let Some(job) = app.queue.replay(&id).await.map_err(unavailable)? {
+            let pending = crate::store::AttemptRecord {
+                destination: job.destination.clone(),
+                action: job.action.clone(),
+                state: DeliveryState::Pending,
+                attempts: job.attempts,
+                error: None,
+                status: None,
+                detail: Some("replayed".into()),
+            };
+            if let Err(e) = app.store.record_attempt(&job.receipt_id, pending).await {
+                tracing::warn!(job_id = %job.id, error = %e, "replayed, but the receipt was not updated");
+            }
+            tracing::info!(job_id = %job.id, "dead letter replayed");
+            replayed.push(job.id);
+        }
+    }
+    if one && replayed.is_empty() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "dead_letter_not_found", "no such dead letter"));
+    }
+    Ok(Json(json!({ "replayed": replayed })))
+}

@@ -1,0 +1,201 @@
+//! The plugin author's first tool: run a plugin against a payload file and
+//! show exactly what it would do, sending nothing.
+//!
+//! A source plugin prints the normalized event (or the 400 the API would
+//! answer). A destination plugin is fed the event parsed by a source plugin,
+//! for the action(s) the routing table (or `--action`) gives it; every HTTP
+//! request it makes is recorded and answered with a canned response instead
+//! of being sent. Secrets are redacted unless asked otherwise; required
+//! settings that are not set get a visible placeholder.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+
+use crate::config::Environment;
+use crate::event::Event;
+use crate::plugins::manifest::Manifest;
+use crate::plugins::world::{HttpMode, RecordedRequest};
+use crate::plugins::{DeliveryRequest, Kind, LoadedPlugin, Outcome, ParseFailure, PluginEngine, plugin_folders};
+use crate::queue::idempotency_key;
+use crate::routing::Routes;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DryRun {
+    pub plugins_dir: PathBuf,
+    /// A plugin name (looked up in `plugins_dir`) or a plugin folder.
+    pub plugin: String,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    /// The source plugin that parses the payload for a destination.
+    pub source: String,
+    /// Run this action instead of the routed ones.
+    pub action: Option<String>,
+    pub routes: Routes,
+    /// Canned answer to every request.
+    pub respond_status: u16,
+    pub respond_body: String,
+    pub show_secrets: bool,
+}
+
+/// Find a plugin folder by name or path.
+pub fn find_plugin(plugins_dir: &Path, plugin: &str) -> anyhow::Result<PathBuf> {
+    let as_path = PathBuf::from(plugin);
+    if as_path.join("plugin.toml").is_file() {
+        return Ok(as_path);
+    }
+    for folder in plugin_folders(plugins_dir) {
+        if Manifest::load(&folder).is_ok_and(|m| m.name == plugin) {
+            return Ok(folder);
+        }
+    }
+    bail!("no plugin named {plugin:?} in {} (and no plugin.toml in a folder of that name)", plugins_dir.display())
+}
+
+/// The environment with a placeholder for every required, unset variable,
+/// and a note for each.
+fn with_placeholders(dir: &Path, env: &Environment, notes: &mut Vec<String>) -> anyhow::Result<Environment> {
+    let manifest = Manifest::load(dir)?;
+    let mut vars: HashMap<String, String> = HashMap::new();
+    for var in manifest.resolve_config(env).missing {
+        notes.push(format!("{var} is not set; using the placeholder <{var}>"));
+        vars.insert(var.clone(), format!("<{var}>"));
+    }
+    Ok(env.overlay(vars))
+}
+
+fn load(engine: &PluginEngine, dir: &Path, env: &Environment, mode: HttpMode, notes: &mut Vec<String>) -> anyhow::Result<LoadedPlugin> {
+    let env = with_placeholders(dir, env, notes)?;
+    Ok(engine.load(dir, &env, Some(mode))?)
+}
+
+/// Run it and return the report to print.
+pub async fn run(opts: &DryRun, env: &Environment) -> anyhow::Result<String> {
+    let engine = PluginEngine::new()?;
+    let mode = HttpMode::Record { status: opts.respond_status, body: opts.respond_body.clone().into_bytes() };
+    let mut notes = Vec::new();
+    let dir = find_plugin(&opts.plugins_dir, &opts.plugin)?;
+    let plugin = load(&engine, &dir, env, mode.clone(), &mut notes)?;
+    let mut out = String::new();
+
+    let source = match plugin.manifest.kind {
+        Kind::Source => &plugin,
+        Kind::Destination => {
+            let source_dir = find_plugin(&opts.plugins_dir, &opts.source).context("the --source plugin")?;
+            &load(&engine, &source_dir, env, mode, &mut notes)?
+        }
+    };
+    let mut event = match source.parse(&opts.headers, &opts.payload).await? {
+        Ok(event) => event,
+        Err(failure) => {
+            let why = match failure {
+                ParseFailure::Malformed(m) => format!("malformed_body: {m}"),
+                ParseFailure::MissingField(f) => format!("missing_field: required field {f} is missing"),
+                ParseFailure::InvalidField { field, expected } => format!("invalid_field: field {field} must be {expected}"),
+            };
+            writeln!(out, "{} rejected the payload (the API would answer 400): {why}", source.name())?;
+            return Ok(out);
+        }
+    };
+    event.received_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+
+    if plugin.manifest.kind == Kind::Source {
+        writeln!(out, "{} parsed the payload into this event:", plugin.name())?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&event)?)?;
+        return Ok(with_notes(out, &notes));
+    }
+
+    let actions: Vec<(String, Vec<(String, String)>)> = match &opts.action {
+        Some(a) => vec![(a.clone(), Vec::new())],
+        None => opts
+            .routes
+            .actions_for(source.name(), &event.status)
+            .into_iter()
+            .filter(|a| a.destination == plugin.name())
+            .map(|a| (a.action, a.params.into_iter().collect()))
+            .collect(),
+    };
+    if actions.is_empty() {
+        writeln!(
+            out,
+            "The routing table sends nothing to {} for status {:?}; pass --action NAME to run one anyway.",
+            plugin.name(),
+            event.status
+        )?;
+        return Ok(with_notes(out, &notes));
+    }
+    for (action, params) in actions {
+        describe_delivery(&mut out, &plugin, source.name(), &event, &action, &params, opts).await?;
+    }
+    Ok(with_notes(out, &notes))
+}
+
+async fn describe_delivery(
+    out: &mut String,
+    plugin: &LoadedPlugin,
+    provider: &str,
+    event: &Event,
+    action: &str,
+    params: &[(String, String)],
+    opts: &DryRun,
+) -> anyhow::Result<()> {
+    let key = idempotency_key(provider, &event.reference, &event.status_key(), plugin.name(), action);
+    let (result, requests) = plugin
+        .deliver(DeliveryRequest {
+            event,
+            action,
+            params,
+            receipt_id: "dry-run",
+            provider,
+            attempt: 1,
+            idempotency_key: &key,
+        })
+        .await;
+    writeln!(out, "== {} action {action:?}: {} request(s), none sent", plugin.name(), requests.len())?;
+    for r in &requests {
+        let shown = render_request(r);
+        let shown = if opts.show_secrets { shown } else { plugin.config.redact(&shown) };
+        writeln!(out, "{shown}")?;
+    }
+    let outcome = match result {
+        Ok(Outcome::Delivered { detail, .. }) => format!("delivered ({detail})"),
+        Ok(Outcome::Retryable { reason, .. }) => format!("retryable failure: {reason}"),
+        Ok(Outcome::Permanent { reason, .. }) => format!("permanent failure: {reason}"),
+        Err(e) => format!("plugin error: {e}"),
+    };
+    let outcome = if opts.show_secrets { outcome } else { plugin.config.redact(&outcome) };
+    writeln!(out, "-- outcome, given a {} answer: {outcome}\n", opts.respond_status)?;
+    Ok(())
+}
+
+/// A request as an HTTP message, JSON bodies pretty-printed.
+pub fn render_request(r: &RecordedRequest) -> String {
+    let mut s = format!("{} {}\n", r.method, r.url);
+    for (n, v) in &r.headers {
+        s.push_str(&format!("{n}: {v}\n"));
+    }
+    if let Some(why) = &r.denied {
+        s.push_str(&format!("(refused by the host: {why})\n"));
+    }
+    if !r.body.is_empty() {
+        let body = serde_json::from_str::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| serde_json::to_string_pretty(&v).ok())
+            .unwrap_or_else(|| r.body.clone());
+        s.push('\n');
+        s.push_str(&body);
+        s.push('\n');
+    }
+    s
+}
+
+fn with_notes(mut out: String, notes: &[String]) -> String {
+    for n in notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    out
+}

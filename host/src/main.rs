@@ -1,0 +1,218 @@
+//! The `crm-event-handler` command line: `serve` (the default) and the
+//! plugin author's tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use crm_event_handler::config::{Config, Environment};
+use crm_event_handler::dry_run::{self, DryRun};
+use crm_event_handler::plugins::{PluginEngine, plugin_folders};
+use crm_event_handler::routing::Routes;
+use crm_event_handler::{App, serve, telemetry};
+
+#[derive(Parser)]
+#[command(name = "crm-event-handler", version, about = "Receives CRM deal webhooks and delivers their actions through WebAssembly plugins")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API and the delivery workers (the default).
+    Serve,
+    /// Tools for plugin authors.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run a plugin against a payload file and print the exact HTTP requests
+    /// it would send. Nothing is sent.
+    Run {
+        /// Plugin name (in PLUGINS_DIR) or plugin folder.
+        plugin: String,
+        /// The webhook body, as the CRM would post it.
+        #[arg(long)]
+        payload: PathBuf,
+        /// A request header, "name: value" (repeatable), e.g. -H "x-event: deal_updated".
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// Source plugin that parses the payload for a destination.
+        #[arg(long, default_value = "crm")]
+        source: String,
+        /// Run this action instead of the ones the routing table gives.
+        #[arg(long)]
+        action: Option<String>,
+        /// Status of the canned answer each request gets.
+        #[arg(long, default_value_t = 200)]
+        respond_status: u16,
+        /// Body of the canned answer.
+        #[arg(long, default_value = "{}")]
+        respond_body: String,
+        /// Print secrets instead of «redacted».
+        #[arg(long)]
+        show_secrets: bool,
+    },
+    /// Load every plugin in PLUGINS_DIR and list it.
+    List,
+    /// Check a plugin folder: manifest, component, world, allowed hosts.
+    Check {
+        /// The plugin's folder.
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => run_serve().await,
+            Command::Plugin(cmd) => run_plugin(cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_serve() -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    telemetry::init_logging(config.log_format);
+    let addr = std::net::SocketAddr::new(config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (set PORT / HOST)"))?;
+    let app = App::build(config).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing jobs in hand");
+        let _ = stop.send(true);
+    });
+    serve(app, listener, stopped).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn plugins_dir(env: &Environment) -> PathBuf {
+    env.get("PLUGINS_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("plugins"))
+}
+
+async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
+    let env = Environment::load()?;
+    match cmd {
+        PluginCommand::Run { plugin, payload, headers, source, action, respond_status, respond_body, show_secrets } => {
+            let routes = match env.get("ROUTES_FILE") {
+                Some(path) => Routes::load(path.as_ref())?,
+                None => Routes::default_table(),
+            };
+            let headers = headers
+                .iter()
+                .map(|h| {
+                    h.split_once(':')
+                        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+                        .with_context(|| format!("header {h:?} must look like \"name: value\""))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let payload = std::fs::read(&payload).with_context(|| format!("cannot read {}", payload.display()))?;
+            let report = dry_run::run(
+                &DryRun {
+                    plugins_dir: plugins_dir(&env),
+                    plugin,
+                    payload,
+                    headers,
+                    source,
+                    action,
+                    routes,
+                    respond_status,
+                    respond_body,
+                    show_secrets,
+                },
+                &env,
+            )
+            .await?;
+            print!("{report}");
+            Ok(())
+        }
+        PluginCommand::List => {
+            let engine = PluginEngine::new()?;
+            let dir = plugins_dir(&env);
+            let mut failed = false;
+            println!("{:<14} {:<9} {:<12} {:<14} {}", "NAME", "VERSION", "KIND", "DIGEST", "STATUS");
+            for folder in plugin_folders(&dir) {
+                match engine.load(&folder, &env, None) {
+                    Ok(p) => {
+                        let status = if p.config.missing.is_empty() {
+                            "ready".to_string()
+                        } else {
+                            format!("not configured: set {}", p.config.missing.join(", "))
+                        };
+                        println!(
+                            "{:<14} {:<9} {:<12} {:<14} {status}",
+                            p.name(),
+                            p.manifest.version,
+                            p.manifest.kind.to_string(),
+                            &p.digest[..12]
+                        );
+                    }
+                    Err(e) => {
+                        failed = true;
+                        println!("{:<14} {:<9} {:<12} {:<14} failed: {e}", folder.display(), "-", "-", "-");
+                    }
+                }
+            }
+            if failed {
+                anyhow::bail!("some plugins failed to load");
+            }
+            Ok(())
+        }
+        PluginCommand::Check { dir } => {
+            let engine = PluginEngine::new()?;
+            let p = engine.load(&dir, &env, None)?;
+            println!("ok: {} {} ({}), component sha256 {}", p.name(), p.manifest.version, p.manifest.kind, p.digest);
+            let allowed = p.allow.describe();
+            println!("allowed outbound hosts: {}", if allowed.is_empty() { "none".into() } else { allowed.join(", ") });
+            println!(
+                "limits: {} ms per call, {} MiB memory",
+                p.manifest.limits.time_per_call_ms, p.manifest.limits.memory_mb
+            );
+            if !p.config.missing.is_empty() {
+                println!("not configured here: set {}", p.config.missing.join(", "));
+            }
+            Ok(())
+        }
+    }
+}

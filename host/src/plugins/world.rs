@@ -1,0 +1,339 @@
+//! The host side of the WIT contract (`wit/plugin.wit`): generated bindings
+//! for both worlds, the per-call store state, and the host imports plugins
+//! may use: `http.send` (allow-listed), `config.get` (declared keys only) and
+//! `log.log`. WASI is linked with nothing granted: no environment, no
+//! preopened directories, no sockets, no name lookups, stdio discarded.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::ResourceLimiter;
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::allow::AllowList;
+use super::manifest::ResolvedConfig;
+use crate::event;
+
+mod source {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "source",
+        imports: { default: async },
+        exports: { default: async },
+    });
+}
+
+mod destination {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "destination",
+        imports: { default: async },
+        exports: { default: async },
+        with: {
+            "crm:plugin/types": super::source::crm::plugin::types,
+            "crm:plugin/config": super::source::crm::plugin::config,
+            "crm:plugin/log": super::source::crm::plugin::log,
+        },
+    });
+}
+
+pub use destination::DestinationPre;
+pub use destination::crm::plugin::http as wit_http;
+pub use source::SourcePre;
+pub use source::crm::plugin::types as wit;
+use source::crm::plugin::{config as wit_config, log as wit_log};
+
+/// The contract version this host implements (the WIT package version).
+pub const CONTRACT_PACKAGE: &str = "crm:plugin";
+pub const CONTRACT_VERSION: &str = "0.1.0";
+
+/// Largest response body handed back to a plugin.
+pub const MAX_RESPONSE_BYTES: u64 = 1 << 20;
+
+/// How a plugin's outbound HTTP is carried out.
+#[derive(Clone)]
+pub enum HttpMode {
+    /// Really send (allow-listed).
+    Live(reqwest::Client),
+    /// Record the request and answer with this canned response (dry-run).
+    Record { status: u16, body: Vec<u8> },
+}
+
+/// Per-plugin facts every call of it shares.
+pub struct PluginContext {
+    pub name: String,
+    pub config: ResolvedConfig,
+    pub allow: AllowList,
+    pub http: HttpMode,
+    pub max_response_bytes: u64,
+}
+
+/// One outbound request as a plugin made it (shown by the dry-run, counted
+/// in metrics).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    /// Why the host refused it, if it did.
+    pub denied: Option<String>,
+}
+
+/// Memory cap for one store; remembers whether it was hit so the host can
+/// report "memory limit" rather than a bare trap.
+pub struct MemoryLimiter {
+    max_bytes: usize,
+    pub exceeded: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// The data of one call's store.
+pub struct PluginState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub limiter: MemoryLimiter,
+    pub plugin: Arc<PluginContext>,
+    /// When this call's time is up (host HTTP included).
+    pub deadline: Instant,
+    pub requests: Vec<RecordedRequest>,
+}
+
+impl PluginState {
+    pub fn new(plugin: Arc<PluginContext>, memory_bytes: usize, time: Duration) -> Self {
+        let wasi = WasiCtxBuilder::new()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }))
+            .build();
+        PluginState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter { max_bytes: memory_bytes, exceeded: false },
+            plugin,
+            deadline: Instant::now() + time,
+            requests: Vec::new(),
+        }
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// A linker for source plugins: WASI (nothing granted) + config + log.
+pub fn source_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<PluginState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    source::Source::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+/// A linker for destination plugins: WASI (nothing granted) + http + config + log.
+pub fn destination_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<PluginState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    destination::Destination::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+impl wit::Host for PluginState {}
+
+impl wit_config::Host for PluginState {
+    async fn get(&mut self, key: String) -> Option<String> {
+        let value = self.plugin.config.values.get(&key).cloned();
+        if value.is_none() {
+            tracing::debug!(plugin = %self.plugin.name, key = %key, "plugin asked for a config key that is not set or not declared");
+        }
+        value
+    }
+}
+
+impl wit_log::Host for PluginState {
+    async fn log(&mut self, level: wit_log::Level, message: String) {
+        const MAX: usize = 2048;
+        let mut message = self.plugin.config.redact(&message);
+        if message.len() > MAX {
+            let cut = (0..=MAX).rev().find(|i| message.is_char_boundary(*i)).unwrap_or(0);
+            message.truncate(cut);
+            message.push('…');
+        }
+        let plugin = self.plugin.name.as_str();
+        match level {
+            wit_log::Level::Debug => tracing::debug!(plugin, "{message}"),
+            wit_log::Level::Info => tracing::info!(plugin, "{message}"),
+            wit_log::Level::Warn => tracing::warn!(plugin, "{message}"),
+            wit_log::Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+impl wit_http::Host for PluginState {
+    async fn send(&mut self, request: wit_http::Request) -> Result<wit_http::Response, wit_http::HttpError> {
+        use wit_http::HttpError;
+        let plugin = self.plugin.clone();
+        let mut record = RecordedRequest {
+            method: request.method.clone(),
+            url: request.url.clone(),
+            headers: request.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect(),
+            body: String::from_utf8_lossy(&request.body).into_owned(),
+            denied: None,
+        };
+        let url = match url::Url::parse(&request.url) {
+            Ok(u) => u,
+            Err(e) => return Err(HttpError::InvalidRequest(format!("bad URL {:?}: {e}", request.url))),
+        };
+        if !plugin.allow.allows(&url) {
+            let why = format!(
+                "{} is not in allowed_outbound_hosts of plugin {}",
+                url.origin().ascii_serialization(),
+                plugin.name
+            );
+            tracing::warn!(plugin = %plugin.name, origin = %url.origin().ascii_serialization(), "outbound request denied");
+            record.denied = Some(why.clone());
+            self.requests.push(record);
+            return Err(HttpError::Denied(why));
+        }
+        let method = match reqwest::Method::from_bytes(request.method.as_bytes()) {
+            Ok(m) => m,
+            Err(_) => return Err(HttpError::InvalidRequest(format!("bad method {:?}", request.method))),
+        };
+        self.requests.push(record);
+
+        let client = match &plugin.http {
+            HttpMode::Record { status, body } => {
+                return Ok(wit_http::Response { status: *status, headers: vec![], body: body.clone() });
+            }
+            HttpMode::Live(client) => client,
+        };
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(HttpError::Timeout);
+        }
+        let mut builder = client.request(method, url).timeout(remaining).body(request.body);
+        for h in &request.headers {
+            builder = builder.header(h.name.as_str(), h.value.as_str());
+        }
+        let mut response = match builder.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return Err(HttpError::Timeout),
+            Err(e) if e.is_builder() => return Err(HttpError::InvalidRequest(error_chain(&e))),
+            Err(e) => return Err(HttpError::Transport(error_chain(&e))),
+        };
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .filter_map(|(n, v)| Some(wit::Header { name: n.as_str().to_string(), value: v.to_str().ok()?.to_string() }))
+            .collect();
+        let limit = plugin.max_response_bytes;
+        if response.content_length().is_some_and(|n| n > limit) {
+            return Err(HttpError::ResponseTooLarge(limit));
+        }
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() as u64 + chunk.len() as u64 > limit {
+                        return Err(HttpError::ResponseTooLarge(limit));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => return Err(HttpError::Timeout),
+                Err(e) => return Err(HttpError::Transport(error_chain(&e))),
+            }
+        }
+        Ok(wit_http::Response { status, headers, body })
+    }
+}
+
+/// An error with its causes, on one line (reqwest's top-level message alone
+/// says little).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+impl From<wit::CrmEvent> for event::Event {
+    fn from(e: wit::CrmEvent) -> Self {
+        let c = e.customer;
+        let d = e.deal;
+        event::Event {
+            event_type: e.event_type,
+            reference: e.reference,
+            status: e.status,
+            customer: event::Customer {
+                contact_id: c.contact_id,
+                first_name: c.first_name,
+                last_name: c.last_name,
+                email: c.email,
+                phone: c.phone,
+            },
+            deal: event::Deal { name: d.name, value: d.value, currency: d.currency, closing_date: d.closing_date },
+            property: e.property.map(|p| event::Property {
+                id: p.id,
+                address: p.address,
+                city: p.city,
+                state: p.state,
+                zip_code: p.zip_code,
+                property_type: p.property_type,
+                square_footage: p.square_footage,
+            }),
+            received_at: e.received_at,
+        }
+    }
+}
+
+impl From<&event::Event> for wit::CrmEvent {
+    fn from(e: &event::Event) -> Self {
+        let c = e.customer.clone();
+        let d = e.deal.clone();
+        wit::CrmEvent {
+            event_type: e.event_type.clone(),
+            reference: e.reference.clone(),
+            status: e.status.clone(),
+            customer: wit::Customer {
+                contact_id: c.contact_id,
+                first_name: c.first_name,
+                last_name: c.last_name,
+                email: c.email,
+                phone: c.phone,
+            },
+            deal: wit::Deal { name: d.name, value: d.value, currency: d.currency, closing_date: d.closing_date },
+            property: e.property.clone().map(|p| wit::Property {
+                id: p.id,
+                address: p.address,
+                city: p.city,
+                state: p.state,
+                zip_code: p.zip_code,
+                property_type: p.property_type,
+                square_footage: p.square_footage,
+            }),
+            received_at: e.received_at,
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The job queue: one job per (receipt, destination action), delayed retries,
+//! and a dead-letter list that can be replayed.
+//!
+//! The trait is the seam between workers and the queue backend; `embedded`
+//! (redb, single node, durable) is the default. Delivery is at-least-once: a
+//! job is removed only when acknowledged, after its outcome is recorded on
+//! the receipt; a worker that dies leaves its job to run again (downstream
+//! idempotency keys make the repeat harmless).
+
+pub mod embedded;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::event::Event;
+
+/// One delivery to perform.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// `{receipt_id}/{destination}/{action}`: enqueueing is idempotent on it.
+    pub id: String,
+    pub receipt_id: String,
+    pub provider: String,
+    pub destination: String,
+    pub action: String,
+    #[serde(default)]
+    pub params: Vec<(String, String)>,
+    pub event: Event,
+    pub idempotency_key: String,
+    /// Attempts made so far (all time).
+    pub attempts: u32,
+    /// `attempts` when the job was last replayed; the retry budget counts
+    /// from here.
+    #[serde(default)]
+    pub budget_start: u32,
+    pub enqueued_at_ms: u64,
+    /// Backend-specific handle of the current reservation.
+    #[serde(skip)]
+    pub lease: Option<String>,
+}
+
+impl Job {
+    /// The job id for a receipt's action.
+    pub fn id_for(receipt_id: &str, destination: &str, action: &str) -> String {
+        format!("{receipt_id}/{destination}/{action}")
+    }
+}
+
+/// Stable across retries, replays and even a re-sent webhook: the same deal
+/// transition and action always get the same key. Hex of SHA-256, 32 chars.
+pub fn idempotency_key(provider: &str, reference: &str, status_key: &str, destination: &str, action: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [provider, reference, status_key, destination, action] {
+        h.update(part.as_bytes());
+        h.update([0x1f]);
+    }
+    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A job that will not be retried, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub job: Job,
+    pub reason: String,
+    pub failed_at_ms: u64,
+}
+
+/// Counts by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueueDepth {
+    /// Due now, waiting for a worker.
+    pub ready: u64,
+    /// Scheduled for a later retry.
+    pub delayed: u64,
+    /// Reserved by a worker.
+    pub in_flight: u64,
+    pub dead: u64,
+}
+
+/// Queue failures. On the accept path they mean 503.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("job queue unavailable: {0}")]
+    Unavailable(String),
+    #[error("queued job is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The job queue.
+#[async_trait]
+pub trait JobQueue: Send + Sync {
+    /// Queue jobs, due now. A job whose id is already queued (live or dead)
+    /// is left as it is.
+    async fn enqueue(&self, jobs: Vec<Job>) -> Result<(), QueueError>;
+    /// Take the next due job, waiting up to `wait` for one.
+    async fn reserve(&self, wait: Duration) -> Result<Option<Job>, QueueError>;
+    /// Done with a job: remove it.
+    async fn ack(&self, job: &Job) -> Result<(), QueueError>;
+    /// Put a reserved job back, due after `delay` (its fields as given).
+    async fn retry(&self, job: Job, delay: Duration) -> Result<(), QueueError>;
+    /// Move a reserved job to the dead-letter list.
+    async fn dead_letter(&self, job: Job, reason: String) -> Result<(), QueueError>;
+    /// Dead letters, oldest first.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError>;
+    /// Move a dead letter back to the queue with a fresh retry budget.
+    async fn replay(&self, job_id: &str) -> Result<Option<Job>, QueueError>;
+    async fn depth(&self) -> Result<QueueDepth, QueueError>;
+    async fn ping(&self) -> Result<(), QueueError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_key_is_stable_and_distinct_per_action() {
+        let a = idempotency_key("crm", "D-1", "committed", "meta-capi", "Purchase");
+        assert_eq!(a, idempotency_key("crm", "D-1", "committed", "meta-capi", "Purchase"));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, idempotency_key("crm", "D-1", "committed", "brevo", "Purchase"));
+        assert_ne!(a, idempotency_key("crm", "D-1", "qualified", "meta-capi", "Purchase"));
+        // Separators keep ("ab","c") and ("a","bc") apart.
+        assert_ne!(idempotency_key("ab", "c", "", "", ""), idempotency_key("a", "bc", "", "", ""));
+    }
+}

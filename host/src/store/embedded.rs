@@ -1,0 +1,203 @@
+//! The embedded receipt store: one redb file, `DATA_DIR/receipts.redb`,
+//! written with immediate durability (a commit is on disk before the API
+//! answers 200).
+//!
+//! Layout:
+//! - `receipts`: receipt id (UUID v7, so ids sort by time) → receipt as JSON
+//! - `dedupe`:   "provider \x1f reference \x1f normalized status" → receipt id
+//! - `unqueued`: receipt id → () while its jobs are not confirmed queued
+//!
+//! `insert` checks `dedupe` and writes all three tables in one write
+//! transaction; redb serializes write transactions, so two concurrent copies
+//! of a webhook cannot both insert.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableTable, TableDefinition};
+
+use super::{
+    AttemptRecord, Inserted, ListQuery, Receipt, ReceiptStore, StoreError, apply_attempt, now_ms,
+};
+
+const RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("receipts");
+const DEDUPE: TableDefinition<&str, &str> = TableDefinition::new("dedupe");
+const UNQUEUED: TableDefinition<&str, ()> = TableDefinition::new("unqueued");
+
+/// Receipts in a local redb file.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+fn unavailable(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Unavailable(e.into().to_string())
+}
+
+fn decode(bytes: &[u8]) -> Result<Receipt, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode(receipt: &Receipt) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn dedupe_key(r: &Receipt) -> String {
+    let (provider, reference, status) = r.dedupe_key();
+    format!("{provider}\x1f{reference}\x1f{status}")
+}
+
+impl EmbeddedStore {
+    /// Open (or create) `dir/receipts.redb`.
+    pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("receipts.redb");
+        let db = Database::create(&path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(RECEIPTS).map_err(unavailable)?;
+        txn.open_table(DEDUPE).map_err(unavailable)?;
+        txn.open_table(UNQUEUED).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        Ok(EmbeddedStore { db: Arc::new(db) })
+    }
+
+    /// Run blocking redb work off the async executor.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+
+    /// Read-modify-write one receipt in a single transaction.
+    async fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut Receipt) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<Receipt, StoreError> {
+        let id = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let receipt = {
+                let mut table = txn.open_table(RECEIPTS).map_err(unavailable)?;
+                let mut receipt = match table.get(id.as_str()).map_err(unavailable)? {
+                    Some(bytes) => decode(bytes.value())?,
+                    None => return Err(StoreError::NotFound(id.clone())),
+                };
+                change(&mut receipt)?;
+                table.insert(id.as_str(), encode(&receipt)?.as_slice()).map_err(unavailable)?;
+                receipt
+            };
+            if receipt.jobs_enqueued {
+                txn.open_table(UNQUEUED).map_err(unavailable)?.remove(id.as_str()).map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(receipt)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ReceiptStore for EmbeddedStore {
+    async fn insert(&self, receipt: Receipt) -> Result<Inserted, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let key = dedupe_key(&receipt);
+            let existing = {
+                let dedupe = txn.open_table(DEDUPE).map_err(unavailable)?;
+                let id = dedupe.get(key.as_str()).map_err(unavailable)?.map(|g| g.value().to_string());
+                id
+            };
+            if let Some(id) = existing {
+                let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
+                let found = receipts.get(id.as_str()).map_err(unavailable)?;
+                let bytes = found.ok_or_else(|| StoreError::Corrupt(format!("dedupe entry points at missing receipt {id}")))?;
+                return Ok(Inserted::Duplicate(decode(bytes.value())?));
+            }
+            {
+                let mut receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
+                receipts.insert(receipt.id.as_str(), encode(&receipt)?.as_slice()).map_err(unavailable)?;
+                let mut dedupe = txn.open_table(DEDUPE).map_err(unavailable)?;
+                dedupe.insert(key.as_str(), receipt.id.as_str()).map_err(unavailable)?;
+                if !receipt.jobs_enqueued {
+                    txn.open_table(UNQUEUED).map_err(unavailable)?.insert(receipt.id.as_str(), ()).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(Inserted::New(receipt))
+        })
+        .await
+    }
+
+    async fn mark_enqueued(&self, id: &str) -> Result<(), StoreError> {
+        self.update(id, |r| {
+            r.jobs_enqueued = true;
+            Ok(())
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn record_attempt(&self, id: &str, attempt: AttemptRecord) -> Result<(), StoreError> {
+        self.update(id, move |r| apply_attempt(r, &attempt, now_ms())).await.map(drop)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Receipt>, StoreError> {
+        let id = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(RECEIPTS).map_err(unavailable)?;
+            let found = table.get(id.as_str()).map_err(unavailable)?;
+            found.map(|b| decode(b.value())).transpose()
+        })
+        .await
+    }
+
+    async fn list(&self, query: ListQuery) -> Result<Vec<Receipt>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(RECEIPTS).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(unavailable)?.rev() {
+                if out.len() >= query.limit {
+                    break;
+                }
+                let (_, bytes) = entry.map_err(unavailable)?;
+                let receipt = decode(bytes.value())?;
+                if query.state.is_none_or(|s| receipt.actions.iter().any(|a| a.state == s)) {
+                    out.push(receipt);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn unqueued(&self) -> Result<Vec<Receipt>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let pending = txn.open_table(UNQUEUED).map_err(unavailable)?;
+            let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for entry in pending.iter().map_err(unavailable)? {
+                let (id, _) = entry.map_err(unavailable)?;
+                if let Some(bytes) = receipts.get(id.value()).map_err(unavailable)? {
+                    out.push(decode(bytes.value())?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.blocking(|db| db.begin_read().map(drop).map_err(unavailable)).await
+    }
+}

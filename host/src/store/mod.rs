@@ -1,0 +1,167 @@
+//! Receipts: one per accepted (provider, deal reference, deal status), with
+//! the request as received and the delivery state of each action.
+//!
+//! The trait is the seam between the service and its storage; `embedded`
+//! (redb, single node, durable) is the default. Dedupe is the store's job:
+//! `insert` must be atomic with respect to the dedupe key, so concurrent
+//! copies of one webhook yield exactly one receipt.
+
+pub mod embedded;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::event::Event;
+
+/// The request as received. Credentials are redacted before storage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRequest {
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// Where one action's delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Queued, not yet attempted.
+    Pending,
+    /// Failed at least once; another attempt is scheduled.
+    Retrying,
+    Delivered,
+    /// Gave up: permanent failure or attempts exhausted (dead-lettered).
+    Failed,
+}
+
+/// One downstream action of a receipt and its delivery record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionRecord {
+    pub destination: String,
+    pub action: String,
+    #[serde(default)]
+    pub params: Vec<(String, String)>,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub last_status: Option<u16>,
+    pub detail: Option<String>,
+    pub delivered_at_ms: Option<u64>,
+    pub updated_at_ms: u64,
+}
+
+/// A stored receipt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub id: String,
+    pub provider: String,
+    pub event_type: String,
+    pub reference: String,
+    pub status: String,
+    pub request: StoredRequest,
+    pub event: Event,
+    pub received_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// False until the receipt's jobs are durably queued. A receipt left
+    /// false (crash or queue outage between the two writes) is finished by
+    /// the CRM's retry or the start-up sweep.
+    pub jobs_enqueued: bool,
+    pub actions: Vec<ActionRecord>,
+}
+
+impl Receipt {
+    /// The dedupe key: provider, reference and normalized status.
+    pub fn dedupe_key(&self) -> (String, String, String) {
+        (self.provider.clone(), self.reference.clone(), self.event.status_key())
+    }
+}
+
+/// Result of an insert.
+#[derive(Debug, Clone)]
+pub enum Inserted {
+    New(Receipt),
+    /// A receipt for this (provider, reference, status) already existed.
+    Duplicate(Receipt),
+}
+
+/// A delivery attempt's result, to record on the receipt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    pub destination: String,
+    pub action: String,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub error: Option<String>,
+    pub status: Option<u16>,
+    pub detail: Option<String>,
+}
+
+/// Filter for listings, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub limit: usize,
+    /// Only receipts with an action in this state.
+    pub state: Option<DeliveryState>,
+}
+
+/// Storage failures. All mean "could not be stored now": the API answers 503.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("receipt store unavailable: {0}")]
+    Unavailable(String),
+    #[error("receipt {0} not found")]
+    NotFound(String),
+    #[error("stored receipt is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Receipt storage.
+#[async_trait]
+pub trait ReceiptStore: Send + Sync {
+    /// Insert unless a receipt with the same dedupe key exists (atomically).
+    async fn insert(&self, receipt: Receipt) -> Result<Inserted, StoreError>;
+    /// Note that the receipt's jobs are queued.
+    async fn mark_enqueued(&self, id: &str) -> Result<(), StoreError>;
+    /// Record an attempt's result on the matching action.
+    async fn record_attempt(&self, id: &str, attempt: AttemptRecord) -> Result<(), StoreError>;
+    async fn get(&self, id: &str) -> Result<Option<Receipt>, StoreError>;
+    async fn list(&self, query: ListQuery) -> Result<Vec<Receipt>, StoreError>;
+    /// Receipts whose jobs were never confirmed queued.
+    async fn unqueued(&self) -> Result<Vec<Receipt>, StoreError>;
+    /// Cheap health check for `/ready`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Apply an attempt to a receipt in memory (shared by the backends).
+pub fn apply_attempt(receipt: &mut Receipt, attempt: &AttemptRecord, now: u64) -> Result<(), StoreError> {
+    let action = receipt
+        .actions
+        .iter_mut()
+        .find(|a| a.destination == attempt.destination && a.action == attempt.action)
+        .ok_or_else(|| {
+            StoreError::NotFound(format!("{} (action {}/{})", receipt.id, attempt.destination, attempt.action))
+        })?;
+    // A late, out-of-order report must not undo a delivery.
+    if action.state == DeliveryState::Delivered && attempt.state != DeliveryState::Delivered {
+        return Ok(());
+    }
+    action.state = attempt.state;
+    action.attempts = action.attempts.max(attempt.attempts);
+    action.last_status = attempt.status.or(action.last_status);
+    if attempt.error.is_some() {
+        action.last_error = attempt.error.clone();
+    }
+    action.detail = attempt.detail.clone().or(action.detail.take());
+    if attempt.state == DeliveryState::Delivered {
+        action.delivered_at_ms = Some(now);
+    }
+    action.updated_at_ms = now;
+    receipt.updated_at_ms = now;
+    Ok(())
+}

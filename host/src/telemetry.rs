@@ -1,0 +1,156 @@
+//! Logging and metrics. Logs are JSON in production (or when stderr is not a
+//! terminal) and human-readable in a terminal. Metrics follow
+//! `crm_<subsystem>_<name>_<unit>[_total]` with low-cardinality labels only:
+//! never a deal id, e-mail or key.
+
+use std::io::IsTerminal;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+use crate::queue::QueueDepth;
+
+/// Install the global tracing subscriber (once per process).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("LOG").unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.compact().try_init() };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    pub provider: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub destination: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginFailureLabels {
+    pub plugin: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub queue: &'static str,
+    pub state: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 20))
+}
+
+/// Every metric the service exports.
+pub struct Metrics {
+    registry: Registry,
+    pub webhooks: Family<WebhookLabels, Counter>,
+    pub deliveries: Family<DeliveryLabels, Counter>,
+    pub delivery_latency: HistogramFamily<DestinationLabels>,
+    pub plugin_duration: HistogramFamily<PluginLabels>,
+    pub plugin_failures: Family<PluginFailureLabels, Counter>,
+    pub plugin_load_failures: Counter,
+    pub queue_depth: Family<QueueLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let webhooks = Family::default();
+        let deliveries = Family::default();
+        let delivery_latency: HistogramFamily<DestinationLabels> = Family::new_with_constructor(latency_histogram);
+        let plugin_duration: HistogramFamily<PluginLabels> = Family::new_with_constructor(latency_histogram);
+        let plugin_failures = Family::default();
+        let plugin_load_failures = Counter::default();
+        let queue_depth = Family::default();
+        registry.register("crm_webhooks_received", "Webhooks received, by provider and outcome", webhooks.clone());
+        registry.register("crm_deliveries", "Delivery attempts, by destination and outcome", deliveries.clone());
+        registry.register(
+            "crm_delivery_latency_seconds",
+            "Time from accepting a webhook to its action being delivered",
+            delivery_latency.clone(),
+        );
+        registry.register(
+            "crm_plugin_invocation_duration_seconds",
+            "Wall time of one plugin call, host HTTP included",
+            plugin_duration.clone(),
+        );
+        registry.register(
+            "crm_plugin_failures",
+            "Plugin calls that trapped or hit a limit, by kind",
+            plugin_failures.clone(),
+        );
+        registry.register(
+            "crm_plugin_load_failures",
+            "Plugins that failed to load or validate",
+            plugin_load_failures.clone(),
+        );
+        registry.register("crm_queue_depth", "Jobs in the queue, by state", queue_depth.clone());
+        Metrics {
+            registry,
+            webhooks,
+            deliveries,
+            delivery_latency,
+            plugin_duration,
+            plugin_failures,
+            plugin_load_failures,
+            queue_depth,
+        }
+    }
+
+    pub fn webhook(&self, provider: &str, outcome: &'static str) {
+        self.webhooks.get_or_create(&WebhookLabels { provider: provider.to_string(), outcome }).inc();
+    }
+
+    pub fn delivery(&self, destination: &str, outcome: &'static str) {
+        self.deliveries.get_or_create(&DeliveryLabels { destination: destination.to_string(), outcome }).inc();
+    }
+
+    pub fn set_queue_depth(&self, depth: QueueDepth) {
+        for (state, n) in [("ready", depth.ready), ("delayed", depth.delayed), ("in_flight", depth.in_flight), ("dead", depth.dead)] {
+            self.queue_depth.get_or_create(&QueueLabels { queue: "jobs", state }).set(n as i64);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

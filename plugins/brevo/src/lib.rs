@@ -1,0 +1,375 @@
+//! Destination plugin for Brevo transactional e-mail.
+//!
+//! Action `property-details-email`: sends the customer the details of the
+//! property on a committed deal through `POST {api_url}/v3/smtp/email`.
+//! Every customer-supplied value is HTML-escaped before it enters
+//! `htmlContent`. `headers.idempotencyKey` is the host's idempotency key, so
+//! a retry after a lost answer is not sent twice; Brevo's
+//! `duplicate_parameter` answer to a reused key means "already sent".
+
+wit_bindgen::generate!({ world: "destination", path: "../../wit" });
+
+use crm::plugin::http::{self, HttpError, Request, Response};
+use crm::plugin::types::{Delivered, Failure, Header, Retryable};
+use crm::plugin::{config, log};
+use plugin_support::{StatusClass, classify_status, excerpt, header_seconds, retry_after_ms};
+use serde_json::{Value, json};
+
+struct Brevo;
+
+impl Guest for Brevo {
+    fn deliver(event: CrmEvent, action: Action, context: DeliveryContext) -> Outcome {
+        if action.name != PROPERTY_DETAILS {
+            return permanent(None, format!("unknown Brevo action {:?} (known: {PROPERTY_DETAILS})", action.name));
+        }
+        let settings = match Settings::from_config(config::get) {
+            Ok(s) => s,
+            Err(missing) => return permanent(None, missing),
+        };
+        let request = match build_request(&settings, &event, &context) {
+            Ok(r) => r,
+            Err(reason) => return permanent(None, reason),
+        };
+        log::log(log::Level::Debug, &format!("sending property details for deal {}", event.reference));
+        match http::send(&request) {
+            Ok(response) => classify_response(&response),
+            Err(e) => http_error_outcome(e),
+        }
+    }
+}
+
+export!(Brevo);
+
+/// The one action this plugin performs.
+pub const PROPERTY_DETAILS: &str = "property-details-email";
+
+/// The plugin's configuration, read through the host's `config` import.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub api_key: String,
+    pub api_url: String,
+    pub sender_email: String,
+    pub sender_name: String,
+}
+
+impl Settings {
+    /// Read settings; the error names every missing key's variable.
+    pub fn from_config(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let mut missing = Vec::new();
+        let mut need = |key: &str, var: &str| {
+            get(key).unwrap_or_else(|| {
+                missing.push(var.to_string());
+                String::new()
+            })
+        };
+        let api_key = need("api_key", "BREVO_API_KEY");
+        let sender_email = need("sender_email", "BREVO_SENDER_EMAIL");
+        if !missing.is_empty() {
+            return Err(format!("Brevo is not configured: set {}", missing.join(" and ")));
+        }
+        Ok(Settings {
+            api_key,
+            sender_email,
+            api_url: get("api_url").unwrap_or_else(|| "https://api.brevo.com".into()),
+            sender_name: get("sender_name").unwrap_or_else(|| "Property Team".into()),
+        })
+    }
+}
+
+/// Escape text for an HTML element or a quoted attribute.
+pub fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A single-line version of customer text for the subject (no header
+/// injection through CR/LF or other control characters).
+fn single_line(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_string()
+}
+
+/// Format an amount with thousands separators and two decimals.
+pub fn format_amount(value: f64) -> String {
+    let cents = (value * 100.0).round() as u128;
+    let (whole, frac) = (cents / 100, cents % 100);
+    let digits = whole.to_string();
+    let mut grouped = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(ch);
+    }
+    format!("{grouped}.{frac:02}")
+}
+
+/// The e-mail's subject, HTML and text bodies.
+pub struct Email {
+    pub subject: String,
+    pub html: String,
+    pub text: String,
+}
+
+/// Render the property-details e-mail. Values are escaped exactly once, here.
+pub fn render_email(event: &CrmEvent) -> Email {
+    let c = &event.customer;
+    let name = [c.first_name.as_deref(), c.last_name.as_deref()]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let deal_name = event.deal.name.clone().unwrap_or_else(|| event.reference.clone());
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    if let Some(p) = &event.property {
+        let fields = [
+            ("Property", p.id.clone()),
+            ("Address", p.address.clone()),
+            ("City", p.city.clone()),
+            ("State", p.state.clone()),
+            ("ZIP code", p.zip_code.clone()),
+            ("Property type", p.property_type.clone()),
+            ("Square footage", p.square_footage.map(|f| format!("{f}"))),
+        ];
+        rows.extend(fields.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+    }
+    if let Some(v) = event.deal.value {
+        let currency = event.deal.currency.clone().unwrap_or_default();
+        rows.push(("Deal value", format!("{} {currency}", format_amount(v)).trim().to_string()));
+    }
+    if let Some(d) = &event.deal.closing_date {
+        rows.push(("Closing date", d.clone()));
+    }
+    let greeting = if name.is_empty() { "Hello".to_string() } else { format!("Dear {name}") };
+
+    let mut html = format!(
+        "<!doctype html><html><body><p>{},</p><p>Thank you for committing to <strong>{}</strong>. \
+         Here are the details of the property.</p><table>",
+        escape_html(&greeting),
+        escape_html(&deal_name)
+    );
+    let mut text = format!(
+        "{greeting},\n\nThank you for committing to {deal_name}. Here are the details of the property.\n\n"
+    );
+    for (label, value) in &rows {
+        html.push_str(&format!("<tr><th align=\"left\">{label}</th><td>{}</td></tr>", escape_html(value)));
+        text.push_str(&format!("{label}: {value}\n"));
+    }
+    html.push_str("</table></body></html>");
+    Email { subject: single_line(&format!("Property details: {deal_name}")), html, text }
+}
+
+/// Build the Brevo request for one event.
+pub fn build_request(settings: &Settings, event: &CrmEvent, context: &DeliveryContext) -> Result<Request, String> {
+    let to_email = event
+        .customer
+        .email
+        .as_deref()
+        .map(str::trim)
+        .filter(|e| e.contains('@'))
+        .ok_or("the event has no customer e-mail address to send to")?;
+    let c = &event.customer;
+    let to_name = single_line(
+        &[c.first_name.as_deref(), c.last_name.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" "),
+    );
+    let email = render_email(event);
+    let mut to = json!({ "email": to_email });
+    if !to_name.is_empty() {
+        to["name"] = json!(to_name);
+    }
+    let body = json!({
+        "sender": { "name": settings.sender_name, "email": settings.sender_email },
+        "to": [to],
+        "subject": email.subject,
+        "htmlContent": email.html,
+        "textContent": email.text,
+        "tags": ["property-details"],
+        "headers": { "idempotencyKey": context.idempotency_key },
+    });
+    Ok(Request {
+        method: "POST".into(),
+        url: format!("{}/v3/smtp/email", settings.api_url.trim_end_matches('/')),
+        headers: vec![
+            Header { name: "content-type".into(), value: "application/json".into() },
+            Header { name: "accept".into(), value: "application/json".into() },
+            Header { name: "api-key".into(), value: settings.api_key.clone() },
+        ],
+        body: serde_json::to_vec(&body).map_err(|e| e.to_string())?,
+    })
+}
+
+/// Turn Brevo's answer into an outcome.
+pub fn classify_response(response: &Response) -> Outcome {
+    let status = response.status;
+    let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+    let code = body.get("code").and_then(Value::as_str).unwrap_or("");
+    let message = body.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| excerpt(&response.body));
+    if classify_status(status) == StatusClass::Success {
+        let id = body.get("messageId").and_then(Value::as_str).unwrap_or("-");
+        return Outcome::Delivered(Delivered { status: Some(status), detail: format!("messageId={id}") });
+    }
+    if code == "duplicate_parameter" {
+        return Outcome::Delivered(Delivered {
+            status: Some(status),
+            detail: format!("already sent (Brevo: {message})"),
+        });
+    }
+    let reason = if code.is_empty() {
+        format!("Brevo answered {status}: {message}")
+    } else {
+        format!("Brevo answered {status} ({code}): {message}")
+    };
+    match classify_status(status) {
+        StatusClass::Retryable => {
+            let headers = || response.headers.iter().map(|h| (h.name.as_str(), h.value.as_str()));
+            let wait = retry_after_ms(headers()).or_else(|| header_seconds(headers(), "x-sib-ratelimit-reset"));
+            Outcome::Retryable(Retryable { status: Some(status), reason, retry_after_ms: wait })
+        }
+        _ => permanent(Some(status), reason),
+    }
+}
+
+fn http_error_outcome(e: HttpError) -> Outcome {
+    let retry = |reason: String| Outcome::Retryable(Retryable { status: None, reason, retry_after_ms: None });
+    match e {
+        HttpError::Denied(why) => permanent(None, format!("request refused by the host: {why}")),
+        HttpError::InvalidRequest(why) => permanent(None, format!("invalid request: {why}")),
+        HttpError::Timeout => retry("Brevo did not answer in time".into()),
+        HttpError::Transport(why) => retry(format!("could not reach Brevo: {why}")),
+        HttpError::ResponseTooLarge(n) => retry(format!("Brevo's answer exceeded {n} bytes")),
+    }
+}
+
+fn permanent(status: Option<u16>, reason: String) -> Outcome {
+    Outcome::Permanent(Failure { status, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crm::plugin::types::{Customer, Deal, Property};
+
+    fn event() -> CrmEvent {
+        CrmEvent {
+            event_type: "deal_updated".into(),
+            reference: "D-927483-XYZ".into(),
+            status: "Committed".into(),
+            customer: Customer {
+                contact_id: Some("CUST-45678".into()),
+                first_name: Some("John".into()),
+                last_name: Some("<b>Doe</b>".into()),
+                email: Some("john.doe@example.com".into()),
+                phone: None,
+            },
+            deal: Deal {
+                name: Some("Grand \"Cypress\" & Co\r\nBcc: x@evil".into()),
+                value: Some(12_500_000.0),
+                currency: Some("USD".into()),
+                closing_date: Some("2026-03-15".into()),
+            },
+            property: Some(Property {
+                id: Some("PROP-101122".into()),
+                address: Some("<script>alert('x')</script>".into()),
+                city: Some("Coastal City".into()),
+                state: Some("CA".into()),
+                zip_code: Some("90210".into()),
+                property_type: Some("Commercial Office".into()),
+                square_footage: Some(15000.0),
+            }),
+            received_at: 0,
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings::from_config(|k| match k {
+            "api_key" => Some("xkeysib-1".into()),
+            "sender_email" => Some("deals@example.com".into()),
+            _ => None,
+        })
+        .unwrap()
+    }
+
+    fn ctx() -> DeliveryContext {
+        DeliveryContext { receipt_id: "r".into(), provider: "crm".into(), attempt: 2, idempotency_key: "idem-1".into() }
+    }
+
+    #[test]
+    fn escapes_all_five_characters() {
+        assert_eq!(escape_html(r#"<a href="x">'&'</a>"#), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+    }
+
+    #[test]
+    fn customer_text_is_escaped_in_html_but_plain_in_text() {
+        let e = render_email(&event());
+        assert!(!e.html.contains("<script>"));
+        assert!(e.html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"));
+        assert!(e.html.contains("Dear John &lt;b&gt;Doe&lt;/b&gt;"));
+        assert!(e.html.contains("Grand &quot;Cypress&quot; &amp; Co"));
+        assert!(e.text.contains("<script>alert('x')</script>"));
+        assert!(e.html.contains("12,500,000.00 USD"));
+    }
+
+    #[test]
+    fn subject_cannot_carry_extra_header_lines() {
+        let e = render_email(&event());
+        assert!(!e.subject.contains('\n') && !e.subject.contains('\r'));
+        assert!(e.subject.starts_with("Property details: Grand"));
+    }
+
+    #[test]
+    fn request_carries_key_sender_and_idempotency_key() {
+        let r = build_request(&settings(), &event(), &ctx()).unwrap();
+        assert_eq!(r.url, "https://api.brevo.com/v3/smtp/email");
+        assert!(r.headers.iter().any(|h| h.name == "api-key" && h.value == "xkeysib-1"));
+        let b: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(b["headers"]["idempotencyKey"], "idem-1");
+        assert_eq!(b["to"][0]["email"], "john.doe@example.com");
+        assert_eq!(b["sender"]["email"], "deals@example.com");
+        assert_eq!(b["sender"]["name"], "Property Team");
+    }
+
+    #[test]
+    fn no_email_address_is_a_permanent_problem() {
+        let mut e = event();
+        e.customer.email = Some("not-an-address".into());
+        assert!(build_request(&settings(), &e, &ctx()).is_err());
+    }
+
+    #[test]
+    fn amounts_are_grouped() {
+        assert_eq!(format_amount(12_500_000.0), "12,500,000.00");
+        assert_eq!(format_amount(999.5), "999.50");
+        assert_eq!(format_amount(0.0), "0.00");
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        let resp = |status: u16, body: &str, headers: Vec<Header>| Response { status, headers, body: body.as_bytes().to_vec() };
+        assert!(matches!(classify_response(&resp(201, r#"{"messageId":"<m1@x>"}"#, vec![])), Outcome::Delivered(d) if d.detail == "messageId=<m1@x>"));
+        assert!(matches!(
+            classify_response(&resp(400, r#"{"code":"duplicate_parameter","message":"dup"}"#, vec![])),
+            Outcome::Delivered(d) if d.detail.starts_with("already sent")
+        ));
+        assert!(matches!(classify_response(&resp(401, r#"{"code":"unauthorized","message":"Key not found"}"#, vec![])), Outcome::Permanent(_)));
+        let limited = resp(429, r#"{"code":"too_many_requests","message":"slow"}"#, vec![Header { name: "x-sib-ratelimit-reset".into(), value: "2".into() }]);
+        assert!(matches!(classify_response(&limited), Outcome::Retryable(Retryable { retry_after_ms: Some(2000), .. })));
+        assert!(matches!(classify_response(&resp(502, "bad gateway", vec![])), Outcome::Retryable(_)));
+    }
+
+    #[test]
+    fn missing_settings_name_the_variables() {
+        assert_eq!(Settings::from_config(|_| None).unwrap_err(), "Brevo is not configured: set BREVO_API_KEY and BREVO_SENDER_EMAIL");
+    }
+}
