@@ -1,1 +1,189 @@
+//! Sandbox limits, each tested within and over: time per call, memory,
+//! outbound allow-list, response size, and no files, environment or sockets.
+//! Uses the `misbehave` fixture plugin (tests/plugins/misbehave), whose
+//! action name picks what it does.
 
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crm_event_handler::config::{Config, Environment};
+use crm_event_handler::event::{Customer, Deal, Event};
+use crm_event_handler::plugins::{DeliveryRequest, LoadedPlugin, Outcome, PluginEngine, PluginError};
+use crm_event_handler::{App, serve};
+use serde_json::Value;
+use support::*;
+
+fn event() -> Event {
+    Event {
+        event_type: "deal_updated".into(),
+        reference: "D-1".into(),
+        status: "Qualified".into(),
+        customer: Customer::default(),
+        deal: Deal::default(),
+        property: None,
+        received_at: 0,
+    }
+}
+
+fn load(dir: &std::path::Path, allowed_url: &str) -> LoadedPlugin {
+    let plugins = plugins_dir(dir, &["misbehave"]);
+    let env: Environment = HashMap::from([("MISBEHAVE_ALLOWED_URL".to_string(), allowed_url.to_string())]).into();
+    let engine = PluginEngine::new().unwrap();
+    engine.load(&plugins.join("misbehave"), &env, None).unwrap()
+}
+
+async fn run(plugin: &LoadedPlugin, action: &str, params: &[(&str, &str)]) -> Result<Outcome, PluginError> {
+    let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let event = event();
+    plugin
+        .deliver(DeliveryRequest {
+            event: &event,
+            action,
+            params: &params,
+            receipt_id: "r",
+            provider: "crm",
+            attempt: 1,
+            idempotency_key: "k",
+        })
+        .await
+        .0
+}
+
+fn delivered(r: &Result<Outcome, PluginError>) -> String {
+    match r {
+        Ok(Outcome::Delivered { detail, .. }) => detail.clone(),
+        other => panic!("expected delivered, got {other:?}"),
+    }
+}
+
+fn refused(r: &Result<Outcome, PluginError>) -> String {
+    match r {
+        Ok(Outcome::Permanent { reason, .. }) => reason.clone(),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn time_within_the_limit_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(dir.path(), "http://127.0.0.1:1");
+    assert_eq!(delivered(&run(&p, "spin-ms", &[("ms", "100")]).await), "spun 100 ms");
+}
+
+#[tokio::test]
+async fn an_endless_loop_is_interrupted_at_the_time_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(dir.path(), "http://127.0.0.1:1");
+    let start = Instant::now();
+    let r = run(&p, "loop", &[]).await;
+    assert!(matches!(r, Err(PluginError::TimeLimit { limit_ms: 500, .. })), "{r:?}");
+    assert!(start.elapsed() < Duration::from_secs(10), "interrupted, not left running");
+    // The engine keeps serving after an interruption.
+    assert_eq!(delivered(&run(&p, "ok", &[]).await), "fine");
+}
+
+#[tokio::test]
+async fn memory_within_the_limit_is_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(dir.path(), "http://127.0.0.1:1");
+    assert_eq!(delivered(&run(&p, "allocate-mb", &[("mb", "4")]).await), "allocated 4 MiB");
+}
+
+#[tokio::test]
+async fn memory_past_the_limit_traps() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(dir.path(), "http://127.0.0.1:1");
+    let r = run(&p, "allocate-mb", &[("mb", "64")]).await;
+    assert!(matches!(r, Err(PluginError::MemoryLimit { limit_mb: 16, .. })), "{r:?}");
+    assert_eq!(delivered(&run(&p, "ok", &[]).await), "fine");
+}
+
+#[tokio::test]
+async fn an_allowed_host_is_reachable() {
+    let meta = StandIn::meta().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(dir.path(), &meta.url);
+    // The stand-in only answers POST; any answer proves the call went out.
+    let r = run(&p, "fetch", &[("url", &format!("{}/x", meta.url))]).await;
+    assert!(delivered(&r).starts_with("status "), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_host_not_in_the_allow_list_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(dir.path(), "http://127.0.0.1:1");
+    let r = run(&p, "fetch", &[("url", "http://example.com/")]).await;
+    let reason = refused(&r);
+    assert!(reason.starts_with("denied: http://example.com is not in allowed_outbound_hosts"), "{reason}");
+    // A different port on an allowed host is a different origin.
+    let r = run(&p, "fetch", &[("url", "http://127.0.0.1:2/")]).await;
+    assert!(refused(&r).starts_with("denied:"));
+}
+
+#[tokio::test]
+async fn the_cloud_metadata_address_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(dir.path(), "http://127.0.0.1:1");
+    let r = run(&p, "fetch", &[("url", "http://169.254.169.254/latest/meta-data/")]).await;
+    assert!(refused(&r).starts_with("denied: http://169.254.169.254"));
+}
+
+#[tokio::test]
+async fn no_environment_files_or_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(dir.path(), "http://127.0.0.1:1");
+    // SAFETY of the claim: the host process has variables; the plugin sees none.
+    assert!(std::env::vars().count() > 0);
+    assert_eq!(delivered(&run(&p, "read-env", &[]).await), "0 variables");
+    assert!(delivered(&run(&p, "read-file", &[]).await).starts_with("no file access"));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    assert!(delivered(&run(&p, "open-socket", &[("addr", &addr)]).await).starts_with("no socket"));
+}
+
+/// The whole pipeline: a looping destination is interrupted on every
+/// attempt, retried up to RETRY_MAX_ATTEMPTS, then dead-lettered with the
+/// reason, while the service keeps answering.
+#[tokio::test]
+async fn a_looping_destination_is_retried_then_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &["crm", "misbehave"]);
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(&routes, "[[route]]\nstatus = \"Qualified\"\nactions = [{ destination = \"misbehave\", action = \"loop\" }]\n")
+        .unwrap();
+    let vars: HashMap<String, String> = [
+        ("API_KEY", API_KEY.to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("PLUGINS_DIR", plugins.display().to_string()),
+        ("ROUTES_FILE", routes.display().to_string()),
+        ("RETRY_MAX_ATTEMPTS", "2".to_string()),
+        ("RETRY_BASE_DELAY_MS", "10".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let app = App::build(Config::from_vars(vars).unwrap()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(serve(app.clone(), listener, stopped));
+
+    let (status, body) = post_webhook(&base, "/api/v1/webhook/crm", "deal_created", &payload("D-L", "Qualified")).await;
+    assert_eq!(status, 200);
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    let receipt: Value = eventually("the looping job to be dead-lettered", Duration::from_secs(30), async || {
+        let r = get_json(&base, &format!("/api/v1/receipts/{id}")).await;
+        (r["actions"][0]["state"] == "failed").then_some(r)
+    })
+    .await;
+    assert_eq!(receipt["actions"][0]["attempts"], 2);
+    let error = receipt["actions"][0]["last_error"].as_str().unwrap();
+    assert_eq!(error, "gave up after 2 attempts: plugin misbehave exceeded its time limit of 500 ms and was interrupted");
+    let health = reqwest::get(format!("{base}/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let _ = stop.send(true);
+    let _ = server.await;
+}

@@ -94,12 +94,19 @@ pub struct PluginEngine {
     source_linker: wasmtime::component::Linker<PluginState>,
     destination_linker: wasmtime::component::Linker<PluginState>,
     http: reqwest::Client,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Arc<EpochTicker>,
 }
 
-impl Drop for PluginEngine {
+/// Advances the engine's epoch while anything that runs plugins is alive:
+/// the engine and every plugin it loaded hold it. Without it a runaway
+/// plugin would never be interrupted.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -131,15 +138,16 @@ impl PluginEngine {
             .user_agent(concat!("crm-event-handler/", env!("CARGO_PKG_VERSION")))
             .build()?;
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let (stop, ticking) = (ticker_stop.clone(), engine.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = Arc::new(EpochTicker { stop: stop.clone() });
+        let ticking = engine.clone();
         std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(EPOCH_TICK);
                 ticking.increment_epoch();
             }
         })?;
-        Ok(PluginEngine { engine, source_linker, destination_linker, http, ticker_stop })
+        Ok(PluginEngine { engine, source_linker, destination_linker, http, ticker })
     }
 
     /// Load, compile and validate the plugin in `dir` against its world.
@@ -186,6 +194,7 @@ impl PluginEngine {
             digest,
             loaded_at: SystemTime::now(),
             engine: self.engine.clone(),
+            _ticker: self.ticker.clone(),
             compiled,
             context,
         })
@@ -234,6 +243,7 @@ pub struct LoadedPlugin {
     pub digest: String,
     pub loaded_at: SystemTime,
     engine: Engine,
+    _ticker: Arc<EpochTicker>,
     compiled: Compiled,
     context: Arc<PluginContext>,
 }

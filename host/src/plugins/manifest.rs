@@ -261,7 +261,7 @@ mod tests {
         version = "0.1.0"
         kind = "destination"
         component = "meta-capi.wasm"
-        allowed_outbound_hosts = ["{graph_url}", "https://*.facebook.com"]
+        allowed_outbound_hosts = ["{graph_url}", "https://*.fbcdn.net"]
 
         [config.access_token]
         env = "META_ACCESS_TOKEN"
@@ -306,7 +306,7 @@ mod tests {
         assert!(err(META.replace("memory_mb = 32", "memory_mb = 4096")).contains("limits.memory_mb"));
         assert!(err(META.replace("\"meta-capi.wasm\"", "\"../x.wasm\"")).contains("inside the plugin's folder"));
         assert!(err(META.replace("{graph_url}", "{nope}")).contains("names no key"));
-        assert!(err(META.replace("https://*.facebook.com", "graph.facebook.com")).contains("allowed_outbound_hosts"));
+        assert!(err(META.replace("https://*.fbcdn.net", "graph.facebook.com")).contains("allowed_outbound_hosts"));
     }
 
     #[test]
@@ -315,12 +315,12 @@ mod tests {
         let c = m.resolve_config(&env(&[]));
         assert_eq!(c.values["graph_url"], "https://graph.facebook.com");
         assert_eq!(c.missing, ["META_ACCESS_TOKEN"]);
-        let c = m.resolve_config(&env(&[("META_ACCESS_TOKEN", "tok"), ("META_GRAPH_URL", "http://127.0.0.1:8080")]));
+        let c = m.resolve_config(&env(&[("META_ACCESS_TOKEN", "EAAB-secret"), ("META_GRAPH_URL", "http://127.0.0.1:8080")]));
         assert!(c.missing.is_empty());
-        assert_eq!(c.redact("access_token=tok"), "access_token=«redacted»");
+        assert_eq!(c.redact("access_token=EAAB-secret"), "access_token=«redacted»");
         let allow = m.allow_list(&c).unwrap();
         assert!(allow.allows(&url::Url::parse("http://127.0.0.1:8080/v21.0/1/events").unwrap()));
         assert!(!allow.allows(&url::Url::parse("https://graph.facebook.com/v21.0/1/events").unwrap()));
-        assert!(allow.allows(&url::Url::parse("https://www.facebook.com/").unwrap()));
+        assert!(allow.allows(&url::Url::parse("https://static.fbcdn.net/").unwrap()));
     }
 }
