@@ -313,6 +313,30 @@ impl LoadedPlugin {
         }))
     }
 
+    /// Time `n` parses on one live instance. For benchmarks only: the service
+    /// always takes a fresh instance per call, so no state leaks between
+    /// webhooks.
+    pub async fn time_warm_parse(&self, headers: &[(String, String)], body: &[u8], n: u32) -> Result<Duration, PluginError> {
+        let Compiled::Source(pre) = &self.compiled else {
+            return Err(self.wrong_kind(Kind::Source));
+        };
+        let (mut store, _) = self.store();
+        let headers: Vec<wit::Header> =
+            headers.iter().map(|(n, v)| wit::Header { name: n.clone(), value: v.clone() }).collect();
+        let instance = pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| PluginError::Instantiate { plugin: self.name().to_string(), message: format!("{e:#}") })?;
+        let started = Instant::now();
+        for _ in 0..n {
+            let parsed = instance.call_parse(&mut store, &headers, body).await;
+            if let Err(trap) = parsed {
+                return Err(self.classify(&store, trap));
+            }
+        }
+        Ok(started.elapsed())
+    }
+
     /// Run the destination plugin for one delivery attempt; also returns the
     /// requests it made.
     pub async fn deliver(&self, req: DeliveryRequest<'_>) -> (Result<Outcome, PluginError>, Vec<RecordedRequest>) {
