@@ -251,3 +251,40 @@ async fn customer_text_reaches_the_email_escaped() {
     assert!(html.contains("&lt;img src=x onerror=alert(1)&gt; &amp; Co"), "{html}");
     assert!(!html.contains("<img"));
 }
+
+#[tokio::test]
+async fn plugin_run_prints_the_exact_requests_and_sends_nothing() {
+    let s = setup(&[]).await;
+    let run = |args: Vec<String>| {
+        let vars = s.vars.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_crm-event-handler"))
+                    .args(args)
+                    .env_clear()
+                    .envs(vars.iter().map(|(k, v)| (k.to_string(), v.clone())))
+                    .current_dir(std::env::temp_dir())
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                String::from_utf8(out.stdout).unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let committed = repo().join("examples/payloads/committed.json").display().to_string();
+    let out = run(vec!["plugin".into(), "run".into(), "brevo".into(), "--payload".into(), committed.clone()]).await;
+    assert!(out.contains("== brevo action \"property-details-email\": 1 request(s), none sent"), "{out}");
+    assert!(out.contains(&format!("POST {}/v3/smtp/email", s.brevo.url)), "{out}");
+    assert!(out.contains("api-key: «redacted»"), "{out}");
+    assert!(out.contains("\"idempotencyKey\""), "{out}");
+    let out = run(vec!["plugin".into(), "run".into(), "meta-capi".into(), "--payload".into(), committed, "--show-secrets".into()]).await;
+    assert!(out.contains("\"access_token\": \"meta-token\""), "{out}");
+    assert!(out.contains("\"event_name\": \"Purchase\""), "{out}");
+    let qualified = repo().join("examples/payloads/qualified.json").display().to_string();
+    let out = run(vec!["plugin".into(), "run".into(), "crm".into(), "--payload".into(), qualified, "-H".into(), "x-event: deal_created".into()]).await;
+    assert!(out.contains("\"event_type\": \"deal_created\"") && out.contains("\"reference\": \"D-927483-XYZ\""), "{out}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(s.meta.received().is_empty() && s.brevo.received().is_empty(), "the dry run sent something");
+}
