@@ -40,7 +40,7 @@ fn per_call(total: Duration, n: u32) -> String {
 }
 
 async fn plugin_call_cost() {
-    let engine = PluginEngine::new().unwrap();
+    let engine = PluginEngine::new(None).unwrap();
     let plugin = engine.load(&repo().join("plugins/crm"), &Environment::default(), None).unwrap();
     let headers = vec![("x-event".to_string(), "deal_updated".to_string())];
     let body = demo();

@@ -31,7 +31,7 @@ fn event() -> Event {
 fn load(dir: &std::path::Path, allowed_url: &str) -> LoadedPlugin {
     let plugins = plugins_dir(dir, &["misbehave"]);
     let env: Environment = HashMap::from([("MISBEHAVE_ALLOWED_URL".to_string(), allowed_url.to_string())]).into();
-    let engine = PluginEngine::new().unwrap();
+    let engine = PluginEngine::new(None).unwrap();
     engine.load(&plugins.join("misbehave"), &env, None).unwrap()
 }
 
@@ -131,11 +131,55 @@ async fn the_cloud_metadata_address_is_refused() {
     assert!(refused(&r).starts_with("denied: http://169.254.169.254"));
 }
 
+/// A local server that answers `/big/{n}` with n bytes and `/redirect`
+/// with a 302 to the cloud metadata address.
+async fn odd_server() -> String {
+    use axum::routing::get;
+    let router = axum::Router::new()
+        .route("/big/{n}", get(|axum::extract::Path(n): axum::extract::Path<usize>| async move { vec![b'x'; n] }))
+        .route(
+            "/redirect",
+            get(|| async { (axum::http::StatusCode::FOUND, [("location", "http://169.254.169.254/latest/meta-data/")]) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
+}
+
+#[tokio::test]
+async fn a_response_within_the_size_limit_is_passed_back() {
+    let server = odd_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(dir.path(), &server);
+    let r = run(&p, "fetch", &[("url", &format!("{server}/big/100000"))]).await;
+    assert_eq!(delivered(&r), "status 200 with 100000 bytes");
+}
+
+#[tokio::test]
+async fn a_response_over_the_size_limit_is_refused() {
+    let server = odd_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(dir.path(), &server);
+    let r = run(&p, "fetch", &[("url", &format!("{server}/big/2000000"))]).await;
+    assert_eq!(refused(&r), "too large: 1048576");
+}
+
+#[tokio::test]
+async fn a_redirect_to_a_host_not_allowed_is_not_followed() {
+    let server = odd_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(dir.path(), &server);
+    // The plugin sees the 302 itself; the host never requests the target.
+    let r = run(&p, "fetch", &[("url", &format!("{server}/redirect"))]).await;
+    assert_eq!(delivered(&r), "status 302 with 0 bytes");
+}
+
 #[tokio::test]
 async fn no_environment_files_or_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let p = load(dir.path(), "http://127.0.0.1:1");
-    // SAFETY of the claim: the host process has variables; the plugin sees none.
+    // The host process has variables; the plugin sees none.
     assert!(std::env::vars().count() > 0);
     assert_eq!(delivered(&run(&p, "read-env", &[]).await), "0 variables");
     assert!(delivered(&run(&p, "read-file", &[]).await).starts_with("no file access"));

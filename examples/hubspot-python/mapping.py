@@ -14,6 +14,7 @@ the snake_case field names the bindings use) or raises one of:
 
 import json
 import math
+import re
 from datetime import datetime, timezone
 
 #: Prefix of every reference, so HubSpot deal ids never collide with another
@@ -59,6 +60,28 @@ class InvalidField(ParseFailure):
         self.expected = expected
 
 
+#: Deepest nesting of arrays/objects accepted (serde_json's default limit, so
+#: the Rust plugins and this one agree). CPython's JSON parser recurses per
+#: level; inside the component a few thousand levels exhaust the wasm stack and
+#: trap instead of raising RecursionError, so depth is checked before parsing.
+MAX_DEPTH = 128
+
+# A JSON string (skipped whole, so brackets inside it do not count) or a bracket.
+_DEPTH_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
+
+
+def _check_depth(text):
+    depth = 0
+    for m in _DEPTH_TOKENS.finditer(text):
+        c = m.group()
+        if c == "[" or c == "{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise Malformed(f"body is not valid JSON: nested deeper than {MAX_DEPTH} levels")
+        elif c == "]" or c == "}":
+            depth -= 1
+
+
 def _reject_constant(name):
     # json.loads accepts NaN / Infinity / -Infinity by default; JSON does not.
     raise ValueError(f"{name} is not valid JSON")
@@ -66,8 +89,13 @@ def _reject_constant(name):
 
 def _load_json(body):
     try:
-        return json.loads(bytes(body), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Malformed(f"body is not valid JSON: not UTF-8 ({e.reason} at byte {e.start})") from None
+    _check_depth(text)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:  # JSONDecodeError is a ValueError
         raise Malformed(f"body is not valid JSON: {e}") from None
     except RecursionError:
         raise Malformed("body is not valid JSON: nested too deeply") from None

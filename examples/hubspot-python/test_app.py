@@ -27,7 +27,7 @@ def edit(raw, fn):
     """The qualified payload with `fn(doc)` applied, as bytes."""
     doc = json.loads(raw)
     fn(doc)
-    return json.dumps(doc).encode()
+    return json.dumps(doc, ensure_ascii=False).encode()
 
 
 class ParsesSamples(unittest.TestCase):
@@ -285,8 +285,32 @@ class Malformed_(unittest.TestCase):
         self.assertEqual((c.exception.field, c.exception.expected), ("body", "a JSON object"))
 
     def test_deeply_nested_is_malformed_not_a_crash(self):
-        with self.assertRaises(Malformed):
+        # In the component, CPython's recursive JSON parser would exhaust the
+        # wasm stack (a trap, not a RecursionError) long before Python notices.
+        with self.assertRaises(Malformed) as c:
             parse_webhook([], b"[" * 100000 + b"]" * 100000)
+        self.assertIn("nested deeper than 128", c.exception.message)
+
+    def test_depth_limit_boundary(self):
+        def body(depth):
+            junk = "[" * (depth - 1) + "]" * (depth - 1)  # the root object is level 1
+            return edit(QUALIFIED, lambda d: d.__setitem__("junk", "@")).replace(b'"@"', junk.encode())
+
+        self.assertEqual(parse_webhook([], body(mapping.MAX_DEPTH))["status"], "Qualified")
+        with self.assertRaises(Malformed):
+            parse_webhook([], body(mapping.MAX_DEPTH + 1))
+
+    def test_brackets_inside_strings_do_not_count(self):
+        name = '[[[{{{ \\" ' * 100
+        body = edit(QUALIFIED, lambda d: d["properties"].__setitem__("dealname", name))
+        self.assertEqual(parse_webhook([], body)["deal"]["name"], name)
+
+    def test_only_utf8(self):
+        with self.assertRaises(Malformed) as c:
+            parse_webhook([], QUALIFIED.decode().encode("utf-16"))
+        self.assertIn("not UTF-8", c.exception.message)
+        body = edit(QUALIFIED, lambda d: d["contact"].__setitem__("firstname", "Zoë"))
+        self.assertEqual(parse_webhook([], body)["customer"]["first_name"], "Zoë")
 
     def test_accepts_bytearray_and_list_of_ints(self):
         self.assertEqual(parse_webhook([], bytearray(QUALIFIED))["status"], "Qualified")

@@ -74,6 +74,11 @@ pub struct Config {
     pub queue: QueueBackend,
     pub data_dir: PathBuf,
     pub plugins_dir: PathBuf,
+    /// Compiled plugins are cached here (default `DATA_DIR/plugin-cache`).
+    pub plugin_cache_dir: PathBuf,
+    /// How often PLUGINS_DIR and ROUTES_FILE are checked for changes;
+    /// `None` turns hot reload off.
+    pub reload_interval: Option<Duration>,
     /// Routing table file; `None` means the built-in default table.
     pub routes_file: Option<PathBuf>,
     pub retry: RetryPolicy,
@@ -200,7 +205,12 @@ impl Config {
             Some(other) => bail!("LOG_FORMAT must be json, pretty or auto, got {other:?}"),
         };
 
+        let data_dir = get("DATA_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("data"));
+        let reload_ms = parse(&get, "PLUGIN_RELOAD_MS", 500u64, "a poll interval in milliseconds (0 turns hot reload off)")?;
+
         Ok(Config {
+            plugin_cache_dir: get("PLUGIN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| data_dir.join("plugin-cache")),
+            reload_interval: (reload_ms > 0).then(|| Duration::from_millis(reload_ms)),
             host,
             port,
             base_url: get("BASE_URL"),
@@ -209,7 +219,7 @@ impl Config {
             max_body_bytes,
             store,
             queue,
-            data_dir: get("DATA_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("data")),
+            data_dir,
             plugins_dir: get("PLUGINS_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("plugins")),
             routes_file: get("ROUTES_FILE").map(PathBuf::from),
             retry: RetryPolicy { max_attempts, base_delay: Duration::from_millis(base_delay_ms) },

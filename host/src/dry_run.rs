@@ -75,7 +75,7 @@ fn load(engine: &PluginEngine, dir: &Path, env: &Environment, mode: HttpMode, no
 
 /// Run it and return the report to print.
 pub async fn run(opts: &DryRun, env: &Environment) -> anyhow::Result<String> {
-    let engine = PluginEngine::new()?;
+    let engine = PluginEngine::new(None)?;
     let mode = HttpMode::Record { status: opts.respond_status, body: opts.respond_body.clone().into_bytes() };
     let mut notes = Vec::new();
     let dir = find_plugin(&opts.plugins_dir, &opts.plugin)?;

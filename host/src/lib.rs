@@ -64,16 +64,13 @@ impl App {
             None => Routes::default_table(),
         };
 
-        let engine = Arc::new(PluginEngine::new()?);
+        let engine = Arc::new(PluginEngine::new(Some(config.plugin_cache_dir.clone()))?);
         let registry = Arc::new(Registry::new(engine, config.env.clone()));
         let metrics = Metrics::new();
         let plugins_dir = config.plugins_dir.clone();
         let loader = registry.clone();
-        let failures = tokio::task::spawn_blocking(move || loader.load_dir(&plugins_dir)).await?;
-        for (dir, error) in &failures {
-            metrics.plugin_load_failures.inc();
-            tracing::error!(plugin_dir = %dir.display(), %error, "plugin failed to load");
-        }
+        let changes = tokio::task::spawn_blocking(move || loader.sync(&plugins_dir, false)).await?;
+        report_changes(&metrics, &changes, false);
         let set = registry.snapshot();
         if set.sources.is_empty() {
             bail!(
@@ -81,14 +78,7 @@ impl App {
                 config.plugins_dir.display()
             );
         }
-        for p in set.sources.values().chain(set.destinations.values()) {
-            tracing::info!(
-                plugin = p.name(),
-                version = %p.manifest.version,
-                kind = %p.manifest.kind,
-                digest = &p.digest[..12],
-                "plugin loaded"
-            );
+        for p in set.all() {
             if p.manifest.kind == Kind::Destination && !p.config.missing.is_empty() {
                 tracing::warn!(
                     plugin = p.name(),
@@ -105,7 +95,14 @@ impl App {
             }
         }
 
-        Ok(Arc::new(App { config, store, queue, plugins: registry, routes: RwLock::new(Arc::new(routes)), metrics }))
+        Ok(Arc::new(App {
+            config,
+            store,
+            queue,
+            plugins: registry,
+            routes: RwLock::new(Arc::new(routes)),
+            metrics,
+        }))
     }
 
     /// The routing table in force.
@@ -119,10 +116,70 @@ impl App {
     }
 }
 
+/// Log what a plugin sync changed, and count failures.
+fn report_changes(metrics: &Metrics, changes: &[plugins::Change], reload: bool) {
+    for change in changes {
+        match change {
+            plugins::Change::Loaded { name, version, digest, replaced } => {
+                let what = if *replaced { "plugin replaced" } else { "plugin loaded" };
+                tracing::info!(plugin = %name, %version, digest = &digest[..12], reload, "{what}");
+            }
+            plugins::Change::Unloaded { name } => {
+                tracing::warn!(plugin = %name, "plugin folder removed: plugin unloaded; its jobs will fail until it is back");
+            }
+            plugins::Change::Failed { dir, error } => {
+                metrics.plugin_load_failures.inc();
+                if reload {
+                    tracing::error!(plugin_dir = %dir.display(), %error, "plugin change refused; the previous version keeps running");
+                } else {
+                    tracing::error!(plugin_dir = %dir.display(), %error, "plugin failed to load");
+                }
+            }
+        }
+    }
+}
+
+/// Poll PLUGINS_DIR and ROUTES_FILE; apply changes that validate, keep the
+/// running version (and say why) when they do not.
+async fn watch(app: Arc<App>, every: std::time::Duration, mut shutdown: watch::Receiver<bool>) {
+    let stat = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.len(), m.modified().ok()));
+    let mut routes_seen = app.config.routes_file.as_deref().and_then(stat);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let (registry, dir) = (app.plugins.clone(), app.config.plugins_dir.clone());
+        match tokio::task::spawn_blocking(move || registry.sync(&dir, true)).await {
+            Ok(changes) => report_changes(&app.metrics, &changes, true),
+            Err(e) => tracing::error!(error = %e, "plugin reload task failed"),
+        }
+        if let Some(path) = &app.config.routes_file {
+            let now = stat(path);
+            if now != routes_seen {
+                routes_seen = now;
+                match Routes::load(path) {
+                    Ok(routes) => {
+                        app.set_routes(routes);
+                        tracing::info!(path = %path.display(), "routing table reloaded");
+                    }
+                    Err(error) => {
+                        app.metrics.routes_reload_failures.inc();
+                        tracing::error!(%error, "routing change refused; the previous table stays in force");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Run the API on `listener` and the workers until `shutdown` turns true.
 pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     worker::recover_unqueued(&app).await;
     let workers = worker::spawn(app.clone(), shutdown.clone());
+    if let Some(every) = app.config.reload_interval {
+        tokio::spawn(watch(app.clone(), every, shutdown.clone()));
+    }
     let router = api::router(app.clone());
     let addr = listener.local_addr()?;
     tracing::info!(%addr, workers = app.config.workers, "crm-event-handler listening");

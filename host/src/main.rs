@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crm_event_handler::config::{Config, Environment};
 use crm_event_handler::dry_run::{self, DryRun};
-use crm_event_handler::plugins::{PluginEngine, plugin_folders};
+use crm_event_handler::plugins::PluginEngine;
 use crm_event_handler::routing::Routes;
 use crm_event_handler::{App, serve, telemetry};
 
@@ -57,8 +57,13 @@ enum PluginCommand {
         #[arg(long)]
         show_secrets: bool,
     },
-    /// Load every plugin in PLUGINS_DIR and list it.
-    List,
+    /// List the plugins a running host has loaded: version, kind, digest,
+    /// load time, and folders whose latest change was refused.
+    List {
+        /// The running host (default: http://127.0.0.1:$PORT).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Check a plugin folder: manifest, component, world, allowed hosts.
     Check {
         /// The plugin's folder.
@@ -167,40 +172,43 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
             print!("{report}");
             Ok(())
         }
-        PluginCommand::List => {
-            let engine = PluginEngine::new()?;
-            let dir = plugins_dir(&env);
-            let mut failed = false;
-            println!("{:<14} {:<9} {:<12} {:<14} {}", "NAME", "VERSION", "KIND", "DIGEST", "STATUS");
-            for folder in plugin_folders(&dir) {
-                match engine.load(&folder, &env, None) {
-                    Ok(p) => {
-                        let status = if p.config.missing.is_empty() {
-                            "ready".to_string()
-                        } else {
-                            format!("not configured: set {}", p.config.missing.join(", "))
-                        };
-                        println!(
-                            "{:<14} {:<9} {:<12} {:<14} {status}",
-                            p.name(),
-                            p.manifest.version,
-                            p.manifest.kind.to_string(),
-                            &p.digest[..12]
-                        );
-                    }
-                    Err(e) => {
-                        failed = true;
-                        println!("{:<14} {:<9} {:<12} {:<14} failed: {e}", folder.display(), "-", "-", "-");
-                    }
-                }
+        PluginCommand::List { url } => {
+            let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{}", env.get("PORT").unwrap_or("3000")));
+            let key = env.get("API_KEY").context("API_KEY is not set (the listing needs the host's key)")?;
+            let response = reqwest::Client::new()
+                .get(format!("{}/api/v1/plugins", url.trim_end_matches('/')))
+                .header("x-api-key", key)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach a running host at {url} (`plugin check DIR` inspects a folder without one)"))?;
+            if !response.status().is_success() {
+                anyhow::bail!("{url} answered {}", response.status());
             }
-            if failed {
-                anyhow::bail!("some plugins failed to load");
+            let body: serde_json::Value = serde_json::from_slice(&response.bytes().await?)?;
+            println!("{:<14} {:<9} {:<12} {:<14} {:<20} STATUS", "NAME", "VERSION", "KIND", "DIGEST", "LOADED (UTC)");
+            for p in body["plugins"].as_array().into_iter().flatten() {
+                let loaded = p["loaded_at_ms"].as_u64().map(|ms| {
+                    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+                    httpdate::fmt_http_date(t)
+                });
+                let missing: Vec<&str> = p["not_configured"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+                let status = if missing.is_empty() { "ready".to_string() } else { format!("not configured: set {}", missing.join(", ")) };
+                println!(
+                    "{:<14} {:<9} {:<12} {:<14} {:<20} {status}",
+                    p["name"].as_str().unwrap_or("?"),
+                    p["version"].as_str().unwrap_or("?"),
+                    p["kind"].as_str().unwrap_or("?"),
+                    p["digest"].as_str().unwrap_or("").get(..12).unwrap_or(""),
+                    loaded.as_deref().and_then(|d| d.get(5..25)).unwrap_or("?"),
+                );
+            }
+            for e in body["load_errors"].as_array().into_iter().flatten() {
+                println!("refused: {}: {}", e["dir"].as_str().unwrap_or("?"), e["error"].as_str().unwrap_or("?"));
             }
             Ok(())
         }
         PluginCommand::Check { dir } => {
-            let engine = PluginEngine::new()?;
+            let engine = PluginEngine::new(None)?;
             let p = engine.load(&dir, &env, None)?;
             println!("ok: {} {} ({}), component sha256 {}", p.name(), p.manifest.version, p.manifest.kind, p.digest);
             let allowed = p.allow.describe();

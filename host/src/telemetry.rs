@@ -77,6 +77,7 @@ pub struct Metrics {
     pub plugin_duration: HistogramFamily<PluginLabels>,
     pub plugin_failures: Family<PluginFailureLabels, Counter>,
     pub plugin_load_failures: Counter,
+    pub routes_reload_failures: Counter,
     pub queue_depth: Family<QueueLabels, Gauge>,
 }
 
@@ -95,6 +96,7 @@ impl Metrics {
         let plugin_duration: HistogramFamily<PluginLabels> = Family::new_with_constructor(latency_histogram);
         let plugin_failures = Family::default();
         let plugin_load_failures = Counter::default();
+        let routes_reload_failures = Counter::default();
         let queue_depth = Family::default();
         registry.register("crm_webhooks_received", "Webhooks received, by provider and outcome", webhooks.clone());
         registry.register("crm_deliveries", "Delivery attempts, by destination and outcome", deliveries.clone());
@@ -118,6 +120,11 @@ impl Metrics {
             "Plugins that failed to load or validate",
             plugin_load_failures.clone(),
         );
+        registry.register(
+            "crm_routes_reload_failures",
+            "Routing table changes refused as invalid",
+            routes_reload_failures.clone(),
+        );
         registry.register("crm_queue_depth", "Jobs in the queue, by state", queue_depth.clone());
         Metrics {
             registry,
@@ -127,6 +134,7 @@ impl Metrics {
             plugin_duration,
             plugin_failures,
             plugin_load_failures,
+            routes_reload_failures,
             queue_depth,
         }
     }

@@ -32,6 +32,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/receipts/{id}", get(get_receipt))
         .route("/api/v1/dead-letters", get(list_dead_letters))
         .route("/api/v1/dead-letters/replay", post(replay))
+        .route("/api/v1/plugins", get(list_plugins))
         // The webhook handler enforces MAX_BODY_BYTES itself, with a JSON 413.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(app)
@@ -186,4 +187,34 @@ async fn replay(
         return Err(ApiError::new(StatusCode::NOT_FOUND, "dead_letter_not_found", "no such dead letter"));
     }
     Ok(Json(json!({ "replayed": replayed })))
+}
+
+/// Loaded plugins (version, kind, digest, load time, allowed hosts, missing
+/// settings) and folders whose latest contents were refused.
+async fn list_plugins(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    require_key(&app, &headers)?;
+    let set = app.plugins.snapshot();
+    let plugins: Vec<serde_json::Value> = set
+        .all()
+        .map(|p| {
+            let loaded_at = p.loaded_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            json!({
+                "name": p.name(),
+                "version": p.manifest.version,
+                "kind": p.manifest.kind.to_string(),
+                "digest": p.digest,
+                "loaded_at_ms": loaded_at,
+                "dir": p.dir.display().to_string(),
+                "allowed_outbound_hosts": p.allow.describe(),
+                "not_configured": p.config.missing,
+            })
+        })
+        .collect();
+    let errors: Vec<serde_json::Value> = app
+        .plugins
+        .load_errors()
+        .into_iter()
+        .map(|(dir, error)| json!({ "dir": dir.display().to_string(), "error": error }))
+        .collect();
+    Ok(Json(json!({ "plugins": plugins, "load_errors": errors })))
 }

@@ -95,6 +95,24 @@ pub struct PluginEngine {
     destination_linker: wasmtime::component::Linker<PluginState>,
     http: reqwest::Client,
     ticker: Arc<EpochTicker>,
+    cache: Option<CompileCache>,
+}
+
+/// The wasmtime this host is built with (pinned in Cargo.toml); part of the
+/// compile cache key.
+const WASMTIME_VERSION: &str = "48.0.8";
+
+/// Compiled components on disk, so a restart does not recompile.
+///
+/// Layout of the cache folder: `<key>.cwasm` (the serialized component) and
+/// `<key>.sha256` (hex SHA-256 of that file). The key hashes the component's
+/// bytes, the wasmtime version and the engine's compatibility hash (its
+/// settings and target), so a changed component or engine never matches a
+/// stale entry. An entry is used only if its checksum matches; anything else
+/// is rebuilt and overwritten.
+struct CompileCache {
+    dir: PathBuf,
+    engine_key: String,
 }
 
 /// Advances the engine's epoch while anything that runs plugins is alive:
@@ -113,7 +131,7 @@ impl Drop for EpochTicker {
 impl PluginEngine {
     /// Build the engine (pooling allocator, epoch interruption) and start the
     /// epoch ticker.
-    pub fn new() -> anyhow::Result<PluginEngine> {
+    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<PluginEngine> {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(POOL_INSTANCES)
             .total_core_instances(POOL_INSTANCES * 8)
@@ -147,7 +165,62 @@ impl PluginEngine {
                 ticking.increment_epoch();
             }
         })?;
-        Ok(PluginEngine { engine, source_linker, destination_linker, http, ticker })
+        let cache = match cache_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| anyhow::anyhow!("cannot create the plugin cache {}: {e}", dir.display()))?;
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
+                let engine_key = format!("{WASMTIME_VERSION}-{:016x}", std::hash::Hasher::finish(&h));
+                Some(CompileCache { dir, engine_key })
+            }
+            None => None,
+        };
+        Ok(PluginEngine { engine, source_linker, destination_linker, http, ticker, cache })
+    }
+
+    /// Compile a component, through the on-disk cache when there is one.
+    fn compile(&self, bytes: &[u8], digest: &str, path: &Path) -> Result<Component, LoadError> {
+        let compile = || {
+            Component::new(&self.engine, bytes)
+                .map_err(|e| LoadError::Compile { path: path.to_path_buf(), message: format!("{e:#}") })
+        };
+        let Some(cache) = &self.cache else { return compile() };
+        let key = hex(&Sha256::digest(format!("{}:{digest}", cache.engine_key)));
+        let artifact_path = cache.dir.join(format!("{key}.cwasm"));
+        let sum_path = cache.dir.join(format!("{key}.sha256"));
+        if let (Ok(artifact), Ok(sum)) = (std::fs::read(&artifact_path), std::fs::read_to_string(&sum_path)) {
+            if hex(&Sha256::digest(&artifact)) == sum.trim() {
+                // SAFETY: these bytes are exactly what `Component::serialize`
+                // wrote for this component on an engine with the same
+                // compatibility hash (both are in the key), as the checksum
+                // we stored alongside proves; wasmtime also re-checks the
+                // header against this engine.
+                match unsafe { Component::deserialize(&self.engine, &artifact) } {
+                    Ok(c) => return Ok(c),
+                    Err(e) => tracing::warn!(path = %artifact_path.display(), error = %e, "unusable compile cache entry; rebuilding"),
+                }
+            } else {
+                tracing::warn!(path = %artifact_path.display(), "corrupt compile cache entry; rebuilding");
+            }
+        }
+        let component = compile()?;
+        match component.serialize() {
+            Ok(artifact) => {
+                let write = |p: &Path, data: &[u8]| -> std::io::Result<()> {
+                    let tmp = p.with_extension("tmp");
+                    std::fs::write(&tmp, data)?;
+                    std::fs::rename(&tmp, p)
+                };
+                let written = write(&artifact_path, &artifact)
+                    .and_then(|()| write(&sum_path, hex(&Sha256::digest(&artifact)).as_bytes()));
+                if let Err(e) = written {
+                    tracing::warn!(dir = %cache.dir.display(), error = %e, "could not write the compile cache");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not serialize a compiled component"),
+        }
+        Ok(component)
     }
 
     /// Load, compile and validate the plugin in `dir` against its world.
@@ -157,8 +230,7 @@ impl PluginEngine {
         let path = dir.join(&manifest.component);
         let bytes = std::fs::read(&path).map_err(|source| LoadError::ReadComponent { path: path.clone(), source })?;
         let digest = hex(&Sha256::digest(&bytes));
-        let component = Component::new(&self.engine, &bytes)
-            .map_err(|e| LoadError::Compile { path: path.clone(), message: format!("{e:#}") })?;
+        let component = self.compile(&bytes, &digest, &path)?;
         check_contract_version(&self.engine, &component).map_err(|message| LoadError::Contract { path: path.clone(), message })?;
 
         let config = manifest.resolve_config(env);

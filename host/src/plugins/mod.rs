@@ -2,17 +2,20 @@
 //! host side of the WIT contract, and the registry of what is loaded.
 //!
 //! The registry hands out `Arc<LoadedPlugin>` snapshots: a call keeps the
-//! version it started with even if the plugin is replaced meanwhile (the
-//! seam hot swap builds on).
+//! version it started with even when the plugin is replaced meanwhile. Hot
+//! reload (`Registry::sync`) compiles and validates a changed plugin folder
+//! *before* swapping it in; a folder that fails leaves the previous version
+//! running and records why.
 
 pub mod allow;
 pub mod engine;
 pub mod manifest;
 pub mod world;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
 
 pub use engine::{DeliveryRequest, LoadError, LoadedPlugin, Outcome, ParseFailure, PluginEngine, PluginError};
 pub use manifest::Kind;
@@ -20,63 +23,152 @@ pub use manifest::Kind;
 use crate::config::Environment;
 
 /// What is loaded now.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct PluginSet {
     pub sources: BTreeMap<String, Arc<LoadedPlugin>>,
     pub destinations: BTreeMap<String, Arc<LoadedPlugin>>,
 }
 
-/// The loaded plugins, replaceable as a whole or one at a time.
+impl PluginSet {
+    fn map(&mut self, kind: Kind) -> &mut BTreeMap<String, Arc<LoadedPlugin>> {
+        match kind {
+            Kind::Source => &mut self.sources,
+            Kind::Destination => &mut self.destinations,
+        }
+    }
+
+    /// Every loaded plugin.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<LoadedPlugin>> {
+        self.sources.values().chain(self.destinations.values())
+    }
+}
+
+/// What a sync changed.
+#[derive(Debug)]
+pub enum Change {
+    Loaded { name: String, version: String, digest: String, replaced: bool },
+    Unloaded { name: String },
+    /// The folder's new contents were refused; the previous version (if
+    /// any) keeps running.
+    Failed { dir: PathBuf, error: String },
+}
+
+/// Size and modification time of the files that make a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint(Vec<(u64, Option<SystemTime>)>);
+
+fn fingerprint(dir: &Path) -> Fingerprint {
+    let stat = |p: &Path| std::fs::metadata(p).map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None));
+    let mut parts = vec![stat(&dir.join("plugin.toml"))];
+    if let Ok(m) = manifest::Manifest::load(dir) {
+        parts.push(stat(&dir.join(&m.component)));
+    }
+    Fingerprint(parts)
+}
+
+/// What the registry knows of one plugin folder.
+struct Folder {
+    fingerprint: Fingerprint,
+    /// The plugin this folder provides now (name and kind).
+    loaded: Option<(String, Kind)>,
+    error: Option<String>,
+}
+
+/// The loaded plugins and the folders they came from.
 pub struct Registry {
     engine: Arc<PluginEngine>,
     env: Environment,
     current: RwLock<Arc<PluginSet>>,
+    folders: Mutex<HashMap<PathBuf, Folder>>,
+    /// Fingerprints seen changed once; loaded when seen the same twice, so a
+    /// file still being copied is not loaded half-written.
+    settling: Mutex<HashMap<PathBuf, Fingerprint>>,
 }
 
 impl Registry {
     /// An empty registry on `engine`; plugins resolve config from `env`.
     pub fn new(engine: Arc<PluginEngine>, env: Environment) -> Registry {
-        Registry { engine, env, current: RwLock::new(Arc::new(PluginSet::default())) }
+        Registry {
+            engine,
+            env,
+            current: RwLock::new(Arc::new(PluginSet::default())),
+            folders: Mutex::default(),
+            settling: Mutex::default(),
+        }
     }
 
     pub fn engine(&self) -> &Arc<PluginEngine> {
         &self.engine
     }
 
-    /// Load every plugin folder (one holding a `plugin.toml`) under `dir`.
-    /// A plugin that fails to load is reported and skipped; the others load.
-    pub fn load_dir(&self, dir: &Path) -> Vec<(PathBuf, LoadError)> {
-        let mut failures = Vec::new();
-        let mut set = PluginSet::default();
-        for folder in plugin_folders(dir) {
-            match self.engine.load(&folder, &self.env, None) {
-                Ok(p) => {
-                    let p = Arc::new(p);
-                    let map = match p.manifest.kind {
-                        Kind::Source => &mut set.sources,
-                        Kind::Destination => &mut set.destinations,
-                    };
-                    if let Some(previous) = map.insert(p.name().to_string(), p.clone()) {
-                        let message = format!(
-                            "plugin name {:?} is used by both {} and {}; using the latter",
-                            p.name(),
-                            previous.dir.display(),
-                            p.dir.display()
-                        );
-                        tracing::warn!("{message}");
-                    }
-                }
-                Err(e) => failures.push((folder, e)),
+    /// Bring the registry in line with `dir`: load new and changed plugin
+    /// folders, unload removed ones. With `settle`, a change is acted on
+    /// only once it has stayed the same for two calls. Blocking (compiles).
+    pub fn sync(&self, dir: &Path, settle: bool) -> Vec<Change> {
+        let mut folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
+        let mut settling = self.settling.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = (*self.snapshot()).clone();
+        let mut changes = Vec::new();
+        let present = plugin_folders(dir);
+
+        let gone: Vec<PathBuf> = folders.keys().filter(|f| !present.contains(f)).cloned().collect();
+        for folder in gone {
+            if let Some(Folder { loaded: Some((name, kind)), .. }) = folders.remove(&folder) {
+                set.map(kind).remove(&name);
+                changes.push(Change::Unloaded { name });
             }
         }
-        self.replace(set);
-        failures
+
+        for folder in present {
+            let fp = fingerprint(&folder);
+            if folders.get(&folder).is_some_and(|f| f.fingerprint == fp) {
+                settling.remove(&folder);
+                continue;
+            }
+            if settle && settling.get(&folder) != Some(&fp) {
+                settling.insert(folder.clone(), fp);
+                continue;
+            }
+            settling.remove(&folder);
+            let previous = folders.get(&folder).and_then(|f| f.loaded.clone());
+            match self.engine.load(&folder, &self.env, None) {
+                Ok(plugin) => {
+                    let plugin = Arc::new(plugin);
+                    let key = (plugin.name().to_string(), plugin.manifest.kind);
+                    if let Some((old_name, old_kind)) = &previous {
+                        if *old_name != key.0 || *old_kind != key.1 {
+                            set.map(*old_kind).remove(old_name);
+                        }
+                    }
+                    let replaced = set.map(key.1).insert(key.0.clone(), plugin.clone()).is_some();
+                    changes.push(Change::Loaded {
+                        name: key.0.clone(),
+                        version: plugin.manifest.version.clone(),
+                        digest: plugin.digest.clone(),
+                        replaced,
+                    });
+                    folders.insert(folder, Folder { fingerprint: fp, loaded: Some(key), error: None });
+                }
+                Err(e) => {
+                    let error = e.to_string();
+                    changes.push(Change::Failed { dir: folder.clone(), error: error.clone() });
+                    folders.insert(folder, Folder { fingerprint: fp, loaded: previous, error: Some(error) });
+                }
+            }
+        }
+        if changes.iter().any(|c| !matches!(c, Change::Failed { .. })) {
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        }
+        changes
     }
 
-    /// Swap in a new set atomically.
-    pub fn replace(&self, set: PluginSet) {
-        let mut guard = self.current.write().unwrap_or_else(|e| e.into_inner());
-        *guard = Arc::new(set);
+    /// Folders whose latest contents failed to load, with the reason.
+    pub fn load_errors(&self) -> Vec<(PathBuf, String)> {
+        let folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(PathBuf, String)> =
+            folders.iter().filter_map(|(p, f)| f.error.clone().map(|e| (p.clone(), e))).collect();
+        out.sort();
+        out
     }
 
     /// A snapshot of what is loaded.

@@ -1,0 +1,270 @@
+//! Hot swap: plugin and routing changes take effect without a restart, are
+//! validated before they replace what runs, and never fail or lose events.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crm_event_handler::config::{Config, Environment};
+use crm_event_handler::plugins::{LoadError, PluginEngine};
+use crm_event_handler::{App, serve};
+use serde_json::Value;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Running {
+    app: Arc<App>,
+    base: String,
+    plugins: PathBuf,
+    meta: StandIn,
+    dir: tempfile::TempDir,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn start(extra: &[(&str, String)]) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &["crm", "meta-capi"]);
+    let meta = StandIn::meta().await;
+    let mut vars: HashMap<String, String> = [
+        ("API_KEY", API_KEY.to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("PLUGINS_DIR", plugins.display().to_string()),
+        ("META_ACCESS_TOKEN", "t".to_string()),
+        ("META_PIXEL_ID", "1".to_string()),
+        ("META_GRAPH_URL", meta.url.clone()),
+        ("RETRY_BASE_DELAY_MS", "50".to_string()),
+        ("PLUGIN_RELOAD_MS", "100".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (k, v) in extra {
+        vars.insert(k.to_string(), v.clone());
+    }
+    let app = App::build(Config::from_vars(vars).unwrap()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(serve(app.clone(), listener, stopped));
+    Running { app, base, plugins, meta, dir, stop }
+}
+
+/// Replace a file the way a deploy should: write aside, then rename.
+fn replace(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("incoming");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn meta_version(app: &App) -> Option<String> {
+    app.plugins.destination("meta-capi").map(|p| p.manifest.version.clone())
+}
+
+#[tokio::test]
+async fn a_new_plugin_version_takes_over_under_load_without_failing_or_repeating_anything() {
+    let r = start(&[]).await;
+    let manifest = r.plugins.join("meta-capi/plugin.toml");
+    let v2 = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("version = \"0.1.0\"", "version = \"0.2.0\"")
+        .replace("default = \"system_generated\"", "default = \"website\"");
+    assert!(v2.contains("0.2.0") && v2.contains("\"website\""));
+
+    // A steady stream of webhooks, one new deal every 20 ms for 3 s.
+    let base = r.base.clone();
+    let stream = tokio::spawn(async move {
+        let mut accepted = Vec::new();
+        let start = Instant::now();
+        let mut i = 0;
+        while start.elapsed() < Duration::from_secs(3) {
+            let deal = format!("HS-{i}");
+            let (status, body) = post_webhook(&base, "/api/v1/webhook/crm", "deal_updated", &payload(&deal, "Qualified")).await;
+            assert_eq!(status, 200, "{body}");
+            accepted.push((deal, Instant::now()));
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        accepted
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    replace(&manifest, v2.as_bytes());
+    let swapped_at = eventually("version 0.2.0 to be loaded", WAIT, async || {
+        (meta_version(&r.app).as_deref() == Some("0.2.0")).then(Instant::now)
+    })
+    .await;
+    let accepted = stream.await.unwrap();
+
+    eventually("every webhook delivered", WAIT, async || (r.meta.events().len() >= accepted.len()).then_some(())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = r.meta.events();
+    assert_eq!(events.len(), accepted.len(), "each webhook delivered exactly once");
+    assert_eq!(r.meta.unique_events().len(), accepted.len());
+    let source_of = |deal: &str| -> String {
+        let e = events.iter().find(|e| e["custom_data"]["deal_id"] == deal).unwrap_or_else(|| panic!("no event for {deal}"));
+        e["action_source"].as_str().unwrap().to_string()
+    };
+    let (mut old, mut new) = (0, 0);
+    for (deal, at) in &accepted {
+        let source = source_of(deal);
+        if *at > swapped_at {
+            assert_eq!(source, "website", "{deal} was accepted after the swap");
+            new += 1;
+        } else if source == "system_generated" {
+            old += 1;
+        }
+    }
+    assert!(old > 10 && new > 10, "both versions served the stream (old {old}, new {new})");
+    let dead = get_json(&r.base, "/api/v1/dead-letters").await;
+    assert_eq!(dead["dead_letters"], Value::Array(vec![]));
+    let _ = r.stop.send(true);
+}
+
+#[tokio::test]
+async fn a_broken_replacement_is_refused_and_the_running_version_keeps_working() {
+    let r = start(&[]).await;
+    let digest = r.app.plugins.destination("meta-capi").unwrap().digest.clone();
+    let component = r.plugins.join("meta-capi/meta-capi.wasm");
+    let original = std::fs::read(&component).unwrap();
+
+    // Not a component at all.
+    replace(&component, b"\0asm this is not a component");
+    let errors = eventually("the refusal to be reported", WAIT, async || {
+        let e = r.app.plugins.load_errors();
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    assert!(errors[0].1.contains("not a valid WebAssembly component"), "{errors:?}");
+    assert!(r.app.metrics.render().contains("crm_plugin_load_failures_total 1"));
+    let (status, _) = post_webhook(&r.base, "/api/v1/webhook/crm", "deal_updated", &payload("B-1", "Qualified")).await;
+    assert_eq!(status, 200);
+    eventually("delivery by the old version", WAIT, async || (r.meta.events().len() == 1).then_some(())).await;
+    assert_eq!(r.app.plugins.destination("meta-capi").unwrap().digest, digest);
+
+    // A real component, but of the wrong world (a source, not a destination).
+    replace(&component, &std::fs::read(r.plugins.join("crm/crm.wasm")).unwrap());
+    eventually("the world mismatch to be reported", WAIT, async || {
+        r.app.plugins.load_errors().iter().any(|(_, e)| e.contains("does not match the destination world")).then_some(())
+    })
+    .await;
+    assert_eq!(r.app.plugins.destination("meta-capi").unwrap().digest, digest);
+
+    // Removing the folder unloads it: jobs fail with a clear reason.
+    std::fs::remove_dir_all(r.plugins.join("meta-capi")).unwrap();
+    eventually("the plugin to be unloaded", WAIT, async || r.app.plugins.destination("meta-capi").is_none().then_some(())).await;
+    let (_, body) = post_webhook(&r.base, "/api/v1/webhook/crm", "deal_updated", &payload("B-2", "Qualified")).await;
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    let receipt = eventually("the job to fail", WAIT, async || {
+        let rec = get_json(&r.base, &format!("/api/v1/receipts/{id}")).await;
+        (rec["actions"][0]["attempts"].as_u64() >= Some(1)).then_some(rec)
+    })
+    .await;
+    assert_eq!(receipt["actions"][0]["last_error"], "no destination plugin named \"meta-capi\" is loaded");
+
+    // Putting it back brings it back, and the waiting job is delivered.
+    let folder = r.plugins.join("meta-capi");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(repo().join("plugins/meta-capi/plugin.toml"), folder.join("plugin.toml")).unwrap();
+    std::fs::write(folder.join("meta-capi.wasm"), &original).unwrap();
+    eventually("the job delivered after the plugin came back", WAIT, async || {
+        let rec = get_json(&r.base, &format!("/api/v1/receipts/{id}")).await;
+        (rec["actions"][0]["state"] == "delivered").then_some(())
+    })
+    .await;
+    let _ = r.stop.send(true);
+}
+
+#[tokio::test]
+async fn routing_changes_apply_without_restart_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(&routes, "[[route]]\nstatus = \"Won\"\nactions = [{ destination = \"meta-capi\", action = \"Purchase\" }]\n").unwrap();
+    let r = start(&[("ROUTES_FILE", routes.display().to_string())]).await;
+    let (_, body) = post_webhook(&r.base, "/api/v1/webhook/crm", "deal_updated", &payload("R-1", "Qualified")).await;
+    assert_eq!(body["actions"], Value::Array(vec![]), "Qualified routes nowhere yet");
+
+    replace(&routes, b"[[route]]\nstatus = \"Qualified\"\nactions = [{ destination = \"meta-capi\", action = \"Lead\" }]\n");
+    eventually("the new table", WAIT, async || (!r.app.routes().actions_for("crm", "Qualified").is_empty()).then_some(())).await;
+    let (_, body) = post_webhook(&r.base, "/api/v1/webhook/crm", "deal_updated", &payload("R-2", "Qualified")).await;
+    assert_eq!(body["actions"][0]["action"], "Lead");
+    eventually("the Lead", WAIT, async || (r.meta.events().len() == 1).then_some(())).await;
+
+    replace(&routes, b"[[route]]\nstatus = \"Qualified\"\nactions = [{ destination = \"meta-capi\" }]\n");
+    eventually("the refusal", WAIT, async || {
+        r.app.metrics.render().contains("crm_routes_reload_failures_total 1").then_some(())
+    })
+    .await;
+    assert_eq!(r.app.routes().actions_for("crm", "Qualified")[0].action, "Lead", "the previous table stays");
+    drop(r.dir);
+}
+
+#[tokio::test]
+async fn compiled_components_are_cached_and_a_corrupt_entry_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let plugins = plugins_dir(dir.path(), &["crm"]);
+    let env = Environment::default();
+    PluginEngine::new(Some(cache.clone())).unwrap().load(&plugins.join("crm"), &env, None).unwrap();
+    let entry = |ext: &str| -> PathBuf {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == ext))
+            .unwrap_or_else(|| panic!("no .{ext} in the cache"))
+    };
+    let artifact = entry("cwasm");
+    let written = std::fs::metadata(&artifact).unwrap().modified().unwrap();
+    let good = std::fs::read(&artifact).unwrap();
+
+    // A second engine (a restart) uses the entry as it is.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let p = PluginEngine::new(Some(cache.clone())).unwrap().load(&plugins.join("crm"), &env, None).unwrap();
+    assert_eq!(std::fs::metadata(&artifact).unwrap().modified().unwrap(), written, "read from the cache, not rewritten");
+    assert!(p.parse(&[], payload("C-1", "Qualified").as_bytes()).await.unwrap().is_ok());
+
+    // Corrupt it: the checksum no longer matches, so it is rebuilt, not run.
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&artifact, &bad).unwrap();
+    let p = PluginEngine::new(Some(cache.clone())).unwrap().load(&plugins.join("crm"), &env, None).unwrap();
+    assert!(p.parse(&[], payload("C-2", "Qualified").as_bytes()).await.unwrap().is_ok());
+    let rebuilt = std::fs::read(&artifact).unwrap();
+    assert_ne!(rebuilt, bad);
+    let sum = std::fs::read_to_string(entry("sha256")).unwrap();
+    assert_eq!(sum.len(), 64);
+}
+
+#[tokio::test]
+async fn a_plugin_built_for_another_contract_version_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &["meta-capi"]);
+    let wasm = plugins.join("meta-capi/meta-capi.wasm");
+    let mut bytes = std::fs::read(&wasm).unwrap();
+    // Rewrite "crm:plugin/<interface>@0.1.0" to "@0.9.0" in place: same
+    // length, so the binary stays well-formed and only the version changes.
+    let prefix = b"crm:plugin/";
+    let mut patched = 0;
+    for i in 0..bytes.len().saturating_sub(prefix.len() + 30) {
+        if &bytes[i..i + prefix.len()] == prefix {
+            let rest = i + prefix.len();
+            if let Some(at) = bytes[rest..rest + 20].iter().position(|b| *b == b'@') {
+                let v = rest + at + 1;
+                if &bytes[v..v + 5] == b"0.1.0" {
+                    bytes[v..v + 5].copy_from_slice(b"0.9.0");
+                    patched += 1;
+                }
+            }
+        }
+    }
+    assert!(patched > 0, "the contract's import names are in the binary");
+    std::fs::write(&wasm, bytes).unwrap();
+    let err = PluginEngine::new(None).unwrap().load(&plugins.join("meta-capi"), &Environment::default(), None).err().unwrap();
+    assert!(matches!(err, LoadError::Contract { .. }), "{err}");
+    assert!(err.to_string().contains("targets crm:plugin contract version 0.9.0; this host supports 0.1.0"), "{err}");
+}
