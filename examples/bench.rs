@@ -9,6 +9,15 @@
 //!    concurrent clients, each routed to a Meta `Lead`).
 //! 3. Time from the 200 answer to the Meta stand-in receiving the event:
 //!    median and p99.
+//! 4. The same pipeline on MongoDB + Redis, when `NX_27017` names the
+//!    MongoDB wire-protocol stand-in (scripts/test.sh installs it) and
+//!    `redis-server` is installed: both are started on free ports. Also
+//!    reports MongoDB round trips per accepted webhook. The stand-in is far
+//!    slower than a real mongod: its figures bound the system from below.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -82,7 +91,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn pipeline() {
+async fn pipeline(label: &str, backend: &[(&str, String)]) {
     let arrivals = Arrivals::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let meta_url = format!("http://{}", listener.local_addr().unwrap());
@@ -90,7 +99,7 @@ async fn pipeline() {
     tokio::spawn(async move { axum::serve(listener, router).await });
 
     let dir = tempfile::tempdir().unwrap();
-    let vars: HashMap<String, String> = [
+    let vars: HashMap<String, String> = vec![
         ("API_KEY", "bench".to_string()),
         ("DATA_DIR", dir.path().display().to_string()),
         ("PLUGINS_DIR", repo().join("plugins").display().to_string()),
@@ -99,9 +108,11 @@ async fn pipeline() {
         ("META_GRAPH_URL", meta_url),
     ]
     .into_iter()
+    .chain(backend.iter().cloned())
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let app = App::build(Config::from_vars(vars).unwrap()).await.unwrap();
+    let store = app.store.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/api/v1/webhook/crm", listener.local_addr().unwrap());
     let (_stop, stopped) = tokio::sync::watch::channel(false);
@@ -139,17 +150,30 @@ async fn pipeline() {
         .filter_map(|(deal, at)| arrived.get(deal).map(|got| got.saturating_duration_since(*at)))
         .collect();
     latencies.sort();
-    println!("pipeline, embedded store + queue ({WEBHOOKS} unique deals, {CLIENTS} concurrent clients):");
+    println!("pipeline, {label} ({WEBHOOKS} unique deals, {CLIENTS} concurrent clients):");
     println!("  accepted                 {:>8.0} webhooks/s", WEBHOOKS as f64 / elapsed.as_secs_f64());
     println!("  delivered to Meta        {} of {WEBHOOKS}", latencies.len());
     if !latencies.is_empty() {
         println!("  accept → Meta, median    {:>8.1} ms", percentile(&latencies, 0.5).as_secs_f64() * 1e3);
         println!("  accept → Meta, p99       {:>8.1} ms", percentile(&latencies, 0.99).as_secs_f64() * 1e3);
     }
+    let trips = store.round_trips();
+    if trips > 0 {
+        println!("  MongoDB round trips      {:>8.2} per webhook (accept + delivery record)", trips as f64 / WEBHOOKS as f64);
+    }
 }
 
 #[tokio::main]
 async fn main() {
     plugin_call_cost().await;
-    pipeline().await;
+    pipeline("embedded store + queue", &[]).await;
+    let redis_installed = std::process::Command::new("redis-server").arg("--version").output().is_ok();
+    if std::env::var_os("NX_27017").is_some() && redis_installed {
+        let redis = support::Server::redis();
+        let mongo = support::Server::mongo("bench");
+        let backend = [("DB_URI", mongo.uri.clone()), ("REDIS_URI", redis.uri.clone())];
+        pipeline("MongoDB (nx-27017 stand-in) + Redis", &backend).await;
+    } else {
+        println!("(set NX_27017 and install redis-server to benchmark MongoDB + Redis too)");
+    }
 }

@@ -1,13 +1,32 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: installs what it needs (the
-# wasm32-wasip2 target; Python tooling for the example plugin is installed by
-# the test that builds it), then runs every test in the workspace.
+# The whole test suite, from a fresh machine: installs what it needs, then
+# runs every test in the workspace.
+#   - the wasm32-wasip2 Rust target (the plugins are built for it);
+#   - redis-server (tests start their own on free ports);
+#   - nx-27017, a MongoDB wire-protocol server, in a venv (tests start their
+#     own on free ports; NX_27017 tells them where it is);
+#   - Python tooling for the example Python plugin is installed by its own
+#     build script, which a test runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     echo "installing the wasm32-wasip2 target"
     rustup target add wasm32-wasip2
 fi
+
+if ! command -v redis-server >/dev/null; then
+    echo "installing redis-server"
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+fi
+
+venv="$target_dir/nx-venv"
+if [ ! -x "$venv/bin/nx-27017" ]; then
+    echo "installing nx-27017 (MongoDB wire-protocol stand-in) into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'nx-27017==0.8.1'
+fi
+export NX_27017="$venv/bin/nx-27017"
 
 cargo test --workspace --locked "$@"

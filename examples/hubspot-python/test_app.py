@@ -305,6 +305,24 @@ class Malformed_(unittest.TestCase):
         body = edit(QUALIFIED, lambda d: d["properties"].__setitem__("dealname", name))
         self.assertEqual(parse_webhook([], body)["deal"]["name"], name)
 
+    def test_lone_surrogates_are_refused_not_passed_on(self):
+        # json.loads keeps "\\ud800" as a lone surrogate; a WIT string cannot
+        # hold one, so passing it on would trap the component.
+        cases = [
+            (b'{"objectId": 1, "properties": {"dealstage": "x\\ud800"}}', "properties.dealstage"),
+            (b'{"objectId": "\\udc00", "properties": {"dealstage": "x"}}', "objectId"),
+            (b'{"eventType": "\\ud800", "objectId": 1, "properties": {"dealstage": "x"}}', "eventType"),
+            (b'{"objectId": 1, "properties": {"dealstage": "x", "closedate": "\\ud800"}}', "properties.closedate"),
+            (b'{"objectId": 1, "properties": {"dealstage": "x"}, "contact": {"email": "a\\udfff"}}', "contact.email"),
+        ]
+        for body, field in cases:
+            with self.assertRaises(InvalidField, msg=body) as c:
+                parse_webhook([], body)
+            self.assertEqual((c.exception.field, c.exception.expected), (field, "valid Unicode text"))
+        # A proper surrogate pair is one character, and fine.
+        e = parse_webhook([], b'{"objectId": 1, "properties": {"dealstage": "x", "dealname": "\\ud83d\\ude00"}}')
+        self.assertEqual(e["deal"]["name"], "\U0001F600")
+
     def test_only_utf8(self):
         with self.assertRaises(Malformed) as c:
             parse_webhook([], QUALIFIED.decode().encode("utf-16"))

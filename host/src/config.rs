@@ -72,6 +72,12 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub store: StoreBackend,
     pub queue: QueueBackend,
+    /// MongoDB collection for receipts.
+    pub db_collection: String,
+    /// Prefix of every Redis key, so deployments can share a Redis.
+    pub redis_key_prefix: String,
+    /// A reserved Redis job idle this long is taken over by another worker.
+    pub visibility_timeout: Duration,
     pub data_dir: PathBuf,
     pub plugins_dir: PathBuf,
     /// Compiled plugins are cached here (default `DATA_DIR/plugin-cache`).
@@ -208,7 +214,15 @@ impl Config {
         let data_dir = get("DATA_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("data"));
         let reload_ms = parse(&get, "PLUGIN_RELOAD_MS", 500u64, "a poll interval in milliseconds (0 turns hot reload off)")?;
 
+        let visibility_ms = parse(&get, "QUEUE_VISIBILITY_TIMEOUT_MS", 120_000u64, "a duration in milliseconds")?;
+        if visibility_ms < 1000 {
+            bail!("QUEUE_VISIBILITY_TIMEOUT_MS must be at least 1000");
+        }
+
         Ok(Config {
+            db_collection: get("DB_COLLECTION").unwrap_or_else(|| "webhook_receipts".to_string()),
+            redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_else(|| "crm".to_string()),
+            visibility_timeout: Duration::from_millis(visibility_ms),
             plugin_cache_dir: get("PLUGIN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| data_dir.join("plugin-cache")),
             reload_interval: (reload_ms > 0).then(|| Duration::from_millis(reload_ms)),
             host,
@@ -227,6 +241,14 @@ impl Config {
             log_format,
             env: Environment(env),
         })
+    }
+}
+
+/// A connection URI with any `user:password@` replaced, for messages.
+pub fn redact_uri(uri: &str) -> String {
+    match (uri.find("://"), uri.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}«credentials»{}", &uri[..scheme + 3], &uri[at..]),
+        _ => uri.to_string(),
     }
 }
 
@@ -271,6 +293,12 @@ mod tests {
         assert!(err(&[("API_KEY", "k"), ("META_API_VERSION", "21")]).contains("META_API_VERSION must look like v21.0"));
         assert!(err(&[("API_KEY", "k"), ("META_GRAPH_URL", "graph.facebook.com")]).contains("META_GRAPH_URL"));
         assert!(err(&[("API_KEY", "k"), ("AUTH_FAILURE_STATUS", "403")]).contains("202 or 401"));
+    }
+
+    #[test]
+    fn uris_lose_their_credentials_in_messages() {
+        assert_eq!(redact_uri("mongodb://app:s3cret@db:27017/crm"), "mongodb://«credentials»@db:27017/crm");
+        assert_eq!(redact_uri("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 
     #[test]

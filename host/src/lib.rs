@@ -45,17 +45,26 @@ impl App {
     /// Open the backends, load plugins and routes, and report what is not
     /// configured. Fails with a message naming the problem.
     pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
-        let (store, queue): (Arc<dyn ReceiptStore>, Arc<dyn JobQueue>) = match (&config.store, &config.queue) {
-            (StoreBackend::Embedded, QueueBackend::Embedded) => {
-                let store = store::embedded::EmbeddedStore::open(&config.data_dir)
-                    .with_context(|| format!("cannot open the embedded store in DATA_DIR={}", config.data_dir.display()))?;
-                let queue = queue::embedded::EmbeddedQueue::open(&config.data_dir)
-                    .with_context(|| format!("cannot open the embedded queue in DATA_DIR={}", config.data_dir.display()))?;
-                (Arc::new(store), Arc::new(queue))
-            }
-            _ => bail!(
-                "DB_URI / REDIS_URI are set, but this build only has the embedded store and queue; \
-                 unset them to run on DATA_DIR"
+        let store: Arc<dyn ReceiptStore> = match &config.store {
+            StoreBackend::Embedded => Arc::new(
+                store::embedded::EmbeddedStore::open(&config.data_dir)
+                    .with_context(|| format!("cannot open the embedded store in DATA_DIR={}", config.data_dir.display()))?,
+            ),
+            StoreBackend::MongoDb(uri) => Arc::new(
+                store::mongo::MongoStore::connect(uri, &config.db_collection)
+                    .await
+                    .with_context(|| format!("cannot use MongoDB at DB_URI={}", config::redact_uri(uri)))?,
+            ),
+        };
+        let queue: Arc<dyn JobQueue> = match &config.queue {
+            QueueBackend::Embedded => Arc::new(
+                queue::embedded::EmbeddedQueue::open(&config.data_dir)
+                    .with_context(|| format!("cannot open the embedded queue in DATA_DIR={}", config.data_dir.display()))?,
+            ),
+            QueueBackend::Redis(uri) => Arc::new(
+                queue::redis::RedisQueue::connect(uri, &config.redis_key_prefix, config.visibility_timeout)
+                    .await
+                    .with_context(|| format!("cannot use Redis at REDIS_URI={}", config::redact_uri(uri)))?,
             ),
         };
 
@@ -173,16 +182,42 @@ async fn watch(app: Arc<App>, every: std::time::Duration, mut shutdown: watch::R
     }
 }
 
-/// Run the API on `listener` and the workers until `shutdown` turns true.
-pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// What a process runs. Several processes can share one MongoDB + Redis,
+/// each with any role; with the embedded store there is one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Role {
+    /// Accept webhooks.
+    pub api: bool,
+    /// Deliver jobs.
+    pub workers: bool,
+}
+
+impl Role {
+    pub const BOTH: Role = Role { api: true, workers: true };
+}
+
+/// Run the API and the workers until `shutdown` turns true.
+pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    serve_as(app, listener, Role::BOTH, shutdown).await
+}
+
+/// Run what `role` says on `listener` until `shutdown` turns true. Health,
+/// readiness, metrics and the operator endpoints are served in every role.
+pub async fn serve_as(
+    app: Arc<App>,
+    listener: TcpListener,
+    role: Role,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     worker::recover_unqueued(&app).await;
-    let workers = worker::spawn(app.clone(), shutdown.clone());
+    let workers = if role.workers { worker::spawn(app.clone(), shutdown.clone()) } else { Vec::new() };
     if let Some(every) = app.config.reload_interval {
         tokio::spawn(watch(app.clone(), every, shutdown.clone()));
     }
-    let router = api::router(app.clone());
+    let router = if role.api { api::router(app.clone()) } else { api::operations_router(app.clone()) };
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, workers = app.config.workers, "crm-event-handler listening");
+    let workers_running = if role.workers { app.config.workers } else { 0 };
+    tracing::info!(%addr, api = role.api, workers = workers_running, "crm-event-handler listening");
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;

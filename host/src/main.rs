@@ -10,7 +10,7 @@ use crm_event_handler::config::{Config, Environment};
 use crm_event_handler::dry_run::{self, DryRun};
 use crm_event_handler::plugins::PluginEngine;
 use crm_event_handler::routing::Routes;
-use crm_event_handler::{App, serve, telemetry};
+use crm_event_handler::{App, Role, serve_as, telemetry};
 
 #[derive(Parser)]
 #[command(name = "crm-event-handler", version, about = "Receives CRM deal webhooks and delivers their actions through WebAssembly plugins")]
@@ -22,7 +22,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP API and the delivery workers (the default).
-    Serve,
+    Serve {
+        /// Accept webhooks only; leave delivery to other processes.
+        #[arg(long, conflicts_with = "workers_only")]
+        api_only: bool,
+        /// Deliver jobs only (health, readiness and metrics are still served).
+        #[arg(long)]
+        workers_only: bool,
+    },
     /// Tools for plugin authors.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -81,8 +88,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => run_serve().await,
+        match cli.command.unwrap_or(Command::Serve { api_only: false, workers_only: false }) {
+            Command::Serve { api_only, workers_only } => run_serve(Role { api: !workers_only, workers: !api_only }).await,
             Command::Plugin(cmd) => run_plugin(cmd).await,
         }
     });
@@ -95,7 +102,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run_serve() -> anyhow::Result<()> {
+async fn run_serve(role: Role) -> anyhow::Result<()> {
     let config = Config::from_env()?;
     telemetry::init_logging(config.log_format);
     let addr = std::net::SocketAddr::new(config.host, config.port);
@@ -109,7 +116,7 @@ async fn run_serve() -> anyhow::Result<()> {
         tracing::info!("shutting down: finishing jobs in hand");
         let _ = stop.send(true);
     });
-    serve(app, listener, stopped).await
+    serve_as(app, listener, role, stopped).await
 }
 
 async fn shutdown_signal() {

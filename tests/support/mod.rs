@@ -231,7 +231,8 @@ impl Host {
     /// Start `serve` with these variables (PORT=0, HOST=127.0.0.1 and JSON
     /// logs are added) and wait until it listens.
     pub async fn start(vars: &[(&str, String)]) -> Host {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crm-event-handler"));
+        let binary = option_env!("CARGO_BIN_EXE_crm-event-handler").expect("only integration tests start the binary");
+        let mut cmd = Command::new(binary);
         cmd.arg("serve")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -321,4 +322,101 @@ pub fn payload(deal: &str, status: &str) -> String {
         .unwrap()
         .replace("D-927483-XYZ", deal)
         .replace("\"status\": \"Qualified\"", &format!("\"status\": \"{status}\""))
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, what: &str, log: &Path) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if start.elapsed() > Duration::from_secs(30) {
+            panic!("{what} did not start on port {port}; its log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A throwaway server process (redis-server or the MongoDB stand-in) on a
+/// free port, restartable on the same port with the same data.
+pub struct Server {
+    child: Option<Child>,
+    program: PathBuf,
+    args: Vec<String>,
+    pub port: u16,
+    pub uri: String,
+    what: &'static str,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// `redis-server` (installed on these machines), no persistence.
+    pub fn redis() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let args = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([dir.path().display().to_string(), "--logfile".into(), dir.path().join("log").display().to_string()])
+            .collect();
+        Server::launch("redis-server".into(), args, port, format!("redis://127.0.0.1:{port}"), "redis-server", dir)
+    }
+
+    /// The MongoDB wire-protocol stand-in `nx-27017` (installed into a venv
+    /// by scripts/test.sh, which exports NX_27017), on a file database so it
+    /// keeps its data across a restart.
+    pub fn mongo(db: &str) -> Server {
+        let program = std::env::var_os("NX_27017").map(PathBuf::from).unwrap_or_else(|| {
+            panic!("NX_27017 is not set: run the suite with ./scripts/test.sh, which installs the MongoDB stand-in")
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let args = vec![
+            "--db".into(),
+            dir.path().join("nx.db").display().to_string(),
+            "--host".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "--pid-file".into(),
+            dir.path().join("pid").display().to_string(),
+            "--log-file".into(),
+            dir.path().join("log").display().to_string(),
+        ];
+        Server::launch(program, args, port, format!("mongodb://127.0.0.1:{port}/{db}"), "nx-27017", dir)
+    }
+
+    fn launch(program: PathBuf, args: Vec<String>, port: u16, uri: String, what: &'static str, dir: tempfile::TempDir) -> Server {
+        let mut s = Server { child: None, program, args, port, uri, what, dir };
+        s.start();
+        s
+    }
+
+    /// Start (again, after `stop`).
+    pub fn start(&mut self) {
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.what));
+        self.child = Some(child);
+        wait_for_port(self.port, self.what, &self.dir.path().join("log"));
+    }
+
+    /// Stop it hard, as an outage would.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

@@ -25,6 +25,20 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/api/v1/webhook/{provider}", post(webhook::receive))
         .route("/v1/webhooks/{provider}", post(webhook::receive))
+        .merge(operations())
+        // The webhook handler enforces MAX_BODY_BYTES itself, with a JSON 413.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(app)
+}
+
+/// Everything but webhook intake: health, readiness, metrics, operator
+/// endpoints (a workers-only process serves just these).
+pub fn operations_router(app: Arc<App>) -> Router {
+    operations().with_state(app)
+}
+
+fn operations() -> Router<Arc<App>> {
+    Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -33,9 +47,6 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/dead-letters", get(list_dead_letters))
         .route("/api/v1/dead-letters/replay", post(replay))
         .route("/api/v1/plugins", get(list_plugins))
-        // The webhook handler enforces MAX_BODY_BYTES itself, with a JSON 413.
-        .layer(axum::extract::DefaultBodyLimit::disable())
-        .with_state(app)
 }
 
 /// Constant-time comparison, so response timing does not leak the key.

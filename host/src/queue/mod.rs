@@ -8,6 +8,7 @@
 //! idempotency keys make the repeat harmless).
 
 pub mod embedded;
+pub mod redis;
 
 use std::time::Duration;
 

@@ -1,0 +1,388 @@
+//! The Redis job queue: Redis Streams with a consumer group, shared by any
+//! number of host processes.
+//!
+//! Key layout (`{p}` is `REDIS_KEY_PREFIX`, default `crm`, so deployments can
+//! share a Redis):
+//! - `{p}:jobs`          stream; each entry is `id=<job id>`; consumer group `workers`
+//! - `{p}:job:<job id>`  string: the job as JSON (attempts included); exists
+//!                       while the job is live (ready, reserved or delayed)
+//! - `{p}:delayed`       sorted set: job id → due time (unix ms) of retries
+//! - `{p}:dead`          hash: job id → dead letter as JSON
+//! - `{p}:dead:index`    sorted set: job id → time it died (unix ms)
+//!
+//! Every multi-key change is one Lua script, so it is atomic. A reserved
+//! entry stays pending in the group until acknowledged; an entry idle longer
+//! than the visibility timeout (its worker died) is taken over with
+//! XAUTOCLAIM. Due retries are moved from `delayed` into the stream by
+//! whichever worker looks first. Blocking reads run on their own connections
+//! without a response timeout; everything else uses a ConnectionManager,
+//! which reconnects after an outage.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands, AsyncConnectionConfig, Script};
+
+use super::{DeadLetter, Job, JobQueue, QueueDepth, QueueError};
+use crate::store::now_ms;
+
+const GROUP: &str = "workers";
+/// Longest single blocking read; reserve() loops until its own wait is up.
+const BLOCK: Duration = Duration::from_millis(200);
+/// How often a worker looks for entries abandoned by dead workers.
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+
+const ENQUEUE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[2])
+return 1";
+
+const PROMOTE: &str = r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('XADD', KEYS[2], '*', 'id', id)
+end
+return #due";
+
+const ACK: &str = r"
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1";
+
+const RETRY: &str = r"
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1";
+
+const DEAD: &str = r"
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1";
+
+const REPLAY: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[2])
+redis.call('XADD', KEYS[4], '*', 'id', ARGV[1])
+return 1";
+
+/// Jobs in Redis Streams.
+pub struct RedisQueue {
+    client: redis::Client,
+    conn: ConnectionManager,
+    /// Connections for blocking reads (no response timeout), reused.
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+    prefix: String,
+    consumer: String,
+    visibility: Duration,
+    last_reclaim: Mutex<Instant>,
+}
+
+fn unavailable(e: redis::RedisError) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, QueueError> {
+    serde_json::to_string(v).map_err(|e| QueueError::Corrupt(e.to_string()))
+}
+
+impl RedisQueue {
+    /// Connect, create the consumer group if needed. Fails when Redis cannot
+    /// be reached, so a misconfigured REDIS_URI stops start-up.
+    pub async fn connect(uri: &str, prefix: &str, visibility: Duration) -> Result<RedisQueue, QueueError> {
+        let client = redis::Client::open(uri).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await.map_err(unavailable)?;
+        let queue = RedisQueue {
+            client,
+            conn,
+            blocking: Mutex::new(Vec::new()),
+            prefix: prefix.to_string(),
+            consumer: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
+            visibility,
+            last_reclaim: Mutex::new(Instant::now() - RECLAIM_EVERY),
+        };
+        queue.ensure_group().await?;
+        Ok(queue)
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    fn job_key(&self, id: &str) -> String {
+        format!("{}:job:{id}", self.prefix)
+    }
+
+    async fn ensure_group(&self) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let created: Result<(), redis::RedisError> = c.xgroup_create_mkstream(self.key("jobs"), GROUP, "0").await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn blocking_conn(&self) -> Result<MultiplexedConnection, QueueError> {
+        if let Some(c) = self.blocking.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(c);
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(None);
+        self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(unavailable)
+    }
+
+    /// Load the job an entry names; an entry whose job is gone (finished
+    /// elsewhere) is acknowledged and skipped.
+    async fn job_for(&self, entry_id: &str, job_id: Option<String>) -> Result<Option<Job>, QueueError> {
+        let mut c = self.conn.clone();
+        if let Some(id) = job_id {
+            let json: Option<String> = c.get(self.job_key(&id)).await.map_err(unavailable)?;
+            if let Some(json) = json {
+                let mut job: Job = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+                job.lease = Some(entry_id.to_string());
+                return Ok(Some(job));
+            }
+        }
+        let _: () = redis::pipe()
+            .xack(self.key("jobs"), GROUP, &[entry_id])
+            .xdel(self.key("jobs"), &[entry_id])
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(None)
+    }
+
+    fn entry_job_id(map: &std::collections::HashMap<String, redis::Value>) -> Option<String> {
+        map.get("id").and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+    }
+
+    async fn promote_due(&self) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let _: i64 = Script::new(PROMOTE)
+            .key(self.key("delayed"))
+            .key(self.key("jobs"))
+            .arg(now_ms())
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Take over one entry idle past the visibility timeout, if any.
+    async fn reclaim(&self) -> Result<Option<Job>, QueueError> {
+        {
+            let mut last = self.last_reclaim.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() < RECLAIM_EVERY {
+                return Ok(None);
+            }
+            *last = Instant::now();
+        }
+        let mut c = self.conn.clone();
+        let reply: StreamAutoClaimReply = c
+            .xautoclaim_options(
+                self.key("jobs"),
+                GROUP,
+                &self.consumer,
+                self.visibility.as_millis() as u64,
+                "0-0",
+                StreamAutoClaimOptions::default().count(1),
+            )
+            .await
+            .map_err(unavailable)?;
+        for entry in reply.claimed {
+            let job_id = Self::entry_job_id(&entry.map);
+            if let Some(job) = self.job_for(&entry.id, job_id).await? {
+                tracing::warn!(job_id = %job.id, "took over a job whose worker stopped answering");
+                return Ok(Some(job));
+            }
+        }
+        Ok(None)
+    }
+
+    fn lease<'a>(&self, job: &'a Job) -> Result<&'a str, QueueError> {
+        job.lease.as_deref().ok_or_else(|| QueueError::Corrupt(format!("job {} was not reserved", job.id)))
+    }
+}
+
+#[async_trait]
+impl JobQueue for RedisQueue {
+    async fn enqueue(&self, jobs: Vec<Job>) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let script = Script::new(ENQUEUE);
+        for job in jobs {
+            let _: i64 = script
+                .key(self.job_key(&job.id))
+                .key(self.key("jobs"))
+                .key(self.key("dead"))
+                .arg(to_json(&job)?)
+                .arg(&job.id)
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn reserve(&self, wait: Duration) -> Result<Option<Job>, QueueError> {
+        let give_up = Instant::now() + wait;
+        loop {
+            self.promote_due().await?;
+            if let Some(job) = self.reclaim().await? {
+                return Ok(Some(job));
+            }
+            let block = BLOCK.min(give_up.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
+            let mut conn = self.blocking_conn().await?;
+            let options = StreamReadOptions::default().group(GROUP, &self.consumer).count(1).block(block.as_millis() as usize);
+            let read: Result<StreamReadReply, redis::RedisError> =
+                conn.xread_options(&[self.key("jobs")], &[">"], &options).await;
+            let reply = match read {
+                Ok(r) => {
+                    self.blocking.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+                    r
+                }
+                Err(e) if e.code() == Some("NOGROUP") => {
+                    // Redis lost its data (restart without persistence): recreate.
+                    self.ensure_group().await?;
+                    continue;
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
+            for key in reply.keys {
+                for entry in key.ids {
+                    let job_id = Self::entry_job_id(&entry.map);
+                    if let Some(job) = self.job_for(&entry.id, job_id).await? {
+                        return Ok(Some(job));
+                    }
+                }
+            }
+            if Instant::now() >= give_up {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn ack(&self, job: &Job) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let _: i64 = Script::new(ACK)
+            .key(self.key("jobs"))
+            .key(self.job_key(&job.id))
+            .arg(GROUP)
+            .arg(self.lease(job)?)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn retry(&self, job: Job, delay: Duration) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let due = now_ms() + delay.as_millis() as u64;
+        let _: i64 = Script::new(RETRY)
+            .key(self.key("jobs"))
+            .key(self.job_key(&job.id))
+            .key(self.key("delayed"))
+            .arg(GROUP)
+            .arg(self.lease(&job)?)
+            .arg(to_json(&job)?)
+            .arg(due)
+            .arg(&job.id)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, job: Job, reason: String) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let lease = self.lease(&job)?.to_string();
+        let letter = DeadLetter { job, reason, failed_at_ms: now_ms() };
+        let _: i64 = Script::new(DEAD)
+            .key(self.key("jobs"))
+            .key(self.job_key(&letter.job.id))
+            .key(self.key("dead"))
+            .key(self.key("dead:index"))
+            .arg(GROUP)
+            .arg(lease)
+            .arg(to_json(&letter)?)
+            .arg(&letter.job.id)
+            .arg(letter.failed_at_ms)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let mut c = self.conn.clone();
+        let stop = if limit == usize::MAX { -1 } else { limit as isize - 1 };
+        let ids: Vec<String> = c.zrange(self.key("dead:index"), 0, stop).await.map_err(unavailable)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let letters: Vec<Option<String>> =
+            redis::cmd("HMGET").arg(self.key("dead")).arg(&ids).query_async(&mut c).await.map_err(unavailable)?;
+        letters
+            .into_iter()
+            .flatten()
+            .map(|json| serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    async fn replay(&self, job_id: &str) -> Result<Option<Job>, QueueError> {
+        let mut c = self.conn.clone();
+        let json: Option<String> = c.hget(self.key("dead"), job_id).await.map_err(unavailable)?;
+        let Some(json) = json else { return Ok(None) };
+        let letter: DeadLetter = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        let mut job = letter.job;
+        job.budget_start = job.attempts;
+        let moved: i64 = Script::new(REPLAY)
+            .key(self.key("dead"))
+            .key(self.key("dead:index"))
+            .key(self.job_key(job_id))
+            .key(self.key("jobs"))
+            .arg(job_id)
+            .arg(to_json(&job)?)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok((moved == 1).then_some(job))
+    }
+
+    async fn depth(&self) -> Result<QueueDepth, QueueError> {
+        let mut c = self.conn.clone();
+        let groups: redis::streams::StreamInfoGroupsReply = c.xinfo_groups(self.key("jobs")).await.map_err(unavailable)?;
+        let group = groups.groups.into_iter().find(|g| g.name == GROUP);
+        let delayed: u64 = c.zcard(self.key("delayed")).await.map_err(unavailable)?;
+        let dead: u64 = c.hlen(self.key("dead")).await.map_err(unavailable)?;
+        Ok(QueueDepth {
+            ready: group.as_ref().and_then(|g| g.lag).unwrap_or(0) as u64,
+            delayed,
+            in_flight: group.map(|g| g.pending).unwrap_or(0) as u64,
+            dead,
+        })
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(unavailable)?;
+        Ok(())
+    }
+}
