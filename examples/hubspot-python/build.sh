@@ -29,7 +29,7 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 stamp=.venv/.requirements-installed
-if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ ! -x .venv/bin/componentize-py ]; then
     echo "installing requirements.txt into .venv"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
     touch "$stamp"
