@@ -153,6 +153,8 @@ fn report_changes(metrics: &Metrics, changes: &[plugins::Change], reload: bool) 
 async fn watch(app: Arc<App>, every: std::time::Duration, mut shutdown: watch::Receiver<bool>) {
     let stat = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.len(), m.modified().ok()));
     let mut routes_seen = app.config.routes_file.as_deref().and_then(stat);
+    // Like plugin folders, a changed file is read once it is the same on two polls.
+    let mut routes_settling = routes_seen;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -165,7 +167,9 @@ async fn watch(app: Arc<App>, every: std::time::Duration, mut shutdown: watch::R
         }
         if let Some(path) = &app.config.routes_file {
             let now = stat(path);
-            if now != routes_seen {
+            let settled = now == routes_settling;
+            routes_settling = now;
+            if now != routes_seen && settled {
                 routes_seen = now;
                 match Routes::load(path) {
                     Ok(routes) => {

@@ -133,11 +133,28 @@ async fn accept(
         .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
 
-    let mut event = match source.parse(&plugin_headers, &body).await {
+    let started = std::time::Instant::now();
+    let parsed = source.parse(&plugin_headers, &body).await;
+    app.metrics
+        .plugin_duration
+        .get_or_create(&crate::telemetry::PluginLabels { plugin: source.name().to_string() })
+        .observe(started.elapsed().as_secs_f64());
+    let mut event = match parsed {
         Ok(Ok(event)) => event,
         Ok(Err(failure)) => return Err(parse_error(failure)),
         Err(e) => return Err(ApiError::unavailable("source_plugin_failed", "the source plugin failed; retry later", e)),
     };
+    // A source plugin's bug must not create receipts that cannot be deduped.
+    for (field, value) in [("reference", &event.reference), ("status", &event.status)] {
+        if value.trim().is_empty() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_field",
+                format!("the {provider} plugin found no deal {field} in the payload"),
+            )
+            .with_field(field));
+        }
+    }
     let now = now_ms();
     event.received_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
 

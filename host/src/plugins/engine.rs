@@ -34,8 +34,8 @@ const POOL_INSTANCES: u32 = 1000;
 pub enum LoadError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("{path}: cannot read component: {source}")]
-    ReadComponent { path: PathBuf, source: std::io::Error },
+    #[error("{path}: cannot read component: {error}")]
+    ReadComponent { path: PathBuf, error: std::io::Error },
     #[error("{path}: not a valid WebAssembly component: {message}")]
     Compile { path: PathBuf, message: String },
     #[error("{path}: {message}")]
@@ -208,7 +208,8 @@ impl PluginEngine {
         match component.serialize() {
             Ok(artifact) => {
                 let write = |p: &Path, data: &[u8]| -> std::io::Result<()> {
-                    let tmp = p.with_extension("tmp");
+                    // Per-process temporary name: hosts may share the folder.
+                    let tmp = p.with_extension(format!("tmp{}", std::process::id()));
                     std::fs::write(&tmp, data)?;
                     std::fs::rename(&tmp, p)
                 };
@@ -228,7 +229,7 @@ impl PluginEngine {
     pub fn load(&self, dir: &Path, env: &Environment, http: Option<HttpMode>) -> Result<LoadedPlugin, LoadError> {
         let manifest = Manifest::load(dir)?;
         let path = dir.join(&manifest.component);
-        let bytes = std::fs::read(&path).map_err(|source| LoadError::ReadComponent { path: path.clone(), source })?;
+        let bytes = std::fs::read(&path).map_err(|error| LoadError::ReadComponent { path: path.clone(), error })?;
         let digest = hex(&Sha256::digest(&bytes));
         let component = self.compile(&bytes, &digest, &path)?;
         check_contract_version(&self.engine, &component).map_err(|message| LoadError::Contract { path: path.clone(), message })?;
@@ -254,6 +255,7 @@ impl PluginEngine {
         let context = Arc::new(PluginContext {
             name: manifest.name.clone(),
             config: config.clone(),
+            declared_keys: manifest.config.keys().cloned().collect(),
             allow: allow.clone(),
             http: http.unwrap_or_else(|| HttpMode::Live(self.http.clone())),
             max_response_bytes: world::MAX_RESPONSE_BYTES,
@@ -437,14 +439,17 @@ impl LoadedPlugin {
             Err(_) => Err(self.time_limit()),
             Ok(Err(CallError::Start(e))) => Err(e),
             Ok(Err(CallError::Trap(trap))) => Err(self.classify(&store, trap)),
+            // Outcome text is stored and logged: no secret goes with it.
             Ok(Ok(outcome)) => Ok(match outcome {
-                wit::Outcome::Delivered(d) => Outcome::Delivered { status: d.status, detail: d.detail },
+                wit::Outcome::Delivered(d) => {
+                    Outcome::Delivered { status: d.status, detail: self.config.redact(&d.detail) }
+                }
                 wit::Outcome::Retryable(r) => Outcome::Retryable {
                     status: r.status,
-                    reason: r.reason,
+                    reason: self.config.redact(&r.reason),
                     retry_after: r.retry_after_ms.map(Duration::from_millis),
                 },
-                wit::Outcome::Permanent(f) => Outcome::Permanent { status: f.status, reason: f.reason },
+                wit::Outcome::Permanent(f) => Outcome::Permanent { status: f.status, reason: self.config.redact(&f.reason) },
             }),
         };
         let requests = std::mem::take(&mut store.data_mut().requests);

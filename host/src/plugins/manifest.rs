@@ -113,8 +113,8 @@ pub struct Manifest {
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {message}")]
@@ -125,7 +125,7 @@ impl Manifest {
     /// Read and validate `dir/plugin.toml`.
     pub fn load(dir: &Path) -> Result<Manifest, ManifestError> {
         let path = dir.join("plugin.toml");
-        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Read { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|error| ManifestError::Read { path: path.clone(), error })?;
         Manifest::parse(&text).map_err(|e| match e {
             ManifestError::Parse { message, .. } => ManifestError::Parse { path: path.clone(), message },
             ManifestError::Invalid { message, .. } => ManifestError::Invalid { path: path.clone(), message },

@@ -64,6 +64,8 @@ pub enum HttpMode {
 pub struct PluginContext {
     pub name: String,
     pub config: ResolvedConfig,
+    /// Keys the manifest declares (set or not).
+    pub declared_keys: Vec<String>,
     pub allow: AllowList,
     pub http: HttpMode,
     pub max_response_bytes: u64,
@@ -159,8 +161,8 @@ impl wit::Host for PluginState {}
 impl wit_config::Host for PluginState {
     async fn get(&mut self, key: String) -> Option<String> {
         let value = self.plugin.config.values.get(&key).cloned();
-        if value.is_none() {
-            tracing::debug!(plugin = %self.plugin.name, key = %key, "plugin asked for a config key that is not set or not declared");
+        if !self.plugin.declared_keys.contains(&key) {
+            tracing::warn!(plugin = %self.plugin.name, key = %key, "plugin asked for a config key its manifest does not declare");
         }
         value
     }
@@ -223,7 +225,10 @@ impl wit_http::Host for PluginState {
             }
             HttpMode::Live(client) => client,
         };
-        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        // Leave the plugin a tenth of what is left (at most 500 ms) to turn a
+        // timeout into its own outcome before the call's deadline.
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let remaining = left.saturating_sub((left / 10).min(Duration::from_millis(500)));
         if remaining.is_zero() {
             return Err(HttpError::Timeout);
         }
