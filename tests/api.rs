@@ -194,3 +194,31 @@ async fn operator_endpoints_require_the_key() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn replaying_needs_the_key_and_an_explicit_target() {
+    let app = app().await;
+    let post = |key: Option<&'static str>, body: &'static str| {
+        let router = api::router(app.app.clone());
+        async move {
+            let mut req = Request::post("/api/v1/dead-letters/replay").header("content-type", "application/json");
+            if let Some(k) = key {
+                req = req.header("x-api-key", k);
+            }
+            let r = router.oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+            let status = r.status();
+            let bytes = axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null))
+        }
+    };
+    assert_eq!(post(None, r#"{"all": true}"#).await.0, StatusCode::UNAUTHORIZED);
+    let (status, body) = post(Some(API_KEY), "{}").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "invalid_replay_request");
+    let (status, body) = post(Some(API_KEY), r#"{"all": true}"#).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["replayed"], serde_json::json!([]));
+    let (status, body) = post(Some(API_KEY), r#"{"job_id": "nope"}"#).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "dead_letter_not_found");
+}

@@ -31,22 +31,13 @@ async fn setup(name: &str) -> Setup {
     let mongo = Server::mongo(name);
     let meta = StandIn::meta().await;
     let brevo = StandIn::brevo().await;
-    let vars = vec![
-        ("API_KEY", API_KEY.to_string()),
+    let mut vars = host_vars(&dir.path().join("data"), &plugins, &meta, &brevo);
+    vars.extend([
         ("DB_URI", mongo.uri.clone()),
         ("REDIS_URI", redis.uri.clone()),
         ("REDIS_KEY_PREFIX", format!("test-{name}")),
-        ("DATA_DIR", dir.path().join("data").display().to_string()),
-        ("PLUGINS_DIR", plugins.display().to_string()),
-        ("META_ACCESS_TOKEN", "meta-token".to_string()),
-        ("META_PIXEL_ID", "1234567890".to_string()),
-        ("META_GRAPH_URL", meta.url.clone()),
-        ("BREVO_API_KEY", "xkeysib-test".to_string()),
-        ("BREVO_SENDER_EMAIL", "deals@example.com".to_string()),
-        ("BREVO_API_URL", brevo.url.clone()),
-        ("RETRY_BASE_DELAY_MS", "50".to_string()),
         ("QUEUE_VISIBILITY_TIMEOUT_MS", "2000".to_string()),
-    ];
+    ]);
     Setup { redis, mongo, meta, brevo, vars, _dir: dir }
 }
 
@@ -109,6 +100,7 @@ async fn retries_and_dead_letters_on_mongodb_and_redis() {
     let replay: Value = reqwest::Client::new()
         .post(format!("{}/api/v1/dead-letters/replay", host.url))
         .header("x-api-key", API_KEY)
+        .json(&json!({ "all": true }))
         .send()
         .await
         .unwrap()

@@ -23,18 +23,7 @@ async fn setup(extra: &[(&'static str, &str)]) -> Setup {
     let plugins = plugins_dir(dir.path(), &["crm", "meta-capi", "brevo"]);
     let meta = StandIn::meta().await;
     let brevo = StandIn::brevo().await;
-    let mut vars = vec![
-        ("API_KEY", API_KEY.to_string()),
-        ("DATA_DIR", dir.path().join("data").display().to_string()),
-        ("PLUGINS_DIR", plugins.display().to_string()),
-        ("META_ACCESS_TOKEN", "meta-token".to_string()),
-        ("META_PIXEL_ID", "1234567890".to_string()),
-        ("META_GRAPH_URL", meta.url.clone()),
-        ("BREVO_API_KEY", "xkeysib-test".to_string()),
-        ("BREVO_SENDER_EMAIL", "deals@example.com".to_string()),
-        ("BREVO_API_URL", brevo.url.clone()),
-        ("RETRY_BASE_DELAY_MS", "50".to_string()),
-    ];
+    let mut vars = host_vars(&dir.path().join("data"), &plugins, &meta, &brevo);
     for (k, v) in extra {
         vars.retain(|(name, _)| name != k);
         vars.push((k, v.to_string()));

@@ -268,3 +268,23 @@ async fn a_plugin_built_for_another_contract_version_is_refused_with_the_reason(
     assert!(matches!(err, LoadError::Contract { .. }), "{err}");
     assert!(err.to_string().contains("targets crm:plugin contract version 0.9.0; this host supports 0.1.0"), "{err}");
 }
+
+#[tokio::test]
+async fn a_second_folder_with_the_same_plugin_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &["crm"]);
+    // An operator's backup copy beside the live folder.
+    let backup = plugins.join("crm.old");
+    std::fs::create_dir_all(&backup).unwrap();
+    for file in ["plugin.toml", "crm.wasm"] {
+        std::fs::copy(plugins.join("crm").join(file), backup.join(file)).unwrap();
+    }
+    let engine = Arc::new(PluginEngine::new(None).unwrap());
+    let registry = crm_event_handler::plugins::Registry::new(engine, Environment::default());
+    registry.sync(&plugins, false);
+    assert_eq!(registry.source("crm").unwrap().dir, plugins.join("crm"));
+    let errors = registry.load_errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, backup);
+    assert!(errors[0].1.contains("a source plugin named \"crm\" is already loaded from"), "{errors:?}");
+}

@@ -36,17 +36,7 @@ async fn a_python_source_plugin_feeds_the_rust_destinations() {
     }
     let meta = StandIn::meta().await;
     let brevo = StandIn::brevo().await;
-    let vars = vec![
-        ("API_KEY", API_KEY.to_string()),
-        ("DATA_DIR", dir.path().join("data").display().to_string()),
-        ("PLUGINS_DIR", plugins.display().to_string()),
-        ("META_ACCESS_TOKEN", "meta-token".to_string()),
-        ("META_PIXEL_ID", "1".to_string()),
-        ("META_GRAPH_URL", meta.url.clone()),
-        ("BREVO_API_KEY", "xkeysib".to_string()),
-        ("BREVO_SENDER_EMAIL", "deals@example.com".to_string()),
-        ("BREVO_API_URL", brevo.url.clone()),
-    ];
+    let vars = host_vars(&dir.path().join("data"), &plugins, &meta, &brevo);
     let host = Host::start(&vars).await;
 
     let body = std::fs::read_to_string(repo().join("examples/payloads/hubspot-closedwon.json")).unwrap();

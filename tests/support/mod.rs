@@ -288,6 +288,23 @@ impl Drop for Host {
 
 pub const API_KEY: &str = "test-key-123";
 
+/// The variables of a host on `data` and `plugins`, with credentials for
+/// and URLs of the Meta and Brevo stand-ins, and fast retries.
+pub fn host_vars(data: &Path, plugins: &Path, meta: &StandIn, brevo: &StandIn) -> Vec<(&'static str, String)> {
+    vec![
+        ("API_KEY", API_KEY.to_string()),
+        ("DATA_DIR", data.display().to_string()),
+        ("PLUGINS_DIR", plugins.display().to_string()),
+        ("META_ACCESS_TOKEN", "meta-token".to_string()),
+        ("META_PIXEL_ID", "1234567890".to_string()),
+        ("META_GRAPH_URL", meta.url.clone()),
+        ("BREVO_API_KEY", "xkeysib-test".to_string()),
+        ("BREVO_SENDER_EMAIL", "deals@example.com".to_string()),
+        ("BREVO_API_URL", brevo.url.clone()),
+        ("RETRY_BASE_DELAY_MS", "50".to_string()),
+    ]
+}
+
 /// POST a webhook; returns (status, JSON body).
 pub async fn post_webhook(base: &str, path: &str, event: &str, body: &str) -> (u16, Value) {
     let r = reqwest::Client::new()

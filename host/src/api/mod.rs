@@ -25,9 +25,10 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/api/v1/webhook/{provider}", post(webhook::receive))
         .route("/v1/webhooks/{provider}", post(webhook::receive))
-        .merge(operations())
-        // The webhook handler enforces MAX_BODY_BYTES itself, with a JSON 413.
+        // The webhook handler enforces MAX_BODY_BYTES itself, with a JSON 413;
+        // the operator routes below keep axum's default limit.
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .merge(operations())
         .with_state(app)
 }
 
@@ -154,26 +155,34 @@ async fn list_dead_letters(
     Ok(Json(json!({ "dead_letters": letters })))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReplayRequest {
-    /// One job; omitted = every dead letter.
+    /// One job by id; or
     job_id: Option<String>,
+    /// every dead letter (must be said explicitly).
+    #[serde(default)]
+    all: bool,
 }
 
-/// Put dead letters back in the queue with a fresh retry budget.
+/// Put dead letters back in the queue with a fresh retry budget. The body is
+/// `{"job_id": "…"}` or `{"all": true}`; the key is checked before the body
+/// is read.
 async fn replay(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    body: Option<Json<ReplayRequest>>,
+    body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     require_key(&app, &headers)?;
-    let request = body.map(|Json(r)| r).unwrap_or_default();
+    let bad = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_replay_request", detail);
+    let request: ReplayRequest = serde_json::from_slice(&body)
+        .map_err(|e| bad(format!("expected {{\"job_id\": \"…\"}} or {{\"all\": true}}: {e}")))?;
     let unavailable = |e| ApiError::unavailable("queue_unavailable", "the job queue is unavailable", e);
     let one = request.job_id.is_some();
-    let ids = match request.job_id {
-        Some(id) => vec![id],
-        None => app.queue.dead_letters(usize::MAX).await.map_err(unavailable)?.into_iter().map(|l| l.job.id).collect(),
+    let ids = match (request.job_id, request.all) {
+        (Some(id), false) => vec![id],
+        (None, true) => app.queue.dead_letters(usize::MAX).await.map_err(unavailable)?.into_iter().map(|l| l.job.id).collect(),
+        _ => return Err(bad("give either job_id or \"all\": true".into())),
     };
     let mut replayed = Vec::new();
     for id in ids {

@@ -441,19 +441,23 @@ impl LoadedPlugin {
             Ok(Err(CallError::Trap(trap))) => Err(self.classify(&store, trap)),
             // Outcome text is stored and logged: no secret goes with it.
             Ok(Ok(outcome)) => Ok(match outcome {
-                wit::Outcome::Delivered(d) => {
-                    Outcome::Delivered { status: d.status, detail: self.config.redact(&d.detail) }
-                }
+                wit::Outcome::Delivered(d) => Outcome::Delivered { status: d.status, detail: self.outcome_text(&d.detail) },
                 wit::Outcome::Retryable(r) => Outcome::Retryable {
                     status: r.status,
-                    reason: self.config.redact(&r.reason),
+                    reason: self.outcome_text(&r.reason),
                     retry_after: r.retry_after_ms.map(Duration::from_millis),
                 },
-                wit::Outcome::Permanent(f) => Outcome::Permanent { status: f.status, reason: self.config.redact(&f.reason) },
+                wit::Outcome::Permanent(f) => Outcome::Permanent { status: f.status, reason: self.outcome_text(&f.reason) },
             }),
         };
         let requests = std::mem::take(&mut store.data_mut().requests);
         (result, requests)
+    }
+
+    /// Outcome text as stored on receipts and logged: secrets redacted,
+    /// at most 2 KiB.
+    fn outcome_text(&self, text: &str) -> String {
+        world::clip(&self.config.redact(text), 2048)
     }
 
     fn time_limit(&self) -> PluginError {

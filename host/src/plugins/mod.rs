@@ -131,7 +131,23 @@ impl Registry {
             }
             settling.remove(&folder);
             let previous = folders.get(&folder).and_then(|f| f.loaded.clone());
-            match self.engine.load(&folder, &self.env, None) {
+            let loaded = self.engine.load(&folder, &self.env, None).and_then(|plugin| {
+                // Two folders must not provide one name: a backup copy beside
+                // the live folder would silently replace it.
+                match set.map(plugin.manifest.kind).get(plugin.name()) {
+                    Some(other) if other.dir != folder => Err(LoadError::Config {
+                        path: folder.join("plugin.toml"),
+                        message: format!(
+                            "a {} plugin named {:?} is already loaded from {}",
+                            plugin.manifest.kind,
+                            plugin.name(),
+                            other.dir.display()
+                        ),
+                    }),
+                    _ => Ok(plugin),
+                }
+            });
+            match loaded {
                 Ok(plugin) => {
                     let plugin = Arc::new(plugin);
                     let key = (plugin.name().to_string(), plugin.manifest.kind);

@@ -83,19 +83,24 @@ pub struct RecordedRequest {
     pub denied: Option<String>,
 }
 
-/// Memory cap for one store; remembers whether it was hit so the host can
-/// report "memory limit" rather than a bare trap.
+/// Memory cap for one call, across all of the component's memories;
+/// remembers whether it was hit so the host can report "memory limit"
+/// rather than a bare trap.
 pub struct MemoryLimiter {
     max_bytes: usize,
+    /// Bytes of linear memory granted so far in this store.
+    used: usize,
     pub exceeded: bool,
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.used.saturating_sub(current).saturating_add(desired);
+        if total > self.max_bytes {
             self.exceeded = true;
             return Ok(false);
         }
+        self.used = total;
         Ok(true)
     }
 
@@ -113,6 +118,21 @@ pub struct PluginState {
     /// When this call's time is up (host HTTP included).
     pub deadline: Instant,
     pub requests: Vec<RecordedRequest>,
+    /// Log lines this call may still write.
+    log_budget: u32,
+}
+
+/// Log lines one call may write; a plugin logging in a loop cannot flood the
+/// host's log.
+const LOG_LINES_PER_CALL: u32 = 100;
+
+/// Shorten plugin-supplied text for logs and receipts, on a char boundary.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let cut = (0..=max).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+    format!("{}…", &text[..cut])
 }
 
 impl PluginState {
@@ -126,7 +146,8 @@ impl PluginState {
         PluginState {
             wasi,
             table: ResourceTable::new(),
-            limiter: MemoryLimiter { max_bytes: memory_bytes, exceeded: false },
+            limiter: MemoryLimiter { max_bytes: memory_bytes, used: 0, exceeded: false },
+            log_budget: LOG_LINES_PER_CALL,
             plugin,
             deadline: Instant::now() + time,
             requests: Vec::new(),
@@ -161,8 +182,10 @@ impl wit::Host for PluginState {}
 impl wit_config::Host for PluginState {
     async fn get(&mut self, key: String) -> Option<String> {
         let value = self.plugin.config.values.get(&key).cloned();
-        if !self.plugin.declared_keys.contains(&key) {
-            tracing::warn!(plugin = %self.plugin.name, key = %key, "plugin asked for a config key its manifest does not declare");
+        if !self.plugin.declared_keys.contains(&key) && self.log_budget > 0 {
+            self.log_budget -= 1;
+            let key = clip(&key, 100);
+            tracing::warn!(plugin = %self.plugin.name, %key, "plugin asked for a config key its manifest does not declare");
         }
         value
     }
@@ -170,14 +193,17 @@ impl wit_config::Host for PluginState {
 
 impl wit_log::Host for PluginState {
     async fn log(&mut self, level: wit_log::Level, message: String) {
-        const MAX: usize = 2048;
-        let mut message = self.plugin.config.redact(&message);
-        if message.len() > MAX {
-            let cut = (0..=MAX).rev().find(|i| message.is_char_boundary(*i)).unwrap_or(0);
-            message.truncate(cut);
-            message.push('…');
-        }
         let plugin = self.plugin.name.as_str();
+        match self.log_budget {
+            0 => return,
+            1 => {
+                self.log_budget = 0;
+                tracing::warn!(plugin, "plugin log limit reached: {LOG_LINES_PER_CALL} lines per call; the rest of this call's lines are dropped");
+                return;
+            }
+            _ => self.log_budget -= 1,
+        }
+        let message = clip(&self.plugin.config.redact(&message), 2048);
         match level {
             wit_log::Level::Debug => tracing::debug!(plugin, "{message}"),
             wit_log::Level::Info => tracing::info!(plugin, "{message}"),
@@ -208,7 +234,10 @@ impl wit_http::Host for PluginState {
                 url.origin().ascii_serialization(),
                 plugin.name
             );
-            tracing::warn!(plugin = %plugin.name, origin = %url.origin().ascii_serialization(), "outbound request denied");
+            if self.log_budget > 0 {
+                self.log_budget -= 1;
+                tracing::warn!(plugin = %plugin.name, origin = %url.origin().ascii_serialization(), "outbound request denied");
+            }
             record.denied = Some(why.clone());
             self.requests.push(record);
             return Err(HttpError::Denied(why));

@@ -10,7 +10,9 @@
 //! - `{p}:dead`          hash: job id → dead letter as JSON
 //! - `{p}:dead:index`    sorted set: job id → time it died (unix ms)
 //!
-//! Every multi-key change is one Lua script, so it is atomic. A reserved
+//! Every multi-key change is one Lua script, so it is atomic; settling a job
+//! (ack, retry, dead-letter) first checks that this consumer still holds
+//! its entry. A reserved
 //! entry stays pending in the group until acknowledged; an entry idle longer
 //! than the visibility timeout (its worker died) is taken over with
 //! XAUTOCLAIM. Due retries are moved from `delayed` into the stream by
@@ -49,6 +51,13 @@ for _, id in ipairs(due) do
 end
 return #due";
 
+/// Prefix of the settling scripts: act only if this consumer still holds the
+/// entry (another worker may have taken it over after the visibility
+/// timeout; then that worker settles it).
+const OWNED: &str = r"
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #held == 0 or held[1][2] ~= ARGV[3] then return 0 end";
+
 const ACK: &str = r"
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
@@ -56,15 +65,15 @@ redis.call('DEL', KEYS[2])
 return 1";
 
 const RETRY: &str = r"
-redis.call('SET', KEYS[2], ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+redis.call('SET', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return 1";
 
 const DEAD: &str = r"
-redis.call('HSET', KEYS[3], ARGV[4], ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[5], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[2])
@@ -281,11 +290,12 @@ impl JobQueue for RedisQueue {
 
     async fn ack(&self, job: &Job) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        let _: i64 = Script::new(ACK)
+        let _: i64 = Script::new(&format!("{OWNED}\n{ACK}"))
             .key(self.key("jobs"))
             .key(self.job_key(&job.id))
             .arg(GROUP)
             .arg(self.lease(job)?)
+            .arg(&self.consumer)
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
@@ -295,12 +305,13 @@ impl JobQueue for RedisQueue {
     async fn retry(&self, job: Job, delay: Duration) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
         let due = now_ms() + delay.as_millis() as u64;
-        let _: i64 = Script::new(RETRY)
+        let _: i64 = Script::new(&format!("{OWNED}\n{RETRY}"))
             .key(self.key("jobs"))
             .key(self.job_key(&job.id))
             .key(self.key("delayed"))
             .arg(GROUP)
             .arg(self.lease(&job)?)
+            .arg(&self.consumer)
             .arg(to_json(&job)?)
             .arg(due)
             .arg(&job.id)
@@ -314,13 +325,14 @@ impl JobQueue for RedisQueue {
         let mut c = self.conn.clone();
         let lease = self.lease(&job)?.to_string();
         let letter = DeadLetter { job, reason, failed_at_ms: now_ms() };
-        let _: i64 = Script::new(DEAD)
+        let _: i64 = Script::new(&format!("{OWNED}\n{DEAD}"))
             .key(self.key("jobs"))
             .key(self.job_key(&letter.job.id))
             .key(self.key("dead"))
             .key(self.key("dead:index"))
             .arg(GROUP)
             .arg(lease)
+            .arg(&self.consumer)
             .arg(to_json(&letter)?)
             .arg(&letter.job.id)
             .arg(letter.failed_at_ms)

@@ -156,7 +156,8 @@ impl ReceiptStore for MongoStore {
             let rev = match d.get("rev") {
                 Some(bson::Bson::Int64(n)) => *n,
                 Some(bson::Bson::Int32(n)) => i64::from(*n),
-                _ => 0,
+                Some(bson::Bson::Double(n)) => *n as i64,
+                _ => return Err(StoreError::Corrupt(format!("receipt {id} has no revision number"))),
             };
             d.remove("rev");
             let mut receipt = decode(d)?;

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::App;
 use crate::plugins::{DeliveryRequest, Outcome, PluginError};
 use crate::queue::{Job, idempotency_key};
-use crate::store::{AttemptRecord, DeliveryState, Receipt, now_ms};
+use crate::store::{AttemptRecord, DeliveryState, Receipt, StoreError, now_ms};
 
 /// How long a worker waits for a job before checking for shutdown.
 const POLL: Duration = Duration::from_secs(1);
@@ -32,12 +32,14 @@ enum Verdict {
     Permanent { status: Option<u16>, reason: String },
 }
 
-/// The jobs for a receipt's actions.
+/// The jobs for a receipt's actions not yet attempted (a re-enqueue after a
+/// lost `mark_enqueued` must not resend what was delivered meanwhile).
 pub fn jobs_for(receipt: &Receipt) -> Vec<Job> {
     let status_key = receipt.event.status_key();
     receipt
         .actions
         .iter()
+        .filter(|a| a.state == DeliveryState::Pending && a.attempts == 0)
         .map(|a| Job {
             id: Job::id_for(&receipt.id, &a.destination, &a.action),
             receipt_id: receipt.id.clone(),
@@ -250,19 +252,33 @@ async fn dead_letter(
     }
 }
 
-/// Record an attempt; if the store is down, put the job back (same attempt
-/// count) so the outcome is not lost, and report false.
+/// Record an attempt. If that fails the outcome must not be lost: while the
+/// store is down the job runs again later on its retry schedule (the attempt
+/// counts, so an outage is not a tight loop of repeated deliveries); if the
+/// receipt is gone or unreadable, no retry can help and the job is
+/// dead-lettered with the reason. Reports whether it was recorded.
 async fn recorded(app: &App, job: &Job, attempt: AttemptRecord) -> bool {
-    match app.store.record_attempt(&job.receipt_id, attempt).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::error!(error = %e, "could not record the delivery outcome; the job will run again");
-            let mut again = job.clone();
-            again.attempts = again.attempts.saturating_sub(1);
-            if let Err(e) = app.queue.retry(again, OUTAGE_PAUSE).await {
-                tracing::error!(error = %e, "could not put the job back either");
+    let error = match app.store.record_attempt(&job.receipt_id, attempt).await {
+        Ok(()) => return true,
+        Err(e) => e,
+    };
+    match error {
+        StoreError::NotFound(_) | StoreError::Corrupt(_) => {
+            let reason = format!("the receipt cannot record this job's outcome: {error}");
+            tracing::error!(%reason, "dead-lettering the job");
+            if let Err(e) = app.queue.dead_letter(job.clone(), reason).await {
+                tracing::error!(error = %e, "could not dead-letter the job either");
             }
-            false
+        }
+        StoreError::Unavailable(_) => {
+            let policy = app.config.retry;
+            let used = job.attempts.saturating_sub(job.budget_start);
+            let delay = policy.delay(used, None, fastrand::f64()).max(OUTAGE_PAUSE);
+            tracing::error!(error = %error, retry_in_ms = delay.as_millis() as u64, "could not record the delivery outcome; the job will run again");
+            if let Err(e) = app.queue.retry(job.clone(), delay).await {
+                tracing::error!(error = %e, "could not put the job back either; it runs again when the queue recovers");
+            }
         }
     }
+    false
 }
