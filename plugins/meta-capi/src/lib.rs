@@ -22,6 +22,13 @@ impl Guest for MetaCapi {
             Ok(s) => s,
             Err(missing) => return permanent(None, missing),
         };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if let Some(reason) = outside_window(event.received_at, now) {
+            return permanent(None, reason);
+        }
         let request = match build_request(&settings, &event, &action, &context) {
             Ok(r) => r,
             Err(reason) => return permanent(None, reason),
@@ -82,6 +89,18 @@ impl Settings {
             test_event_code: get("test_event_code"),
         })
     }
+}
+
+/// Meta refuses events whose `event_time` is more than 7 days old.
+const MAX_EVENT_AGE_SECS: u64 = 7 * 24 * 3600;
+
+/// Why an event can no longer be sent (e.g. a dead letter replayed late),
+/// said plainly instead of Meta's generic parameter error.
+pub fn outside_window(event_time: u64, now: u64) -> Option<String> {
+    let age = now.saturating_sub(event_time);
+    (age > MAX_EVENT_AGE_SECS).then(|| {
+        format!("the event is {} days old; Meta accepts events up to 7 days old", age / 86_400)
+    })
 }
 
 /// Normalize and hash an e-mail address: trimmed, lower-cased.
@@ -340,6 +359,16 @@ mod tests {
         ev.deal.value = None;
         let err = build_request(&settings(), &ev, &Action { name: "Purchase".into(), params: vec![] }, &context()).unwrap_err();
         assert!(err.contains("value and currency"));
+    }
+
+    #[test]
+    fn events_older_than_seven_days_are_refused_plainly() {
+        let day = 86_400;
+        assert_eq!(outside_window(1_000 * day, 1_000 * day + 6 * day), None);
+        assert_eq!(
+            outside_window(1_000 * day, 1_000 * day + 8 * day).as_deref(),
+            Some("the event is 8 days old; Meta accepts events up to 7 days old")
+        );
     }
 
     #[test]
