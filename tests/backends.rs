@@ -10,18 +10,25 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
+use support::flows::{self, Flow};
+
 struct Setup {
     redis: Server,
     mongo: Server,
-    meta: StandIn,
-    brevo: StandIn,
-    vars: Vec<(&'static str, String)>,
+    flow: Flow,
     _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = Flow;
+    fn deref(&self) -> &Flow {
+        &self.flow
+    }
 }
 
 async fn setup(name: &str) -> Setup {
@@ -38,95 +45,27 @@ async fn setup(name: &str) -> Setup {
         ("REDIS_KEY_PREFIX", format!("test-{name}")),
         ("QUEUE_VISIBILITY_TIMEOUT_MS", "2000".to_string()),
     ]);
-    Setup { redis, mongo, meta, brevo, vars, _dir: dir }
-}
-
-async fn action_state(host: &Host, id: &str, destination: &str) -> (String, u64) {
-    let r = get_json(&host.url, &format!("/api/v1/receipts/{id}")).await;
-    let a = r["actions"].as_array().and_then(|a| a.iter().find(|a| a["destination"] == destination)).cloned().unwrap_or(Value::Null);
-    (a["state"].as_str().unwrap_or("").to_string(), a["attempts"].as_u64().unwrap_or(0))
+    Setup { redis, mongo, flow: Flow { vars, meta, brevo }, _dir: dir }
 }
 
 #[tokio::test]
-async fn qualified_then_committed_then_duplicate_on_mongodb_and_redis() {
-    let s = setup("flow").await;
-    let host = Host::start(&s.vars).await;
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_created", &payload("M-1", "Qualified")).await;
-    assert_eq!(status, 200, "{body}");
-    eventually("the Lead", WAIT, async || (s.meta.events().len() == 1).then_some(())).await;
-    let (_, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("M-1", "Committed")).await;
-    assert_eq!(body["duplicate"], false);
-    let id = body["receipt_id"].as_str().unwrap().to_string();
-    eventually("Purchase and e-mail", WAIT, async || (s.meta.events().len() == 2 && s.brevo.sent_emails() == 1).then_some(())).await;
-    let (_, again) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("M-1", "Committed")).await;
-    assert_eq!(again["duplicate"], true);
-    assert_eq!(again["receipt_id"], id.as_str());
-    eventually("both recorded delivered", WAIT, async || {
-        (action_state(&host, &id, "meta-capi").await.0 == "delivered" && action_state(&host, &id, "brevo").await.0 == "delivered")
-            .then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(s.meta.received().len(), 2);
-    assert_eq!(s.brevo.received().len(), 1);
+async fn qualified_then_committed_for_the_same_deal_each_deliver_once() {
+    flows::qualified_then_committed_for_the_same_deal_each_deliver_once(&setup("flow").await.flow).await;
 }
 
 #[tokio::test]
-async fn retries_and_dead_letters_on_mongodb_and_redis() {
-    let s = setup("retry").await;
-    let transient = json!({ "error": { "message": "temporarily unavailable", "code": 2, "is_transient": true } });
-    let invalid = json!({ "error": { "message": "Invalid OAuth access token.", "code": 190 } });
-    s.meta.script([Scripted::new(500, transient.clone()), Scripted::new(500, transient)]);
-    let host = Host::start(&s.vars).await;
-    let (_, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("M-2", "Committed")).await;
-    let id = body["receipt_id"].as_str().unwrap().to_string();
-    eventually("Meta delivered on the third attempt", WAIT, async || {
-        (action_state(&host, &id, "meta-capi").await == ("delivered".to_string(), 3)).then_some(())
-    })
-    .await;
-    assert_eq!(s.meta.unique_events().len(), 1);
-    eventually("one e-mail", WAIT, async || (s.brevo.sent_emails() == 1).then_some(())).await;
+async fn meta_failing_twice_is_retried_and_the_email_is_sent_once() {
+    flows::meta_failing_twice_is_retried_and_the_email_is_sent_once(&setup("retry").await.flow).await;
+}
 
-    s.meta.script([Scripted::new(400, invalid)]);
-    let (_, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("M-3", "Qualified")).await;
-    let id = body["receipt_id"].as_str().unwrap().to_string();
-    let letters = eventually("a dead letter", WAIT, async || {
-        let l = get_json(&host.url, "/api/v1/dead-letters").await;
-        l["dead_letters"].as_array().is_some_and(|a| !a.is_empty()).then_some(l)
-    })
-    .await;
-    assert!(letters["dead_letters"][0]["reason"].as_str().unwrap().contains("code 190"));
-    assert_eq!(action_state(&host, &id, "meta-capi").await, ("failed".to_string(), 1));
-    let replay: Value = reqwest::Client::new()
-        .post(format!("{}/api/v1/dead-letters/replay", host.url))
-        .header("x-api-key", API_KEY)
-        .json(&json!({ "all": true }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(replay["replayed"].as_array().map(Vec::len), Some(1));
-    eventually("the replay delivered", WAIT, async || (action_state(&host, &id, "meta-capi").await.0 == "delivered").then_some(())).await;
+#[tokio::test]
+async fn a_permanent_meta_error_is_dead_lettered_with_the_reason_and_can_be_replayed() {
+    flows::a_permanent_meta_error_is_dead_lettered_with_the_reason_and_can_be_replayed(&setup("dead").await.flow).await;
 }
 
 #[tokio::test]
 async fn a_restart_between_accept_and_delivery_still_delivers_once() {
-    let s = setup("restart").await;
-    s.meta.hold(1);
-    let host = Host::start(&s.vars).await;
-    let (_, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("M-4", "Qualified")).await;
-    let id = body["receipt_id"].as_str().unwrap().to_string();
-    eventually("the delivery in flight", WAIT, async || (!s.meta.received().is_empty()).then_some(())).await;
-    host.kill();
-    s.meta.release();
-    let host = Host::start(&s.vars).await;
-    eventually("delivery after the restart", WAIT, async || {
-        (action_state(&host, &id, "meta-capi").await.0 == "delivered").then_some(())
-    })
-    .await;
-    assert_eq!(s.meta.unique_events().len(), 1);
+    flows::a_restart_between_accept_and_delivery_still_delivers_once(&setup("restart").await.flow).await;
 }
 
 #[tokio::test]

@@ -6,16 +6,23 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+use support::flows::{self, Flow, action_state, receipt};
+
 struct Setup {
     _dir: tempfile::TempDir,
-    vars: Vec<(&'static str, String)>,
-    meta: StandIn,
-    brevo: StandIn,
+    flow: Flow,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = Flow;
+    fn deref(&self) -> &Flow {
+        &self.flow
+    }
 }
 
 async fn setup(extra: &[(&'static str, &str)]) -> Setup {
@@ -28,68 +35,30 @@ async fn setup(extra: &[(&'static str, &str)]) -> Setup {
         vars.retain(|(name, _)| name != k);
         vars.push((k, v.to_string()));
     }
-    Setup { _dir: dir, vars, meta, brevo }
-}
-
-async fn receipt(host: &Host, id: &str) -> Value {
-    get_json(&host.url, &format!("/api/v1/receipts/{id}")).await
-}
-
-/// The state of one action on a receipt.
-fn action_state(receipt: &Value, destination: &str) -> (String, u64) {
-    let a = receipt["actions"]
-        .as_array()
-        .and_then(|a| a.iter().find(|a| a["destination"] == destination))
-        .unwrap_or_else(|| panic!("no {destination} action in {receipt}"));
-    (a["state"].as_str().unwrap_or("").to_string(), a["attempts"].as_u64().unwrap_or(0))
+    Setup { _dir: dir, flow: Flow { vars, meta, brevo } }
 }
 
 #[tokio::test]
 async fn qualified_then_committed_for_the_same_deal_each_deliver_once() {
-    let s = setup(&[]).await;
-    let host = Host::start(&s.vars).await;
-
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_created", &payload("D-1", "Qualified")).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["duplicate"], false);
-    eventually("the Lead event", WAIT, async || (s.meta.events().len() == 1).then_some(())).await;
-    let lead = &s.meta.events()[0];
-    assert_eq!(lead["event_name"], "Lead");
-    assert_eq!(lead["user_data"]["em"][0], "836f82db99121b3481011f16b49dfa5fbc714a0d1b1b9f784a1ebbbf5b39577f");
-    assert_eq!(s.meta.received()[0].path, "/v21.0/1234567890/events");
-    assert_eq!(s.meta.received()[0].body["access_token"], "meta-token");
-
-    // The same deal moving on to Committed is a new transition, not a duplicate.
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-1", "Committed")).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["duplicate"], false);
-    let committed_id = body["receipt_id"].as_str().unwrap().to_string();
-    eventually("the Purchase event and the e-mail", WAIT, async || {
-        (s.meta.events().len() == 2 && s.brevo.sent_emails() == 1).then_some(())
-    })
-    .await;
-    let purchase = &s.meta.events()[1];
-    assert_eq!(purchase["event_name"], "Purchase");
-    assert_eq!(purchase["custom_data"], json!({ "value": 12_500_000.0, "currency": "USD", "deal_id": "D-1" }));
-    assert_ne!(purchase["event_id"], s.meta.events()[0]["event_id"]);
-    let email = &s.brevo.received()[0];
-    assert_eq!(email.headers["api-key"], "xkeysib-test");
-    assert_eq!(email.body["to"][0]["email"], "john.doe@example.com");
-
-    // The same Committed again: acknowledged as a duplicate, nothing more sent.
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-1", "Committed")).await;
-    assert_eq!(status, 200);
-    assert_eq!(body["duplicate"], true);
-    assert_eq!(body["receipt_id"], committed_id.as_str());
-    eventually("both Committed actions recorded as delivered", WAIT, async || {
-        let r = receipt(&host, &committed_id).await;
-        (action_state(&r, "meta-capi").0 == "delivered" && action_state(&r, "brevo").0 == "delivered").then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(s.meta.received().len(), 2);
-    assert_eq!(s.brevo.received().len(), 1);
+    flows::qualified_then_committed_for_the_same_deal_each_deliver_once(&setup(&[]).await.flow).await;
 }
+
+#[tokio::test]
+async fn meta_failing_twice_is_retried_and_the_email_is_sent_once() {
+    flows::meta_failing_twice_is_retried_and_the_email_is_sent_once(&setup(&[]).await.flow).await;
+}
+
+#[tokio::test]
+async fn a_permanent_meta_error_is_dead_lettered_with_the_reason_and_can_be_replayed() {
+    flows::a_permanent_meta_error_is_dead_lettered_with_the_reason_and_can_be_replayed(&setup(&[]).await.flow).await;
+}
+
+#[tokio::test]
+async fn a_restart_between_accept_and_delivery_still_delivers_once() {
+    flows::a_restart_between_accept_and_delivery_still_delivers_once(&setup(&[]).await.flow).await;
+}
+
+
 
 #[tokio::test]
 async fn the_original_services_path_is_served_too() {
@@ -100,72 +69,7 @@ async fn the_original_services_path_is_served_too() {
     eventually("the Lead event", WAIT, async || (s.meta.events().len() == 1).then_some(())).await;
 }
 
-#[tokio::test]
-async fn meta_failing_twice_is_retried_and_the_email_is_sent_once() {
-    let s = setup(&[]).await;
-    let error = json!({ "error": { "message": "Service temporarily unavailable", "type": "OAuthException", "code": 2, "is_transient": true, "fbtrace_id": "x" } });
-    s.meta.script([Scripted::new(500, error.clone()), Scripted::new(500, error)]);
-    let host = Host::start(&s.vars).await;
 
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-2", "Committed")).await;
-    assert_eq!(status, 200);
-    let id = body["receipt_id"].as_str().unwrap().to_string();
-    let r = eventually("Meta delivered on the third attempt", WAIT, async || {
-        let r = receipt(&host, &id).await;
-        (action_state(&r, "meta-capi").0 == "delivered").then_some(r)
-    })
-    .await;
-    assert_eq!(action_state(&r, "meta-capi"), ("delivered".into(), 3));
-    assert_eq!(action_state(&r, "brevo"), ("delivered".into(), 1));
-    // Three requests, one event as Meta counts them (same event_id).
-    assert_eq!(s.meta.received().len(), 3);
-    assert_eq!(s.meta.unique_events().len(), 1);
-    assert_eq!(s.brevo.sent_emails(), 1);
-    assert_eq!(s.brevo.received().len(), 1);
-}
-
-#[tokio::test]
-async fn a_permanent_meta_error_is_dead_lettered_with_the_reason_and_can_be_replayed() {
-    let s = setup(&[]).await;
-    let invalid_token = json!({ "error": { "message": "Invalid OAuth access token.", "type": "OAuthException", "code": 190, "fbtrace_id": "y" } });
-    s.meta.script([Scripted::new(400, invalid_token)]);
-    let host = Host::start(&s.vars).await;
-
-    let (_, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-3", "Qualified")).await;
-    let id = body["receipt_id"].as_str().unwrap().to_string();
-    let letters = eventually("a dead letter", WAIT, async || {
-        let l = get_json(&host.url, "/api/v1/dead-letters").await;
-        (l["dead_letters"].as_array().is_some_and(|a| !a.is_empty())).then_some(l)
-    })
-    .await;
-    let letter = &letters["dead_letters"][0];
-    assert_eq!(letter["job"]["receipt_id"], id.as_str());
-    let reason = letter["reason"].as_str().unwrap();
-    assert!(reason.contains("code 190") && reason.contains("Invalid OAuth access token"), "{reason}");
-    // Permanent: one attempt only.
-    assert_eq!(s.meta.received().len(), 1);
-    let r = receipt(&host, &id).await;
-    assert_eq!(action_state(&r, "meta-capi"), ("failed".into(), 1));
-    assert!(r["actions"][0]["last_error"].as_str().unwrap().contains("code 190"));
-
-    // The operator fixes the token and replays: delivered, same event_id.
-    let replay: Value = reqwest::Client::new()
-        .post(format!("{}/api/v1/dead-letters/replay", host.url))
-        .header("x-api-key", API_KEY)
-        .json(&json!({ "job_id": letter["job"]["id"] }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(replay["replayed"].as_array().map(Vec::len), Some(1));
-    eventually("the replayed delivery", WAIT, async || {
-        (action_state(&receipt(&host, &id).await, "meta-capi").0 == "delivered").then_some(())
-    })
-    .await;
-    assert_eq!(s.meta.unique_events().len(), 1);
-}
 
 #[tokio::test]
 async fn exhausted_retries_are_dead_lettered_after_the_configured_attempts() {
@@ -185,29 +89,6 @@ async fn exhausted_retries_are_dead_lettered_after_the_configured_attempts() {
     assert_eq!(s.meta.received().len(), 3);
 }
 
-#[tokio::test]
-async fn a_restart_between_accept_and_delivery_still_delivers_once() {
-    let s = setup(&[]).await;
-    // Meta takes the first request and never answers: the host is killed
-    // while the delivery is in flight.
-    s.meta.hold(1);
-    let host = Host::start(&s.vars).await;
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-5", "Qualified")).await;
-    assert_eq!(status, 200);
-    let id = body["receipt_id"].as_str().unwrap().to_string();
-    eventually("the delivery to be in flight", WAIT, async || (!s.meta.received().is_empty()).then_some(())).await;
-    host.kill();
-    s.meta.release();
-
-    let host = Host::start(&s.vars).await;
-    eventually("delivery after the restart", WAIT, async || {
-        (action_state(&receipt(&host, &id).await, "meta-capi").0 == "delivered").then_some(())
-    })
-    .await;
-    // Sent twice over the wire (the first answer was lost with the process),
-    // one event as Meta counts them.
-    assert_eq!(s.meta.unique_events(), vec![("Lead".to_string(), s.meta.events()[0]["event_id"].as_str().unwrap().to_string())]);
-}
 
 #[tokio::test]
 async fn without_credentials_it_serves_and_fails_jobs_with_a_plain_reason() {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod flows;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -1,0 +1,161 @@
+//! The end-to-end scenarios every backend must pass (embedded, and MongoDB
+//! + Redis): the real binary, started with `Flow::vars`, against the Meta and
+//! Brevo stand-ins. Each suite calls them with its own setup.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// What a scenario needs: the host's variables and the two stand-ins.
+pub struct Flow {
+    pub vars: Vec<(&'static str, String)>,
+    pub meta: StandIn,
+    pub brevo: StandIn,
+}
+
+pub async fn receipt(host: &Host, id: &str) -> Value {
+    get_json(&host.url, &format!("/api/v1/receipts/{id}")).await
+}
+
+/// The state of one action on a receipt.
+pub fn action_state(receipt: &Value, destination: &str) -> (String, u64) {
+    let a = receipt["actions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["destination"] == destination))
+        .unwrap_or_else(|| panic!("no {destination} action in {receipt}"));
+    (a["state"].as_str().unwrap_or("").to_string(), a["attempts"].as_u64().unwrap_or(0))
+}
+
+pub async fn qualified_then_committed_for_the_same_deal_each_deliver_once(f: &Flow) {
+    let host = Host::start(&f.vars).await;
+
+    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_created", &payload("D-1", "Qualified")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["duplicate"], false);
+    eventually("the Lead event", WAIT, async || (f.meta.events().len() == 1).then_some(())).await;
+    let lead = &f.meta.events()[0];
+    assert_eq!(lead["event_name"], "Lead");
+    assert_eq!(lead["user_data"]["em"][0], "836f82db99121b3481011f16b49dfa5fbc714a0d1b1b9f784a1ebbbf5b39577f");
+    assert_eq!(f.meta.received()[0].path, "/v21.0/1234567890/events");
+    assert_eq!(f.meta.received()[0].body["access_token"], "meta-token");
+
+    // The same deal moving on to Committed is a new transition, not a duplicate.
+    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-1", "Committed")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["duplicate"], false);
+    let committed_id = body["receipt_id"].as_str().unwrap().to_string();
+    eventually("the Purchase event and the e-mail", WAIT, async || {
+        (f.meta.events().len() == 2 && f.brevo.sent_emails() == 1).then_some(())
+    })
+    .await;
+    let purchase = &f.meta.events()[1];
+    assert_eq!(purchase["event_name"], "Purchase");
+    assert_eq!(purchase["custom_data"], json!({ "value": 12_500_000.0, "currency": "USD", "deal_id": "D-1" }));
+    assert_ne!(purchase["event_id"], f.meta.events()[0]["event_id"]);
+    let email = &f.brevo.received()[0];
+    assert_eq!(email.headers["api-key"], "xkeysib-test");
+    assert_eq!(email.body["to"][0]["email"], "john.doe@example.com");
+
+    // The same Committed again: acknowledged as a duplicate, nothing more sent.
+    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-1", "Committed")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["duplicate"], true);
+    assert_eq!(body["receipt_id"], committed_id.as_str());
+    eventually("both Committed actions recorded as delivered", WAIT, async || {
+        let r = receipt(&host, &committed_id).await;
+        (action_state(&r, "meta-capi").0 == "delivered" && action_state(&r, "brevo").0 == "delivered").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(f.meta.received().len(), 2);
+    assert_eq!(f.brevo.received().len(), 1);
+}
+
+pub async fn meta_failing_twice_is_retried_and_the_email_is_sent_once(f: &Flow) {
+    let error = json!({ "error": { "message": "Service temporarily unavailable", "type": "OAuthException", "code": 2, "is_transient": true, "fbtrace_id": "x" } });
+    f.meta.script([Scripted::new(500, error.clone()), Scripted::new(500, error)]);
+    let host = Host::start(&f.vars).await;
+
+    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-2", "Committed")).await;
+    assert_eq!(status, 200);
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    let r = eventually("Meta delivered on the third attempt", WAIT, async || {
+        let r = receipt(&host, &id).await;
+        (action_state(&r, "meta-capi").0 == "delivered").then_some(r)
+    })
+    .await;
+    assert_eq!(action_state(&r, "meta-capi"), ("delivered".into(), 3));
+    assert_eq!(action_state(&r, "brevo"), ("delivered".into(), 1));
+    // Three requests, one event as Meta counts them (same event_id).
+    assert_eq!(f.meta.received().len(), 3);
+    assert_eq!(f.meta.unique_events().len(), 1);
+    assert_eq!(f.brevo.sent_emails(), 1);
+    assert_eq!(f.brevo.received().len(), 1);
+}
+
+pub async fn a_permanent_meta_error_is_dead_lettered_with_the_reason_and_can_be_replayed(f: &Flow) {
+    let invalid_token = json!({ "error": { "message": "Invalid OAuth access token.", "type": "OAuthException", "code": 190, "fbtrace_id": "y" } });
+    f.meta.script([Scripted::new(400, invalid_token)]);
+    let host = Host::start(&f.vars).await;
+
+    let (_, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-3", "Qualified")).await;
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    let letters = eventually("a dead letter", WAIT, async || {
+        let l = get_json(&host.url, "/api/v1/dead-letters").await;
+        (l["dead_letters"].as_array().is_some_and(|a| !a.is_empty())).then_some(l)
+    })
+    .await;
+    let letter = &letters["dead_letters"][0];
+    assert_eq!(letter["job"]["receipt_id"], id.as_str());
+    let reason = letter["reason"].as_str().unwrap();
+    assert!(reason.contains("code 190") && reason.contains("Invalid OAuth access token"), "{reason}");
+    // Permanent: one attempt only.
+    assert_eq!(f.meta.received().len(), 1);
+    let r = receipt(&host, &id).await;
+    assert_eq!(action_state(&r, "meta-capi"), ("failed".into(), 1));
+    assert!(r["actions"][0]["last_error"].as_str().unwrap().contains("code 190"));
+
+    // The operator fixes the token and replays: delivered, same event_id.
+    let replay: Value = reqwest::Client::new()
+        .post(format!("{}/api/v1/dead-letters/replay", host.url))
+        .header("x-api-key", API_KEY)
+        .json(&json!({ "job_id": letter["job"]["id"] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replay["replayed"].as_array().map(Vec::len), Some(1));
+    eventually("the replayed delivery", WAIT, async || {
+        (action_state(&receipt(&host, &id).await, "meta-capi").0 == "delivered").then_some(())
+    })
+    .await;
+    assert_eq!(f.meta.unique_events().len(), 1);
+}
+
+pub async fn a_restart_between_accept_and_delivery_still_delivers_once(f: &Flow) {
+    // Meta takes the first request and never answers: the host is killed
+    // while the delivery is in flight.
+    f.meta.hold(1);
+    let host = Host::start(&f.vars).await;
+    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-5", "Qualified")).await;
+    assert_eq!(status, 200);
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    eventually("the delivery to be in flight", WAIT, async || (!f.meta.received().is_empty()).then_some(())).await;
+    host.kill();
+    f.meta.release();
+
+    let host = Host::start(&f.vars).await;
+    eventually("delivery after the restart", WAIT, async || {
+        (action_state(&receipt(&host, &id).await, "meta-capi").0 == "delivered").then_some(())
+    })
+    .await;
+    // Sent twice over the wire (the first answer was lost with the process),
+    // one event as Meta counts them.
+    assert_eq!(f.meta.unique_events(), vec![("Lead".to_string(), f.meta.events()[0]["event_id"].as_str().unwrap().to_string())]);
+}
