@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 
@@ -19,7 +18,7 @@ use crate::config::Environment;
 use crate::event::Event;
 use crate::plugins::manifest::Manifest;
 use crate::plugins::world::{HttpMode, RecordedRequest};
-use crate::plugins::{DeliveryRequest, Kind, LoadedPlugin, Outcome, ParseFailure, PluginEngine, plugin_folders};
+use crate::plugins::{DeliveryRequest, Kind, LoadedPlugin, Outcome, PluginEngine, plugin_folders};
 use crate::queue::idempotency_key;
 use crate::routing::Routes;
 
@@ -92,16 +91,16 @@ pub async fn run(opts: &DryRun, env: &Environment) -> anyhow::Result<String> {
     let mut event = match source.parse(&opts.headers, &opts.payload).await? {
         Ok(event) => event,
         Err(failure) => {
-            let why = match failure {
-                ParseFailure::Malformed(m) => format!("malformed_body: {m}"),
-                ParseFailure::MissingField(f) => format!("missing_field: required field {f} is missing"),
-                ParseFailure::InvalidField { field, expected } => format!("invalid_field: field {field} must be {expected}"),
-            };
-            writeln!(out, "{} rejected the payload (the API would answer 400): {why}", source.name())?;
+            writeln!(
+                out,
+                "{} rejected the payload (the API would answer 400): {}: {failure}",
+                source.name(),
+                failure.code()
+            )?;
             return Ok(out);
         }
     };
-    event.received_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    event.received_at = crate::store::now_ms() / 1000;
 
     if plugin.manifest.kind == Kind::Source {
         writeln!(out, "{} parsed the payload into this event:", plugin.name())?;

@@ -147,6 +147,11 @@ impl Metrics {
         self.deliveries.get_or_create(&DeliveryLabels { destination: destination.to_string(), outcome }).inc();
     }
 
+    /// Time one plugin call took.
+    pub fn plugin_call(&self, plugin: &str, took: std::time::Duration) {
+        self.plugin_duration.get_or_create(&PluginLabels { plugin: plugin.to_string() }).observe(took.as_secs_f64());
+    }
+
     pub fn set_queue_depth(&self, depth: QueueDepth) {
         for (state, n) in [("ready", depth.ready), ("delayed", depth.delayed), ("in_flight", depth.in_flight), ("dead", depth.dead)] {
             self.queue_depth.get_or_create(&QueueLabels { queue: "jobs", state }).set(n as i64);

@@ -3,7 +3,6 @@
 //! 200 only once the receipt and its jobs are durable.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Body;
@@ -135,10 +134,7 @@ async fn accept(
 
     let started = std::time::Instant::now();
     let parsed = source.parse(&plugin_headers, &body).await;
-    app.metrics
-        .plugin_duration
-        .get_or_create(&crate::telemetry::PluginLabels { plugin: source.name().to_string() })
-        .observe(started.elapsed().as_secs_f64());
+    app.metrics.plugin_call(source.name(), started.elapsed());
     let mut event = match parsed {
         Ok(Ok(event)) => event,
         Ok(Err(failure)) => return Err(parse_error(failure)),
@@ -156,7 +152,7 @@ async fn accept(
         }
     }
     let now = now_ms();
-    event.received_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    event.received_at = now / 1000;
 
     let actions = app.routes().actions_for(provider, &event.status);
     let receipt = Receipt {
@@ -233,14 +229,9 @@ fn pending(a: &ActionSpec, now: u64) -> ActionRecord {
 }
 
 fn parse_error(failure: ParseFailure) -> ApiError {
-    let bad = StatusCode::BAD_REQUEST;
-    match failure {
-        ParseFailure::Malformed(detail) => ApiError::new(bad, "malformed_body", detail),
-        ParseFailure::MissingField(field) => {
-            ApiError::new(bad, "missing_field", format!("required field {field} is missing")).with_field(field)
-        }
-        ParseFailure::InvalidField { field, expected } => {
-            ApiError::new(bad, "invalid_field", format!("field {field} must be {expected}")).with_field(field)
-        }
+    let error = ApiError::new(StatusCode::BAD_REQUEST, failure.code(), failure.to_string());
+    match failure.field() {
+        Some(field) => error.with_field(field),
+        None => error,
     }
 }

@@ -68,6 +68,35 @@ pub enum ParseFailure {
     InvalidField { field: String, expected: String },
 }
 
+impl ParseFailure {
+    /// The stable error code the API answers with.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ParseFailure::Malformed(_) => "malformed_body",
+            ParseFailure::MissingField(_) => "missing_field",
+            ParseFailure::InvalidField { .. } => "invalid_field",
+        }
+    }
+
+    /// The field at fault, if the failure names one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ParseFailure::Malformed(_) => None,
+            ParseFailure::MissingField(f) | ParseFailure::InvalidField { field: f, .. } => Some(f),
+        }
+    }
+}
+
+impl std::fmt::Display for ParseFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParseFailure::Malformed(detail) => f.write_str(detail),
+            ParseFailure::MissingField(field) => write!(f, "required field {field} is missing"),
+            ParseFailure::InvalidField { field, expected } => write!(f, "field {field} must be {expected}"),
+        }
+    }
+}
+
 /// A destination plugin's report on one attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {

@@ -97,6 +97,31 @@ pub struct RedisQueue {
     consumer: String,
     visibility: Duration,
     last_reclaim: Mutex<Instant>,
+    scripts: Scripts,
+}
+
+/// The Lua scripts, hashed once (EVALSHA, falling back to EVAL).
+struct Scripts {
+    enqueue: Script,
+    promote: Script,
+    ack: Script,
+    retry: Script,
+    dead: Script,
+    replay: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let owned = |body: &str| Script::new(&format!("{OWNED}\n{body}"));
+        Scripts {
+            enqueue: Script::new(ENQUEUE),
+            promote: Script::new(PROMOTE),
+            ack: owned(ACK),
+            retry: owned(RETRY),
+            dead: owned(DEAD),
+            replay: Script::new(REPLAY),
+        }
+    }
 }
 
 fn unavailable(e: redis::RedisError) -> QueueError {
@@ -125,6 +150,7 @@ impl RedisQueue {
             consumer: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
             visibility,
             last_reclaim: Mutex::new(Instant::now() - RECLAIM_EVERY),
+            scripts: Scripts::new(),
         };
         queue.ensure_group().await?;
         Ok(queue)
@@ -185,7 +211,7 @@ impl RedisQueue {
 
     async fn promote_due(&self) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        let _: i64 = Script::new(PROMOTE)
+        let _: i64 = self.scripts.promote
             .key(self.key("delayed"))
             .key(self.key("jobs"))
             .arg(now_ms())
@@ -235,9 +261,8 @@ impl RedisQueue {
 impl JobQueue for RedisQueue {
     async fn enqueue(&self, jobs: Vec<Job>) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        let script = Script::new(ENQUEUE);
         for job in jobs {
-            let _: i64 = script
+            let _: i64 = self.scripts.enqueue
                 .key(self.job_key(&job.id))
                 .key(self.key("jobs"))
                 .key(self.key("dead"))
@@ -290,7 +315,7 @@ impl JobQueue for RedisQueue {
 
     async fn ack(&self, job: &Job) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        let _: i64 = Script::new(&format!("{OWNED}\n{ACK}"))
+        let _: i64 = self.scripts.ack
             .key(self.key("jobs"))
             .key(self.job_key(&job.id))
             .arg(GROUP)
@@ -305,7 +330,7 @@ impl JobQueue for RedisQueue {
     async fn retry(&self, job: Job, delay: Duration) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
         let due = now_ms() + delay.as_millis() as u64;
-        let _: i64 = Script::new(&format!("{OWNED}\n{RETRY}"))
+        let _: i64 = self.scripts.retry
             .key(self.key("jobs"))
             .key(self.job_key(&job.id))
             .key(self.key("delayed"))
@@ -325,7 +350,7 @@ impl JobQueue for RedisQueue {
         let mut c = self.conn.clone();
         let lease = self.lease(&job)?.to_string();
         let letter = DeadLetter { job, reason, failed_at_ms: now_ms() };
-        let _: i64 = Script::new(&format!("{OWNED}\n{DEAD}"))
+        let _: i64 = self.scripts.dead
             .key(self.key("jobs"))
             .key(self.job_key(&letter.job.id))
             .key(self.key("dead"))
@@ -365,7 +390,7 @@ impl JobQueue for RedisQueue {
         let letter: DeadLetter = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let mut job = letter.job;
         job.budget_start = job.attempts;
-        let moved: i64 = Script::new(REPLAY)
+        let moved: i64 = self.scripts.replay
             .key(self.key("dead"))
             .key(self.key("dead:index"))
             .key(self.job_key(job_id))

@@ -152,10 +152,7 @@ async fn attempt_delivery(app: &App, job: &Job, attempt: u32) -> Verdict {
             idempotency_key: &job.idempotency_key,
         })
         .await;
-    app.metrics
-        .plugin_duration
-        .get_or_create(&crate::telemetry::PluginLabels { plugin: plugin.name().to_string() })
-        .observe(started.elapsed().as_secs_f64());
+    app.metrics.plugin_call(plugin.name(), started.elapsed());
     match result {
         Ok(Outcome::Delivered { status, detail }) => Verdict::Delivered { status, detail },
         Ok(Outcome::Retryable { status, reason, retry_after }) => Verdict::Retry { status, reason, retry_after },
