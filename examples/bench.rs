@@ -66,7 +66,8 @@ async fn plugin_call_cost() {
     }
     let fresh = start.elapsed();
     let warm = plugin.time_warm_parse(&headers, &body, CALLS).await.unwrap();
-    let wit_headers = vec![crm_plugin::crm::plugin::types::Header { name: "x-event".into(), value: "deal_updated".into() }];
+    let wit_headers =
+        vec![crm_plugin::crm::plugin::types::Header { name: "x-event".into(), value: "deal_updated".into() }];
     let start = Instant::now();
     for _ in 0..CALLS {
         std::hint::black_box(crm_plugin::parse_webhook(&wit_headers, std::hint::black_box(&body)).unwrap());
@@ -163,7 +164,10 @@ async fn pipeline(label: &str, backend: &[(&str, String)]) {
     }
     let trips = store.round_trips();
     if trips > 0 {
-        println!("  MongoDB round trips      {:>8.2} per webhook (accept + delivery record)", trips as f64 / WEBHOOKS as f64);
+        println!(
+            "  MongoDB round trips      {:>8.2} per webhook (accept + delivery record)",
+            trips as f64 / WEBHOOKS as f64
+        );
     }
 
     // Paced: one webhook every 20 ms, so the figure is the pipeline's own
@@ -189,9 +193,11 @@ async fn pipeline(label: &str, backend: &[(&str, String)]) {
         paced.iter().filter_map(|(d, at)| arrived.get(d).map(|got| got.saturating_duration_since(*at))).collect();
     latencies.sort();
     if !latencies.is_empty() {
-        println!("  paced, 50 webhooks/s:    median {:.1} ms, p99 {:.1} ms from sending to Meta",
+        println!(
+            "  paced, 50 webhooks/s:    median {:.1} ms, p99 {:.1} ms from sending to Meta",
             percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-            percentile(&latencies, 0.99).as_secs_f64() * 1e3);
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3
+        );
     }
 }
 

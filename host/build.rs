@@ -43,12 +43,16 @@ fn main() {
     for (_, package, _) in GUESTS {
         cmd.args(["-p", package]);
     }
-    for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WORKSPACE_WRAPPER"] {
+    for var in
+        ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WORKSPACE_WRAPPER"]
+    {
         cmd.env_remove(var);
     }
     let status = cmd.status().expect("could not run cargo to build the plugins");
     if !status.success() {
-        panic!("building the plugins for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`)");
+        panic!(
+            "building the plugins for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`)"
+        );
     }
     for (dir, package, file) in GUESTS {
         let built = target_dir.join("wasm32-wasip2/plugin").join(format!("{}.wasm", package.replace('-', "_")));

@@ -117,12 +117,15 @@ async fn malformed_json_and_missing_fields_answer_400_naming_the_field() {
     assert_eq!(body["code"], "malformed_body");
 
     let (status, body) =
-        send(&app, "/api/v1/webhook/crm", Some(API_KEY), payload("D-1", "Qualified").replace("\"dealId\"", "\"id\"")).await;
+        send(&app, "/api/v1/webhook/crm", Some(API_KEY), payload("D-1", "Qualified").replace("\"dealId\"", "\"id\""))
+            .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["code"], "missing_field");
     assert_eq!(body["field"], "data.dealId");
 
-    let (status, body) = send(&app, "/api/v1/webhook/crm", Some(API_KEY), payload("D-1", "Qualified").replace("12500000.00", "true")).await;
+    let (status, body) =
+        send(&app, "/api/v1/webhook/crm", Some(API_KEY), payload("D-1", "Qualified").replace("12500000.00", "true"))
+            .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["code"], "invalid_field");
     assert_eq!(body["field"], "data.dealDetails.dealValue");
@@ -170,7 +173,8 @@ async fn health_ready_and_metrics() {
         async move {
             let r = router.oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
             let status = r.status();
-            let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+            let text =
+                String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
             (status, text)
         }
     };

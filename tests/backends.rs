@@ -90,7 +90,8 @@ async fn two_hundred_concurrent_copies_make_one_receipt_and_one_set_of_jobs() {
     }
     assert_eq!(ids.len(), 1, "one receipt");
     assert_eq!(new, 1, "exactly one answer says new");
-    eventually("the actions", WAIT, async || (s.meta.events().len() == 1 && s.brevo.sent_emails() == 1).then_some(())).await;
+    eventually("the actions", WAIT, async || (s.meta.events().len() == 1 && s.brevo.sent_emails() == 1).then_some(()))
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(s.meta.received().len(), 1);
     assert_eq!(s.brevo.received().len(), 1);
@@ -149,7 +150,8 @@ async fn redis_down_answers_503_and_recovers_without_restart() {
     let mut s = setup("redis-outage").await;
     let host = Host::start(&s.vars).await;
     s.redis.stop();
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("O-1", "Qualified")).await;
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("O-1", "Qualified")).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "queue_unavailable");
     let ready = reqwest::get(format!("{}/ready", host.url)).await.unwrap();
@@ -175,7 +177,8 @@ async fn mongodb_down_answers_503_and_recovers_without_restart() {
     let mut s = setup("mongo-outage").await;
     let host = Host::start(&s.vars).await;
     s.mongo.stop();
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("O-2", "Qualified")).await;
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("O-2", "Qualified")).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "store_unavailable");
     let ready: Value = reqwest::get(format!("{}/ready", host.url)).await.unwrap().json().await.unwrap();

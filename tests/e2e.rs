@@ -58,18 +58,15 @@ async fn a_restart_between_accept_and_delivery_still_delivers_once() {
     flows::a_restart_between_accept_and_delivery_still_delivers_once(&setup(&[]).await.flow).await;
 }
 
-
-
 #[tokio::test]
 async fn the_original_services_path_is_served_too() {
     let s = setup(&[]).await;
     let host = Host::start(&s.vars).await;
-    let (status, body) = post_webhook(&host.url, "/v1/webhooks/crm", "deal_created", &payload("D-old", "Qualified")).await;
+    let (status, body) =
+        post_webhook(&host.url, "/v1/webhooks/crm", "deal_created", &payload("D-old", "Qualified")).await;
     assert_eq!(status, 200, "{body}");
     eventually("the Lead event", WAIT, async || (s.meta.events().len() == 1).then_some(())).await;
 }
-
-
 
 #[tokio::test]
 async fn exhausted_retries_are_dead_lettered_after_the_configured_attempts() {
@@ -89,14 +86,17 @@ async fn exhausted_retries_are_dead_lettered_after_the_configured_attempts() {
     assert_eq!(s.meta.received().len(), 3);
 }
 
-
 #[tokio::test]
 async fn without_credentials_it_serves_and_fails_jobs_with_a_plain_reason() {
     let s = setup(&[]).await;
-    let vars: Vec<_> = s.vars.iter().filter(|(k, _)| !k.starts_with("META_") && !k.starts_with("BREVO_")).cloned().collect();
+    let vars: Vec<_> =
+        s.vars.iter().filter(|(k, _)| !k.starts_with("META_") && !k.starts_with("BREVO_")).cloned().collect();
     let host = Host::start(&vars).await;
-    assert!(host.log_text().contains("destination meta-capi is not configured: set META_ACCESS_TOKEN and META_PIXEL_ID"));
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-6", "Committed")).await;
+    assert!(
+        host.log_text().contains("destination meta-capi is not configured: set META_ACCESS_TOKEN and META_PIXEL_ID")
+    );
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-6", "Committed")).await;
     assert_eq!(status, 200);
     let id = body["receipt_id"].as_str().unwrap().to_string();
     let r = eventually("both actions to fail", WAIT, async || {
@@ -104,7 +104,8 @@ async fn without_credentials_it_serves_and_fails_jobs_with_a_plain_reason() {
         (action_state(&r, "meta-capi").0 == "failed" && action_state(&r, "brevo").0 == "failed").then_some(r)
     })
     .await;
-    let errors: Vec<&str> = r["actions"].as_array().unwrap().iter().map(|a| a["last_error"].as_str().unwrap()).collect();
+    let errors: Vec<&str> =
+        r["actions"].as_array().unwrap().iter().map(|a| a["last_error"].as_str().unwrap()).collect();
     assert!(errors.contains(&"Meta is not configured: set META_ACCESS_TOKEN and META_PIXEL_ID"), "{errors:?}");
     assert!(errors.contains(&"Brevo is not configured: set BREVO_API_KEY and BREVO_SENDER_EMAIL"), "{errors:?}");
 }
@@ -113,7 +114,8 @@ async fn without_credentials_it_serves_and_fails_jobs_with_a_plain_reason() {
 async fn customer_text_reaches_the_email_escaped() {
     let s = setup(&[]).await;
     let host = Host::start(&s.vars).await;
-    let body = payload("D-7", "Committed").replace("4509 Ocean View Dr, Suite 200", "<img src=x onerror=alert(1)> & Co");
+    let body =
+        payload("D-7", "Committed").replace("4509 Ocean View Dr, Suite 200", "<img src=x onerror=alert(1)> & Co");
     let (status, _) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &body).await;
     assert_eq!(status, 200);
     eventually("the e-mail", WAIT, async || (s.brevo.sent_emails() == 1).then_some(())).await;
@@ -149,12 +151,32 @@ async fn plugin_run_prints_the_exact_requests_and_sends_nothing() {
     assert!(out.contains(&format!("POST {}/v3/smtp/email", s.brevo.url)), "{out}");
     assert!(out.contains("api-key: «redacted»"), "{out}");
     assert!(out.contains("\"idempotencyKey\""), "{out}");
-    let out = run(vec!["plugin".into(), "run".into(), "meta-capi".into(), "--payload".into(), committed, "--show-secrets".into()]).await;
+    let out = run(vec![
+        "plugin".into(),
+        "run".into(),
+        "meta-capi".into(),
+        "--payload".into(),
+        committed,
+        "--show-secrets".into(),
+    ])
+    .await;
     assert!(out.contains("\"access_token\": \"meta-token\""), "{out}");
     assert!(out.contains("\"event_name\": \"Purchase\""), "{out}");
     let qualified = repo().join("examples/payloads/qualified.json").display().to_string();
-    let out = run(vec!["plugin".into(), "run".into(), "crm".into(), "--payload".into(), qualified, "-H".into(), "x-event: deal_created".into()]).await;
-    assert!(out.contains("\"event_type\": \"deal_created\"") && out.contains("\"reference\": \"D-927483-XYZ\""), "{out}");
+    let out = run(vec![
+        "plugin".into(),
+        "run".into(),
+        "crm".into(),
+        "--payload".into(),
+        qualified,
+        "-H".into(),
+        "x-event: deal_created".into(),
+    ])
+    .await;
+    assert!(
+        out.contains("\"event_type\": \"deal_created\"") && out.contains("\"reference\": \"D-927483-XYZ\""),
+        "{out}"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(s.meta.received().is_empty() && s.brevo.received().is_empty(), "the dry run sent something");
 }

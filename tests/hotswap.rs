@@ -85,7 +85,8 @@ async fn a_new_plugin_version_takes_over_under_load_without_failing_or_repeating
             let deal = format!("HS-{i}");
             // When it was sent: its job cannot start before this.
             let sent = Instant::now();
-            let (status, body) = post_webhook(&base, "/api/v1/webhook/crm", "deal_updated", &payload(&deal, "Qualified")).await;
+            let (status, body) =
+                post_webhook(&base, "/api/v1/webhook/crm", "deal_updated", &payload(&deal, "Qualified")).await;
             assert_eq!(status, 200, "{body}");
             accepted.push((deal, sent));
             i += 1;
@@ -107,7 +108,10 @@ async fn a_new_plugin_version_takes_over_under_load_without_failing_or_repeating
     assert_eq!(events.len(), accepted.len(), "each webhook delivered exactly once");
     assert_eq!(r.meta.unique_events().len(), accepted.len());
     let source_of = |deal: &str| -> String {
-        let e = events.iter().find(|e| e["custom_data"]["deal_id"] == deal).unwrap_or_else(|| panic!("no event for {deal}"));
+        let e = events
+            .iter()
+            .find(|e| e["custom_data"]["deal_id"] == deal)
+            .unwrap_or_else(|| panic!("no event for {deal}"));
         e["action_source"].as_str().unwrap().to_string()
     };
     let (mut old, mut new) = (0, 0);
@@ -150,14 +154,22 @@ async fn a_broken_replacement_is_refused_and_the_running_version_keeps_working()
     // A real component, but of the wrong world (a source, not a destination).
     replace(&component, &std::fs::read(r.plugins.join("crm/crm.wasm")).unwrap());
     eventually("the world mismatch to be reported", WAIT, async || {
-        r.app.plugins.load_errors().iter().any(|(_, e)| e.contains("does not match the destination world")).then_some(())
+        r.app
+            .plugins
+            .load_errors()
+            .iter()
+            .any(|(_, e)| e.contains("does not match the destination world"))
+            .then_some(())
     })
     .await;
     assert_eq!(r.app.plugins.destination("meta-capi").unwrap().digest, digest);
 
     // Removing the folder unloads it: jobs fail with a clear reason.
     std::fs::remove_dir_all(r.plugins.join("meta-capi")).unwrap();
-    eventually("the plugin to be unloaded", WAIT, async || r.app.plugins.destination("meta-capi").is_none().then_some(())).await;
+    eventually("the plugin to be unloaded", WAIT, async || {
+        r.app.plugins.destination("meta-capi").is_none().then_some(())
+    })
+    .await;
     let (_, body) = post_webhook(&r.base, "/api/v1/webhook/crm", "deal_updated", &payload("B-2", "Qualified")).await;
     let id = body["receipt_id"].as_str().unwrap().to_string();
     let receipt = eventually("the job to fail", WAIT, async || {
@@ -184,13 +196,23 @@ async fn a_broken_replacement_is_refused_and_the_running_version_keeps_working()
 async fn routing_changes_apply_without_restart_and_bad_ones_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes.toml");
-    std::fs::write(&routes, "[[route]]\nstatus = \"Won\"\nactions = [{ destination = \"meta-capi\", action = \"Purchase\" }]\n").unwrap();
+    std::fs::write(
+        &routes,
+        "[[route]]\nstatus = \"Won\"\nactions = [{ destination = \"meta-capi\", action = \"Purchase\" }]\n",
+    )
+    .unwrap();
     let r = start(&[("ROUTES_FILE", routes.display().to_string())]).await;
     let (_, body) = post_webhook(&r.base, "/api/v1/webhook/crm", "deal_updated", &payload("R-1", "Qualified")).await;
     assert_eq!(body["actions"], Value::Array(vec![]), "Qualified routes nowhere yet");
 
-    replace(&routes, b"[[route]]\nstatus = \"Qualified\"\nactions = [{ destination = \"meta-capi\", action = \"Lead\" }]\n");
-    eventually("the new table", WAIT, async || (!r.app.routes().actions_for("crm", "Qualified").is_empty()).then_some(())).await;
+    replace(
+        &routes,
+        b"[[route]]\nstatus = \"Qualified\"\nactions = [{ destination = \"meta-capi\", action = \"Lead\" }]\n",
+    );
+    eventually("the new table", WAIT, async || {
+        (!r.app.routes().actions_for("crm", "Qualified").is_empty()).then_some(())
+    })
+    .await;
     let (_, body) = post_webhook(&r.base, "/api/v1/webhook/crm", "deal_updated", &payload("R-2", "Qualified")).await;
     assert_eq!(body["actions"][0]["action"], "Lead");
     eventually("the Lead", WAIT, async || (r.meta.events().len() == 1).then_some(())).await;
@@ -226,7 +248,11 @@ async fn compiled_components_are_cached_and_a_corrupt_entry_is_rebuilt() {
     // A second engine (a restart) uses the entry as it is.
     tokio::time::sleep(Duration::from_millis(20)).await;
     let p = PluginEngine::new(Some(cache.clone())).unwrap().load(&plugins.join("crm"), &env, None).unwrap();
-    assert_eq!(std::fs::metadata(&artifact).unwrap().modified().unwrap(), written, "read from the cache, not rewritten");
+    assert_eq!(
+        std::fs::metadata(&artifact).unwrap().modified().unwrap(),
+        written,
+        "read from the cache, not rewritten"
+    );
     assert!(p.parse(&[], payload("C-1", "Qualified").as_bytes()).await.unwrap().is_ok());
 
     // Corrupt it: the checksum no longer matches, so it is rebuilt, not run.
@@ -266,7 +292,8 @@ async fn a_plugin_built_for_another_contract_version_is_refused_with_the_reason(
     }
     assert!(patched > 0, "the contract's import names are in the binary");
     std::fs::write(&wasm, bytes).unwrap();
-    let err = PluginEngine::new(None).unwrap().load(&plugins.join("meta-capi"), &Environment::default(), None).err().unwrap();
+    let err =
+        PluginEngine::new(None).unwrap().load(&plugins.join("meta-capi"), &Environment::default(), None).err().unwrap();
     assert!(matches!(err, LoadError::Contract { .. }), "{err}");
     assert!(err.to_string().contains("targets crm:plugin contract version 0.9.0; this host supports 0.1.0"), "{err}");
 }

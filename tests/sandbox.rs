@@ -137,7 +137,9 @@ async fn odd_server() -> String {
         .route("/big/{n}", get(|axum::extract::Path(n): axum::extract::Path<usize>| async move { vec![b'x'; n] }))
         .route(
             "/redirect",
-            get(|| async { (axum::http::StatusCode::FOUND, [("location", "http://169.254.169.254/latest/meta-data/")]) }),
+            get(|| async {
+                (axum::http::StatusCode::FOUND, [("location", "http://169.254.169.254/latest/meta-data/")])
+            }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -194,8 +196,11 @@ async fn a_looping_destination_is_retried_then_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = plugins_dir(dir.path(), &["crm", "misbehave"]);
     let routes = dir.path().join("routes.toml");
-    std::fs::write(&routes, "[[route]]\nstatus = \"Qualified\"\nactions = [{ destination = \"misbehave\", action = \"loop\" }]\n")
-        .unwrap();
+    std::fs::write(
+        &routes,
+        "[[route]]\nstatus = \"Qualified\"\nactions = [{ destination = \"misbehave\", action = \"loop\" }]\n",
+    )
+    .unwrap();
     let vars: HashMap<String, String> = [
         ("API_KEY", API_KEY.to_string()),
         ("DATA_DIR", dir.path().join("data").display().to_string()),
@@ -223,7 +228,10 @@ async fn a_looping_destination_is_retried_then_dead_lettered() {
     .await;
     assert_eq!(receipt["actions"][0]["attempts"], 2);
     let error = receipt["actions"][0]["last_error"].as_str().unwrap();
-    assert_eq!(error, "gave up after 2 attempts: plugin misbehave exceeded its time limit of 500 ms and was interrupted");
+    assert_eq!(
+        error,
+        "gave up after 2 attempts: plugin misbehave exceeded its time limit of 500 ms and was interrupted"
+    );
     let health = reqwest::get(format!("{base}/health")).await.unwrap();
     assert_eq!(health.status(), 200);
     let _ = stop.send(true);

@@ -168,7 +168,9 @@ impl Config {
 
         let store = match get("DB_URI") {
             None => StoreBackend::Embedded,
-            Some(uri) if uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://") => StoreBackend::MongoDb(uri),
+            Some(uri) if uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://") => {
+                StoreBackend::MongoDb(uri)
+            }
             Some(_) => bail!("DB_URI must start with mongodb:// or mongodb+srv:// (unset it for the embedded store)"),
         };
         let queue = match get("REDIS_URI") {
@@ -189,7 +191,8 @@ impl Config {
 
         if let Some(v) = get("META_API_VERSION") {
             let ok = v.strip_prefix('v').is_some_and(|rest| {
-                rest.split('.').count() == 2 && rest.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                rest.split('.').count() == 2
+                    && rest.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
             });
             if !ok {
                 bail!("META_API_VERSION must look like v21.0, got {v:?}");
@@ -197,7 +200,8 @@ impl Config {
         }
         for var in URL_VARS {
             if let Some(v) = get(var) {
-                let url = url::Url::parse(&v).with_context(|| format!("{var} must be an absolute http(s) URL, got {v:?}"))?;
+                let url =
+                    url::Url::parse(&v).with_context(|| format!("{var} must be an absolute http(s) URL, got {v:?}"))?;
                 if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
                     bail!("{var} must be an absolute http(s) URL, got {v:?}");
                 }
@@ -212,7 +216,8 @@ impl Config {
         };
 
         let data_dir = get("DATA_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("data"));
-        let reload_ms = parse(&get, "PLUGIN_RELOAD_MS", 500u64, "a poll interval in milliseconds (0 turns hot reload off)")?;
+        let reload_ms =
+            parse(&get, "PLUGIN_RELOAD_MS", 500u64, "a poll interval in milliseconds (0 turns hot reload off)")?;
 
         let visibility_ms = parse(&get, "QUEUE_VISIBILITY_TIMEOUT_MS", 120_000u64, "a duration in milliseconds")?;
         if visibility_ms < 1000 {
@@ -223,7 +228,9 @@ impl Config {
             db_collection: get("DB_COLLECTION").unwrap_or_else(|| "webhook_receipts".to_string()),
             redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_else(|| "crm".to_string()),
             visibility_timeout: Duration::from_millis(visibility_ms),
-            plugin_cache_dir: get("PLUGIN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| data_dir.join("plugin-cache")),
+            plugin_cache_dir: get("PLUGIN_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| data_dir.join("plugin-cache")),
             reload_interval: (reload_ms > 0).then(|| Duration::from_millis(reload_ms)),
             host,
             port,

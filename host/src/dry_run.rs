@@ -67,7 +67,13 @@ fn with_placeholders(dir: &Path, env: &Environment, notes: &mut Vec<String>) -> 
     Ok(env.overlay(vars))
 }
 
-fn load(engine: &PluginEngine, dir: &Path, env: &Environment, mode: HttpMode, notes: &mut Vec<String>) -> anyhow::Result<LoadedPlugin> {
+fn load(
+    engine: &PluginEngine,
+    dir: &Path,
+    env: &Environment,
+    mode: HttpMode,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<LoadedPlugin> {
     let env = with_placeholders(dir, env, notes)?;
     Ok(engine.load(dir, &env, Some(mode))?)
 }

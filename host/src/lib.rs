@@ -46,10 +46,11 @@ impl App {
     /// configured. Fails with a message naming the problem.
     pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
         let store: Arc<dyn ReceiptStore> = match &config.store {
-            StoreBackend::Embedded => Arc::new(
-                store::embedded::EmbeddedStore::open(&config.data_dir)
-                    .with_context(|| format!("cannot open the embedded store in DATA_DIR={}", config.data_dir.display()))?,
-            ),
+            StoreBackend::Embedded => {
+                Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir).with_context(|| {
+                    format!("cannot open the embedded store in DATA_DIR={}", config.data_dir.display())
+                })?)
+            }
             StoreBackend::MongoDb(uri) => Arc::new(
                 store::mongo::MongoStore::connect(uri, &config.db_collection)
                     .await
@@ -57,10 +58,11 @@ impl App {
             ),
         };
         let queue: Arc<dyn JobQueue> = match &config.queue {
-            QueueBackend::Embedded => Arc::new(
-                queue::embedded::EmbeddedQueue::open(&config.data_dir)
-                    .with_context(|| format!("cannot open the embedded queue in DATA_DIR={}", config.data_dir.display()))?,
-            ),
+            QueueBackend::Embedded => {
+                Arc::new(queue::embedded::EmbeddedQueue::open(&config.data_dir).with_context(|| {
+                    format!("cannot open the embedded queue in DATA_DIR={}", config.data_dir.display())
+                })?)
+            }
             QueueBackend::Redis(uri) => Arc::new(
                 queue::redis::RedisQueue::connect(uri, &config.redis_key_prefix, config.visibility_timeout)
                     .await
@@ -104,14 +106,7 @@ impl App {
             }
         }
 
-        Ok(Arc::new(App {
-            config,
-            store,
-            queue,
-            plugins: registry,
-            routes: RwLock::new(Arc::new(routes)),
-            metrics,
-        }))
+        Ok(Arc::new(App { config, store, queue, plugins: registry, routes: RwLock::new(Arc::new(routes)), metrics }))
     }
 
     /// The routing table in force.

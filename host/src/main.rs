@@ -13,7 +13,11 @@ use crm_event_handler::routing::Routes;
 use crm_event_handler::{App, Role, serve_as, telemetry};
 
 #[derive(Parser)]
-#[command(name = "crm-event-handler", version, about = "Receives CRM deal webhooks and delivers their actions through WebAssembly plugins")]
+#[command(
+    name = "crm-event-handler",
+    version,
+    about = "Receives CRM deal webhooks and delivers their actions through WebAssembly plugins"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -89,7 +93,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve { api_only: false, workers_only: false }) {
-            Command::Serve { api_only, workers_only } => run_serve(Role { api: !workers_only, workers: !api_only }).await,
+            Command::Serve { api_only, workers_only } => {
+                run_serve(Role { api: !workers_only, workers: !api_only }).await
+            }
             Command::Plugin(cmd) => run_plugin(cmd).await,
         }
     });
@@ -187,7 +193,9 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
                 .header("x-api-key", key)
                 .send()
                 .await
-                .with_context(|| format!("cannot reach a running host at {url} (`plugin check DIR` inspects a folder without one)"))?;
+                .with_context(|| {
+                    format!("cannot reach a running host at {url} (`plugin check DIR` inspects a folder without one)")
+                })?;
             if !response.status().is_success() {
                 anyhow::bail!("{url} answered {}", response.status());
             }
@@ -198,8 +206,13 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
                     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
                     httpdate::fmt_http_date(t)
                 });
-                let missing: Vec<&str> = p["not_configured"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
-                let status = if missing.is_empty() { "ready".to_string() } else { format!("not configured: set {}", missing.join(", ")) };
+                let missing: Vec<&str> =
+                    p["not_configured"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+                let status = if missing.is_empty() {
+                    "ready".to_string()
+                } else {
+                    format!("not configured: set {}", missing.join(", "))
+                };
                 println!(
                     "{:<14} {:<9} {:<12} {:<14} {:<20} {status}",
                     p["name"].as_str().unwrap_or("?"),

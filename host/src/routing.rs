@@ -73,7 +73,11 @@ impl Routes {
             }
             for a in &r.actions {
                 if a.destination.trim().is_empty() || a.action.trim().is_empty() {
-                    return Err(invalid(format!("route {} ({}) has an action without destination or action name", i + 1, r.status)));
+                    return Err(invalid(format!(
+                        "route {} ({}) has an action without destination or action name",
+                        i + 1,
+                        r.status
+                    )));
                 }
             }
         }
@@ -100,7 +104,8 @@ impl Routes {
 
     /// Every destination the table names.
     pub fn destinations(&self) -> Vec<String> {
-        let mut d: Vec<String> = self.routes.iter().flat_map(|r| r.actions.iter().map(|a| a.destination.clone())).collect();
+        let mut d: Vec<String> =
+            self.routes.iter().flat_map(|r| r.actions.iter().map(|a| a.destination.clone())).collect();
         d.sort();
         d.dedup();
         d
@@ -119,10 +124,7 @@ mod tests {
     fn default_table_matches_the_original_service() {
         let r = Routes::default_table();
         assert_eq!(names(&r.actions_for("crm", "Qualified")), ["meta-capi:Lead"]);
-        assert_eq!(
-            names(&r.actions_for("crm", "committed ")),
-            ["meta-capi:Purchase", "brevo:property-details-email"]
-        );
+        assert_eq!(names(&r.actions_for("crm", "committed ")), ["meta-capi:Purchase", "brevo:property-details-email"]);
         assert!(r.actions_for("crm", "Lost").is_empty());
         assert_eq!(r.destinations(), ["brevo", "meta-capi"]);
     }

@@ -153,7 +153,9 @@ impl Metrics {
     }
 
     pub fn set_queue_depth(&self, depth: QueueDepth) {
-        for (state, n) in [("ready", depth.ready), ("delayed", depth.delayed), ("in_flight", depth.in_flight), ("dead", depth.dead)] {
+        for (state, n) in
+            [("ready", depth.ready), ("delayed", depth.delayed), ("in_flight", depth.in_flight), ("dead", depth.dead)]
+        {
             self.queue_depth.get_or_create(&QueueLabels { queue: "jobs", state }).set(n as i64);
         }
     }

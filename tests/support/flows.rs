@@ -33,7 +33,8 @@ pub fn action_state(receipt: &Value, destination: &str) -> (String, u64) {
 pub async fn qualified_then_committed_for_the_same_deal_each_deliver_once(f: &Flow) {
     let host = Host::start(&f.vars).await;
 
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_created", &payload("D-1", "Qualified")).await;
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_created", &payload("D-1", "Qualified")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["duplicate"], false);
     eventually("the Lead event", WAIT, async || (f.meta.events().len() == 1).then_some(())).await;
@@ -44,7 +45,8 @@ pub async fn qualified_then_committed_for_the_same_deal_each_deliver_once(f: &Fl
     assert_eq!(f.meta.received()[0].body["access_token"], "meta-token");
 
     // The same deal moving on to Committed is a new transition, not a duplicate.
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-1", "Committed")).await;
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-1", "Committed")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["duplicate"], false);
     let committed_id = body["receipt_id"].as_str().unwrap().to_string();
@@ -61,7 +63,8 @@ pub async fn qualified_then_committed_for_the_same_deal_each_deliver_once(f: &Fl
     assert_eq!(email.body["to"][0]["email"], "john.doe@example.com");
 
     // The same Committed again: acknowledged as a duplicate, nothing more sent.
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-1", "Committed")).await;
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-1", "Committed")).await;
     assert_eq!(status, 200);
     assert_eq!(body["duplicate"], true);
     assert_eq!(body["receipt_id"], committed_id.as_str());
@@ -80,7 +83,8 @@ pub async fn meta_failing_twice_is_retried_and_the_email_is_sent_once(f: &Flow) 
     f.meta.script([Scripted::new(500, error.clone()), Scripted::new(500, error)]);
     let host = Host::start(&f.vars).await;
 
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-2", "Committed")).await;
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-2", "Committed")).await;
     assert_eq!(status, 200);
     let id = body["receipt_id"].as_str().unwrap().to_string();
     let r = eventually("Meta delivered on the third attempt", WAIT, async || {
@@ -143,7 +147,8 @@ pub async fn a_restart_between_accept_and_delivery_still_delivers_once(f: &Flow)
     // while the delivery is in flight.
     f.meta.hold(1);
     let host = Host::start(&f.vars).await;
-    let (status, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-5", "Qualified")).await;
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-5", "Qualified")).await;
     assert_eq!(status, 200);
     let id = body["receipt_id"].as_str().unwrap().to_string();
     eventually("the delivery to be in flight", WAIT, async || (!f.meta.received().is_empty()).then_some(())).await;
@@ -157,5 +162,8 @@ pub async fn a_restart_between_accept_and_delivery_still_delivers_once(f: &Flow)
     .await;
     // Sent twice over the wire (the first answer was lost with the process),
     // one event as Meta counts them.
-    assert_eq!(f.meta.unique_events(), vec![("Lead".to_string(), f.meta.events()[0]["event_id"].as_str().unwrap().to_string())]);
+    assert_eq!(
+        f.meta.unique_events(),
+        vec![("Lead".to_string(), f.meta.events()[0]["event_id"].as_str().unwrap().to_string())]
+    );
 }

@@ -122,12 +122,8 @@ impl StandIn {
     async fn start(kind: Kind) -> StandIn {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
-        let stand_in = StandIn {
-            url: format!("http://{addr}"),
-            state: Arc::default(),
-            release: Arc::new(Notify::new()),
-            kind,
-        };
+        let stand_in =
+            StandIn { url: format!("http://{addr}"), state: Arc::default(), release: Arc::new(Notify::new()), kind };
         let router = Router::new().fallback(post(answer)).with_state(stand_in.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
@@ -155,17 +151,15 @@ impl StandIn {
 
     /// Meta: the server events received (across requests).
     pub fn events(&self) -> Vec<Value> {
-        self.received()
-            .into_iter()
-            .flat_map(|r| r.body["data"].as_array().cloned().unwrap_or_default())
-            .collect()
+        self.received().into_iter().flat_map(|r| r.body["data"].as_array().cloned().unwrap_or_default()).collect()
     }
 
     /// Meta: distinct (event_name, event_id) pairs, as Meta deduplicates.
     pub fn unique_events(&self) -> Vec<(String, String)> {
         let mut seen: Vec<(String, String)> = Vec::new();
         for e in self.events() {
-            let k = (e["event_name"].as_str().unwrap_or("").to_string(), e["event_id"].as_str().unwrap_or("").to_string());
+            let k =
+                (e["event_name"].as_str().unwrap_or("").to_string(), e["event_id"].as_str().unwrap_or("").to_string());
             if !seen.contains(&k) {
                 seen.push(k);
             }
@@ -266,7 +260,9 @@ impl Host {
         let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(120)))
             .await
             .unwrap()
-            .unwrap_or_else(|_| panic!("the host did not start listening; its log:\n{}", logs.lock().unwrap().join("\n")));
+            .unwrap_or_else(|_| {
+                panic!("the host did not start listening; its log:\n{}", logs.lock().unwrap().join("\n"))
+            });
         Host { child, url: format!("http://{addr}"), logs }
     }
 
@@ -352,7 +348,10 @@ fn wait_for_port(port: u16, what: &str, log: &Path) {
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if start.elapsed() > Duration::from_secs(30) {
-            panic!("{what} did not start on port {port}; its log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            panic!(
+                "{what} did not start on port {port}; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -407,7 +406,14 @@ impl Server {
         Server::launch(program, args, port, format!("mongodb://127.0.0.1:{port}/{db}"), "nx-27017", dir)
     }
 
-    fn launch(program: PathBuf, args: Vec<String>, port: u16, uri: String, what: &'static str, dir: tempfile::TempDir) -> Server {
+    fn launch(
+        program: PathBuf,
+        args: Vec<String>,
+        port: u16,
+        uri: String,
+        what: &'static str,
+        dir: tempfile::TempDir,
+    ) -> Server {
         let mut s = Server { child: None, program, args, port, uri, what, dir };
         s.start();
         s

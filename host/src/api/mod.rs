@@ -99,10 +99,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     if let Ok(depth) = app.queue.depth().await {
         app.metrics.set_queue_depth(depth);
     }
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        app.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], app.metrics.render())
         .into_response()
 }
 
@@ -181,7 +178,9 @@ async fn replay(
     let one = request.job_id.is_some();
     let ids = match (request.job_id, request.all) {
         (Some(id), false) => vec![id],
-        (None, true) => app.queue.dead_letters(usize::MAX).await.map_err(unavailable)?.into_iter().map(|l| l.job.id).collect(),
+        (None, true) => {
+            app.queue.dead_letters(usize::MAX).await.map_err(unavailable)?.into_iter().map(|l| l.job.id).collect()
+        }
         _ => return Err(bad("give either job_id or \"all\": true".into())),
     };
     let mut replayed = Vec::new();
@@ -217,7 +216,8 @@ async fn list_plugins(State(app): State<Arc<App>>, headers: HeaderMap) -> Result
     let plugins: Vec<serde_json::Value> = set
         .all()
         .map(|p| {
-            let loaded_at = p.loaded_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            let loaded_at =
+                p.loaded_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
             json!({
                 "name": p.name(),
                 "version": p.manifest.version,

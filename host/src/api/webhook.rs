@@ -111,9 +111,8 @@ async fn accept(
     };
 
     let limit = app.config.max_body_bytes;
-    let too_large = || {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body exceeds {limit} bytes"))
-    };
+    let too_large =
+        || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body exceeds {limit} bytes"));
     let declared = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
@@ -138,7 +137,9 @@ async fn accept(
     let mut event = match parsed {
         Ok(Ok(event)) => event,
         Ok(Err(failure)) => return Err(parse_error(failure)),
-        Err(e) => return Err(ApiError::unavailable("source_plugin_failed", "the source plugin failed; retry later", e)),
+        Err(e) => {
+            return Err(ApiError::unavailable("source_plugin_failed", "the source plugin failed; retry later", e));
+        }
     };
     // A source plugin's bug must not create receipts that cannot be deduped.
     for (field, value) in [("reference", &event.reference), ("status", &event.status)] {
@@ -185,7 +186,9 @@ async fn accept(
     let (receipt, duplicate) = match app.store.insert(receipt).await {
         Ok(Inserted::New(r)) => (r, false),
         Ok(Inserted::Duplicate(r)) => (r, true),
-        Err(e) => return Err(ApiError::unavailable("store_unavailable", "the receipt could not be stored; retry later", e)),
+        Err(e) => {
+            return Err(ApiError::unavailable("store_unavailable", "the receipt could not be stored; retry later", e));
+        }
     };
     if !receipt.jobs_enqueued {
         // New, or a duplicate whose first delivery never got its jobs queued

@@ -160,7 +160,14 @@ mod tests {
 
     #[test]
     fn bad_entries_are_refused() {
-        for bad in ["graph.facebook.com", "ftp://x.com", "https://x.com/path", "https://a.*.com", "https://u:p@x.com", "https://x.com:port"] {
+        for bad in [
+            "graph.facebook.com",
+            "ftp://x.com",
+            "https://x.com/path",
+            "https://a.*.com",
+            "https://u:p@x.com",
+            "https://x.com:port",
+        ] {
             assert!(AllowList::parse([bad]).is_err(), "{bad}");
         }
     }

@@ -227,7 +227,9 @@ impl PluginEngine {
                 // header against this engine.
                 match unsafe { Component::deserialize(&self.engine, &artifact) } {
                     Ok(c) => return Ok(c),
-                    Err(e) => tracing::warn!(path = %artifact_path.display(), error = %e, "unusable compile cache entry; rebuilding"),
+                    Err(e) => {
+                        tracing::warn!(path = %artifact_path.display(), error = %e, "unusable compile cache entry; rebuilding")
+                    }
                 }
             } else {
                 tracing::warn!(path = %artifact_path.display(), "corrupt compile cache entry; rebuilding");
@@ -261,7 +263,8 @@ impl PluginEngine {
         let bytes = std::fs::read(&path).map_err(|error| LoadError::ReadComponent { path: path.clone(), error })?;
         let digest = hex(&Sha256::digest(&bytes));
         let component = self.compile(&bytes, &digest, &path)?;
-        check_contract_version(&self.engine, &component).map_err(|message| LoadError::Contract { path: path.clone(), message })?;
+        check_contract_version(&self.engine, &component)
+            .map_err(|message| LoadError::Contract { path: path.clone(), message })?;
 
         let config = manifest.resolve_config(env);
         let allow = manifest
@@ -269,7 +272,10 @@ impl PluginEngine {
             .map_err(|e| LoadError::Config { path: dir.join("plugin.toml"), message: e.to_string() })?;
         let contract = |e: wasmtime::Error| LoadError::Contract {
             path: path.clone(),
-            message: format!("does not match the {} world of {CONTRACT_PACKAGE}@{CONTRACT_VERSION}: {e:#}", manifest.kind),
+            message: format!(
+                "does not match the {} world of {CONTRACT_PACKAGE}@{CONTRACT_VERSION}: {e:#}",
+                manifest.kind
+            ),
         };
         let compiled = match manifest.kind {
             Kind::Source => {
@@ -387,7 +393,11 @@ impl LoadedPlugin {
     }
 
     /// Run the source plugin on one webhook.
-    pub async fn parse(&self, headers: &[(String, String)], body: &[u8]) -> Result<Result<Event, ParseFailure>, PluginError> {
+    pub async fn parse(
+        &self,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Result<Result<Event, ParseFailure>, PluginError> {
         let Compiled::Source(pre) = &self.compiled else {
             return Err(self.wrong_kind(Kind::Source));
         };
@@ -396,10 +406,9 @@ impl LoadedPlugin {
             headers.iter().map(|(n, v)| wit::Header { name: n.clone(), value: v.clone() }).collect();
         let plugin = self.name().to_string();
         let run = async {
-            let instance = pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(|e| CallError::Start(PluginError::Instantiate { plugin: plugin.clone(), message: format!("{e:#}") }))?;
+            let instance = pre.instantiate_async(&mut store).await.map_err(|e| {
+                CallError::Start(PluginError::Instantiate { plugin: plugin.clone(), message: format!("{e:#}") })
+            })?;
             instance.call_parse(&mut store, &headers, body).await.map_err(CallError::Trap)
         };
         let finished = tokio::time::timeout(time + EPOCH_TICK * 5, run).await;
@@ -419,7 +428,12 @@ impl LoadedPlugin {
     /// Time `n` parses on one live instance. For benchmarks only: the service
     /// always takes a fresh instance per call, so no state leaks between
     /// webhooks.
-    pub async fn time_warm_parse(&self, headers: &[(String, String)], body: &[u8], n: u32) -> Result<Duration, PluginError> {
+    pub async fn time_warm_parse(
+        &self,
+        headers: &[(String, String)],
+        body: &[u8],
+        n: u32,
+    ) -> Result<Duration, PluginError> {
         let Compiled::Source(pre) = &self.compiled else {
             return Err(self.wrong_kind(Kind::Source));
         };
@@ -457,10 +471,9 @@ impl LoadedPlugin {
         };
         let plugin = self.name().to_string();
         let run = async {
-            let instance = pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(|e| CallError::Start(PluginError::Instantiate { plugin: plugin.clone(), message: format!("{e:#}") }))?;
+            let instance = pre.instantiate_async(&mut store).await.map_err(|e| {
+                CallError::Start(PluginError::Instantiate { plugin: plugin.clone(), message: format!("{e:#}") })
+            })?;
             instance.call_deliver(&mut store, &event, &action, &context).await.map_err(CallError::Trap)
         };
         let finished = tokio::time::timeout(time + EPOCH_TICK * 5, run).await;
@@ -470,13 +483,17 @@ impl LoadedPlugin {
             Ok(Err(CallError::Trap(trap))) => Err(self.classify(&store, trap)),
             // Outcome text is stored and logged: no secret goes with it.
             Ok(Ok(outcome)) => Ok(match outcome {
-                wit::Outcome::Delivered(d) => Outcome::Delivered { status: d.status, detail: self.outcome_text(&d.detail) },
+                wit::Outcome::Delivered(d) => {
+                    Outcome::Delivered { status: d.status, detail: self.outcome_text(&d.detail) }
+                }
                 wit::Outcome::Retryable(r) => Outcome::Retryable {
                     status: r.status,
                     reason: self.outcome_text(&r.reason),
                     retry_after: r.retry_after_ms.map(Duration::from_millis),
                 },
-                wit::Outcome::Permanent(f) => Outcome::Permanent { status: f.status, reason: self.outcome_text(&f.reason) },
+                wit::Outcome::Permanent(f) => {
+                    Outcome::Permanent { status: f.status, reason: self.outcome_text(&f.reason) }
+                }
             }),
         };
         let requests = std::mem::take(&mut store.data_mut().requests);

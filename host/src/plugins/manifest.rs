@@ -152,7 +152,9 @@ impl Manifest {
         if self.version.trim().is_empty() {
             return Err("version must not be empty".into());
         }
-        if self.component.is_absolute() || self.component.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        if self.component.is_absolute()
+            || self.component.components().any(|c| matches!(c, std::path::Component::ParentDir))
+        {
             return Err(format!("component {:?} must be a path inside the plugin's folder", self.component));
         }
         let l = self.limits;
@@ -315,7 +317,8 @@ mod tests {
         let c = m.resolve_config(&env(&[]));
         assert_eq!(c.values["graph_url"], "https://graph.facebook.com");
         assert_eq!(c.missing, ["META_ACCESS_TOKEN"]);
-        let c = m.resolve_config(&env(&[("META_ACCESS_TOKEN", "EAAB-secret"), ("META_GRAPH_URL", "http://127.0.0.1:8080")]));
+        let c = m
+            .resolve_config(&env(&[("META_ACCESS_TOKEN", "EAAB-secret"), ("META_GRAPH_URL", "http://127.0.0.1:8080")]));
         assert!(c.missing.is_empty());
         assert_eq!(c.redact("access_token=EAAB-secret"), "access_token=«redacted»");
         let allow = m.allow_list(&c).unwrap();

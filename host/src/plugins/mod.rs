@@ -46,11 +46,21 @@ impl PluginSet {
 /// What a sync changed.
 #[derive(Debug)]
 pub enum Change {
-    Loaded { name: String, version: String, digest: String, replaced: bool },
-    Unloaded { name: String },
+    Loaded {
+        name: String,
+        version: String,
+        digest: String,
+        replaced: bool,
+    },
+    Unloaded {
+        name: String,
+    },
     /// The folder's new contents were refused; the previous version (if
     /// any) keeps running.
-    Failed { dir: PathBuf, error: String },
+    Failed {
+        dir: PathBuf,
+        error: String,
+    },
 }
 
 /// Size and modification time of the files that make a plugin.

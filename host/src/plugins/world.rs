@@ -198,7 +198,10 @@ impl wit_log::Host for PluginState {
             0 => return,
             1 => {
                 self.log_budget = 0;
-                tracing::warn!(plugin, "plugin log limit reached: {LOG_LINES_PER_CALL} lines per call; the rest of this call's lines are dropped");
+                tracing::warn!(
+                    plugin,
+                    "plugin log limit reached: {LOG_LINES_PER_CALL} lines per call; the rest of this call's lines are dropped"
+                );
                 return;
             }
             _ => self.log_budget -= 1,
@@ -275,7 +278,9 @@ impl wit_http::Host for PluginState {
         let headers = response
             .headers()
             .iter()
-            .filter_map(|(n, v)| Some(wit::Header { name: n.as_str().to_string(), value: v.to_str().ok()?.to_string() }))
+            .filter_map(|(n, v)| {
+                Some(wit::Header { name: n.as_str().to_string(), value: v.to_str().ok()?.to_string() })
+            })
             .collect();
         let limit = plugin.max_response_bytes;
         if response.content_length().is_some_and(|n| n > limit) {

@@ -88,7 +88,11 @@ impl EmbeddedQueue {
             }
             schedule.dead = txn.open_table(DEAD).map_err(unavailable)?.len().map_err(unavailable)?;
         }
-        Ok(EmbeddedQueue { db: Arc::new(db), schedule: Arc::new(Mutex::new(schedule)), notify: Arc::new(Notify::new()) })
+        Ok(EmbeddedQueue {
+            db: Arc::new(db),
+            schedule: Arc::new(Mutex::new(schedule)),
+            notify: Arc::new(Notify::new()),
+        })
     }
 
     fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {

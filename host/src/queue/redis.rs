@@ -211,7 +211,9 @@ impl RedisQueue {
 
     async fn promote_due(&self) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        let _: i64 = self.scripts.promote
+        let _: i64 = self
+            .scripts
+            .promote
             .key(self.key("delayed"))
             .key(self.key("jobs"))
             .arg(now_ms())
@@ -262,7 +264,9 @@ impl JobQueue for RedisQueue {
     async fn enqueue(&self, jobs: Vec<Job>) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
         for job in jobs {
-            let _: i64 = self.scripts.enqueue
+            let _: i64 = self
+                .scripts
+                .enqueue
                 .key(self.job_key(&job.id))
                 .key(self.key("jobs"))
                 .key(self.key("dead"))
@@ -284,7 +288,8 @@ impl JobQueue for RedisQueue {
             }
             let block = BLOCK.min(give_up.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
             let mut conn = self.blocking_conn().await?;
-            let options = StreamReadOptions::default().group(GROUP, &self.consumer).count(1).block(block.as_millis() as usize);
+            let options =
+                StreamReadOptions::default().group(GROUP, &self.consumer).count(1).block(block.as_millis() as usize);
             let read: Result<StreamReadReply, redis::RedisError> =
                 conn.xread_options(&[self.key("jobs")], &[">"], &options).await;
             let reply = match read {
@@ -315,7 +320,9 @@ impl JobQueue for RedisQueue {
 
     async fn ack(&self, job: &Job) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        let _: i64 = self.scripts.ack
+        let _: i64 = self
+            .scripts
+            .ack
             .key(self.key("jobs"))
             .key(self.job_key(&job.id))
             .arg(GROUP)
@@ -330,7 +337,9 @@ impl JobQueue for RedisQueue {
     async fn retry(&self, job: Job, delay: Duration) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
         let due = now_ms() + delay.as_millis() as u64;
-        let _: i64 = self.scripts.retry
+        let _: i64 = self
+            .scripts
+            .retry
             .key(self.key("jobs"))
             .key(self.job_key(&job.id))
             .key(self.key("delayed"))
@@ -350,7 +359,9 @@ impl JobQueue for RedisQueue {
         let mut c = self.conn.clone();
         let lease = self.lease(&job)?.to_string();
         let letter = DeadLetter { job, reason, failed_at_ms: now_ms() };
-        let _: i64 = self.scripts.dead
+        let _: i64 = self
+            .scripts
+            .dead
             .key(self.key("jobs"))
             .key(self.job_key(&letter.job.id))
             .key(self.key("dead"))
@@ -390,7 +401,9 @@ impl JobQueue for RedisQueue {
         let letter: DeadLetter = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let mut job = letter.job;
         job.budget_start = job.attempts;
-        let moved: i64 = self.scripts.replay
+        let moved: i64 = self
+            .scripts
+            .replay
             .key(self.key("dead"))
             .key(self.key("dead:index"))
             .key(self.job_key(job_id))
@@ -405,7 +418,8 @@ impl JobQueue for RedisQueue {
 
     async fn depth(&self) -> Result<QueueDepth, QueueError> {
         let mut c = self.conn.clone();
-        let groups: redis::streams::StreamInfoGroupsReply = c.xinfo_groups(self.key("jobs")).await.map_err(unavailable)?;
+        let groups: redis::streams::StreamInfoGroupsReply =
+            c.xinfo_groups(self.key("jobs")).await.map_err(unavailable)?;
         let group = groups.groups.into_iter().find(|g| g.name == GROUP);
         let delayed: u64 = c.zcard(self.key("delayed")).await.map_err(unavailable)?;
         let dead: u64 = c.hlen(self.key("dead")).await.map_err(unavailable)?;

@@ -17,9 +17,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
 
-use super::{
-    AttemptRecord, Inserted, ListQuery, Receipt, ReceiptStore, StoreError, apply_attempt, now_ms,
-};
+use super::{AttemptRecord, Inserted, ListQuery, Receipt, ReceiptStore, StoreError, apply_attempt, now_ms};
 
 const RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("receipts");
 const DEDUPE: TableDefinition<&str, &str> = TableDefinition::new("dedupe");
@@ -118,7 +116,8 @@ impl ReceiptStore for EmbeddedStore {
             if let Some(id) = existing {
                 let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
                 let found = receipts.get(id.as_str()).map_err(unavailable)?;
-                let bytes = found.ok_or_else(|| StoreError::Corrupt(format!("dedupe entry points at missing receipt {id}")))?;
+                let bytes =
+                    found.ok_or_else(|| StoreError::Corrupt(format!("dedupe entry points at missing receipt {id}")))?;
                 return Ok(Inserted::Duplicate(decode(bytes.value())?));
             }
             {
@@ -127,7 +126,10 @@ impl ReceiptStore for EmbeddedStore {
                 let mut dedupe = txn.open_table(DEDUPE).map_err(unavailable)?;
                 dedupe.insert(key.as_str(), receipt.id.as_str()).map_err(unavailable)?;
                 if !receipt.jobs_enqueued {
-                    txn.open_table(UNQUEUED).map_err(unavailable)?.insert(receipt.id.as_str(), ()).map_err(unavailable)?;
+                    txn.open_table(UNQUEUED)
+                        .map_err(unavailable)?
+                        .insert(receipt.id.as_str(), ())
+                        .map_err(unavailable)?;
                 }
             }
             txn.commit().map_err(unavailable)?;

@@ -48,7 +48,13 @@ pub fn jobs_for(receipt: &Receipt) -> Vec<Job> {
             action: a.action.clone(),
             params: a.params.clone(),
             event: receipt.event.clone(),
-            idempotency_key: idempotency_key(&receipt.provider, &receipt.reference, &status_key, &a.destination, &a.action),
+            idempotency_key: idempotency_key(
+                &receipt.provider,
+                &receipt.reference,
+                &status_key,
+                &a.destination,
+                &a.action,
+            ),
             attempts: 0,
             budget_start: 0,
             enqueued_at_ms: receipt.received_at_ms,
@@ -180,7 +186,9 @@ async fn settle(app: &App, job: Job, verdict: Verdict) {
     let used = job.attempts.saturating_sub(job.budget_start);
     match verdict {
         Verdict::Delivered { status, detail } => {
-            if !recorded(app, &job, attempt_record(&job, DeliveryState::Delivered, status, None, Some(detail.clone()))).await {
+            if !recorded(app, &job, attempt_record(&job, DeliveryState::Delivered, status, None, Some(detail.clone())))
+                .await
+            {
                 return;
             }
             if let Err(e) = app.queue.ack(&job).await {
@@ -196,7 +204,9 @@ async fn settle(app: &App, job: Job, verdict: Verdict) {
         }
         Verdict::Retry { status, reason, retry_after } if policy.may_retry(used) => {
             let delay = policy.delay(used, retry_after, fastrand::f64());
-            if !recorded(app, &job, attempt_record(&job, DeliveryState::Retrying, status, Some(reason.clone()), None)).await {
+            if !recorded(app, &job, attempt_record(&job, DeliveryState::Retrying, status, Some(reason.clone()), None))
+                .await
+            {
                 return;
             }
             app.metrics.delivery(&job.destination, "retry");
@@ -233,12 +243,7 @@ fn attempt_record(
     }
 }
 
-async fn dead_letter(
-    app: &App,
-    job: Job,
-    status: Option<u16>,
-    reason: String,
-) {
+async fn dead_letter(app: &App, job: Job, status: Option<u16>, reason: String) {
     if !recorded(app, &job, attempt_record(&job, DeliveryState::Failed, status, Some(reason.clone()), None)).await {
         return;
     }

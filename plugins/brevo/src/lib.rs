@@ -160,9 +160,8 @@ pub fn render_email(event: &CrmEvent) -> Email {
         escape_html(&greeting),
         escape_html(&deal_name)
     );
-    let mut text = format!(
-        "{greeting},\n\nThank you for committing to {deal_name}. Here are the details of the property.\n\n"
-    );
+    let mut text =
+        format!("{greeting},\n\nThank you for committing to {deal_name}. Here are the details of the property.\n\n");
     for (label, value) in &rows {
         html.push_str(&format!("<tr><th align=\"left\">{label}</th><td>{}</td></tr>", escape_html(value)));
         text.push_str(&format!("{label}: {value}\n"));
@@ -215,7 +214,8 @@ pub fn classify_response(response: &Response) -> Outcome {
     let status = response.status;
     let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
     let code = body.get("code").and_then(Value::as_str).unwrap_or("");
-    let message = body.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| excerpt(&response.body));
+    let message =
+        body.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| excerpt(&response.body));
     if classify_status(status) == StatusClass::Success {
         let id = body.get("messageId").and_then(Value::as_str).unwrap_or("-");
         return Outcome::Delivered(Delivered { status: Some(status), detail: format!("messageId={id}") });
@@ -356,20 +356,39 @@ mod tests {
 
     #[test]
     fn answers_are_classified() {
-        let resp = |status: u16, body: &str, headers: Vec<Header>| Response { status, headers, body: body.as_bytes().to_vec() };
-        assert!(matches!(classify_response(&resp(201, r#"{"messageId":"<m1@x>"}"#, vec![])), Outcome::Delivered(d) if d.detail == "messageId=<m1@x>"));
+        let resp = |status: u16, body: &str, headers: Vec<Header>| Response {
+            status,
+            headers,
+            body: body.as_bytes().to_vec(),
+        };
+        assert!(
+            matches!(classify_response(&resp(201, r#"{"messageId":"<m1@x>"}"#, vec![])), Outcome::Delivered(d) if d.detail == "messageId=<m1@x>")
+        );
         assert!(matches!(
             classify_response(&resp(400, r#"{"code":"duplicate_parameter","message":"dup"}"#, vec![])),
             Outcome::Delivered(d) if d.detail.starts_with("already sent")
         ));
-        assert!(matches!(classify_response(&resp(401, r#"{"code":"unauthorized","message":"Key not found"}"#, vec![])), Outcome::Permanent(_)));
-        let limited = resp(429, r#"{"code":"too_many_requests","message":"slow"}"#, vec![Header { name: "x-sib-ratelimit-reset".into(), value: "2".into() }]);
-        assert!(matches!(classify_response(&limited), Outcome::Retryable(Retryable { retry_after_ms: Some(2000), .. })));
+        assert!(matches!(
+            classify_response(&resp(401, r#"{"code":"unauthorized","message":"Key not found"}"#, vec![])),
+            Outcome::Permanent(_)
+        ));
+        let limited = resp(
+            429,
+            r#"{"code":"too_many_requests","message":"slow"}"#,
+            vec![Header { name: "x-sib-ratelimit-reset".into(), value: "2".into() }],
+        );
+        assert!(matches!(
+            classify_response(&limited),
+            Outcome::Retryable(Retryable { retry_after_ms: Some(2000), .. })
+        ));
         assert!(matches!(classify_response(&resp(502, "bad gateway", vec![])), Outcome::Retryable(_)));
     }
 
     #[test]
     fn missing_settings_name_the_variables() {
-        assert_eq!(Settings::from_config(|_| None).unwrap_err(), "Brevo is not configured: set BREVO_API_KEY and BREVO_SENDER_EMAIL");
+        assert_eq!(
+            Settings::from_config(|_| None).unwrap_err(),
+            "Brevo is not configured: set BREVO_API_KEY and BREVO_SENDER_EMAIL"
+        );
     }
 }

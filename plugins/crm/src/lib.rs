@@ -24,8 +24,8 @@ const UNSPECIFIED_EVENT: &str = "unspecified";
 
 /// Parse one webhook. Pure: no host calls, so it is tested natively.
 pub fn parse_webhook(headers: &[Header], body: &[u8]) -> Result<CrmEvent, ParseError> {
-    let root: Value = serde_json::from_slice(body)
-        .map_err(|e| ParseError::Malformed(format!("body is not valid JSON: {e}")))?;
+    let root: Value =
+        serde_json::from_slice(body).map_err(|e| ParseError::Malformed(format!("body is not valid JSON: {e}")))?;
     let root = as_object(&root, "body")?;
     let data = as_object(required(root, "data", "data")?, "data")?;
 
@@ -37,13 +37,9 @@ pub fn parse_webhook(headers: &[Header], body: &[u8]) -> Result<CrmEvent, ParseE
     let status = required_string(details, "status", "data.dealDetails.status")?;
 
     let customer = match data.get("customer") {
-        None | Some(Value::Null) => Customer {
-            contact_id: None,
-            first_name: None,
-            last_name: None,
-            email: None,
-            phone: None,
-        },
+        None | Some(Value::Null) => {
+            Customer { contact_id: None, first_name: None, last_name: None, email: None, phone: None }
+        }
         Some(v) => {
             let c = as_object(v, "data.customer")?;
             Customer {
@@ -56,8 +52,8 @@ pub fn parse_webhook(headers: &[Header], body: &[u8]) -> Result<CrmEvent, ParseE
         }
     };
 
-    let currency = optional_string(details, "currency", "data.dealDetails.currency")?
-        .map(|c| c.trim().to_ascii_uppercase());
+    let currency =
+        optional_string(details, "currency", "data.dealDetails.currency")?.map(|c| c.trim().to_ascii_uppercase());
     if let Some(c) = &currency {
         if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(invalid("data.dealDetails.currency", "a three-letter ISO 4217 code"));
@@ -82,11 +78,7 @@ pub fn parse_webhook(headers: &[Header], body: &[u8]) -> Result<CrmEvent, ParseE
                 state: f("state")?,
                 zip_code: f("zipCode")?,
                 property_type: f("propertyType")?,
-                square_footage: optional_number(
-                    p,
-                    "squareFootage",
-                    "data.propertyInformation.squareFootage",
-                )?,
+                square_footage: optional_number(p, "squareFootage", "data.propertyInformation.squareFootage")?,
             })
         }
     };
@@ -98,15 +90,7 @@ pub fn parse_webhook(headers: &[Header], body: &[u8]) -> Result<CrmEvent, ParseE
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| UNSPECIFIED_EVENT.to_string());
 
-    Ok(CrmEvent {
-        event_type,
-        reference,
-        status,
-        customer,
-        deal,
-        property,
-        received_at: 0,
-    })
+    Ok(CrmEvent { event_type, reference, status, customer, deal, property, received_at: 0 })
 }
 
 fn invalid(field: &str, expected: &str) -> ParseError {

@@ -22,10 +22,7 @@ impl Guest for MetaCapi {
             Ok(s) => s,
             Err(missing) => return permanent(None, missing),
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         if let Some(reason) = outside_window(event.received_at, now) {
             return permanent(None, reason);
         }
@@ -33,10 +30,7 @@ impl Guest for MetaCapi {
             Ok(r) => r,
             Err(reason) => return permanent(None, reason),
         };
-        log::log(
-            log::Level::Debug,
-            &format!("sending {} for deal {}", action.name, event.reference),
-        );
+        log::log(log::Level::Debug, &format!("sending {} for deal {}", action.name, event.reference));
         match http::send(&request) {
             Ok(response) => classify_response(&response),
             Err(e) => http_error_outcome(e),
@@ -98,9 +92,8 @@ const MAX_EVENT_AGE_SECS: u64 = 7 * 24 * 3600;
 /// said plainly instead of Meta's generic parameter error.
 pub fn outside_window(event_time: u64, now: u64) -> Option<String> {
     let age = now.saturating_sub(event_time);
-    (age > MAX_EVENT_AGE_SECS).then(|| {
-        format!("the event is {} days old; Meta accepts events up to 7 days old", age / 86_400)
-    })
+    (age > MAX_EVENT_AGE_SECS)
+        .then(|| format!("the event is {} days old; Meta accepts events up to 7 days old", age / 86_400))
 }
 
 /// Normalize and hash an e-mail address: trimmed, lower-cased.
@@ -190,12 +183,8 @@ pub fn build_request(
     if let Some(code) = &settings.test_event_code {
         body["test_event_code"] = json!(code);
     }
-    let url = format!(
-        "{}/{}/{}/events",
-        settings.graph_url.trim_end_matches('/'),
-        settings.api_version,
-        settings.pixel_id
-    );
+    let url =
+        format!("{}/{}/{}/events", settings.graph_url.trim_end_matches('/'), settings.api_version, settings.pixel_id);
     Ok(Request {
         method: "POST".into(),
         url,
@@ -236,20 +225,14 @@ pub fn classify_response(response: &Response) -> Outcome {
         _ => classify_status(status) == StatusClass::Retryable,
     };
     if retry {
-        Outcome::Retryable(Retryable {
-            status: Some(status),
-            reason,
-            retry_after_ms: retry_after_ms(headers),
-        })
+        Outcome::Retryable(Retryable { status: Some(status), reason, retry_after_ms: retry_after_ms(headers) })
     } else {
         permanent(Some(status), reason)
     }
 }
 
 fn http_error_outcome(e: HttpError) -> Outcome {
-    let retry = |reason: String| {
-        Outcome::Retryable(Retryable { status: None, reason, retry_after_ms: None })
-    };
+    let retry = |reason: String| Outcome::Retryable(Retryable { status: None, reason, retry_after_ms: None });
     match e {
         HttpError::Denied(why) => permanent(None, format!("request refused by the host: {why}")),
         HttpError::InvalidRequest(why) => permanent(None, format!("invalid request: {why}")),
@@ -303,12 +286,7 @@ mod tests {
     }
 
     fn context() -> DeliveryContext {
-        DeliveryContext {
-            receipt_id: "r1".into(),
-            provider: "crm".into(),
-            attempt: 1,
-            idempotency_key: "key-1".into(),
-        }
+        DeliveryContext { receipt_id: "r1".into(), provider: "crm".into(), attempt: 1, idempotency_key: "key-1".into() }
     }
 
     fn response(status: u16, body: &str) -> Response {
@@ -322,10 +300,7 @@ mod tests {
         assert_eq!(u["ph"][0], "c775e7b757ede630cd0aa1113bd102661ab38829ca52a6422ab782862f268646");
         assert_eq!(u["fn"][0], "96d9632f363564cc3032521409cf22a852f2032eec099ed5967c0d000cec607a");
         assert_eq!(u["ln"][0], "799ef92a11af918e3fb741df42934f3b568ed2d93ac1df74f1b8d41a27932a6f");
-        assert_eq!(
-            u["external_id"][0],
-            "e2096e0f267ad5799884c29793a32c31d621d26cf26547dc471ae25086470989"
-        );
+        assert_eq!(u["external_id"][0], "e2096e0f267ad5799884c29793a32c31d621d26cf26547dc471ae25086470989");
     }
 
     #[test]
@@ -336,7 +311,9 @@ mod tests {
 
     #[test]
     fn request_has_the_documented_shape() {
-        let r = build_request(&settings(), &demo_event(), &Action { name: "Purchase".into(), params: vec![] }, &context()).unwrap();
+        let r =
+            build_request(&settings(), &demo_event(), &Action { name: "Purchase".into(), params: vec![] }, &context())
+                .unwrap();
         assert_eq!(r.method, "POST");
         assert_eq!(r.url, "http://127.0.0.1:9/v21.0/123/events");
         let body: Value = serde_json::from_slice(&r.body).unwrap();
@@ -357,7 +334,8 @@ mod tests {
     fn purchase_without_value_is_refused() {
         let mut ev = demo_event();
         ev.deal.value = None;
-        let err = build_request(&settings(), &ev, &Action { name: "Purchase".into(), params: vec![] }, &context()).unwrap_err();
+        let err = build_request(&settings(), &ev, &Action { name: "Purchase".into(), params: vec![] }, &context())
+            .unwrap_err();
         assert!(err.contains("value and currency"));
     }
 
@@ -380,13 +358,21 @@ mod tests {
     #[test]
     fn error_codes_are_classified() {
         let body = |code: i64, transient: bool| {
-            format!(r#"{{"error":{{"message":"m","type":"OAuthException","code":{code},"is_transient":{transient},"fbtrace_id":"x"}}}}"#)
+            format!(
+                r#"{{"error":{{"message":"m","type":"OAuthException","code":{code},"is_transient":{transient},"fbtrace_id":"x"}}}}"#
+            )
         };
         for code in RETRYABLE_CODES {
-            assert!(matches!(classify_response(&response(400, &body(code, false))), Outcome::Retryable(_)), "code {code}");
+            assert!(
+                matches!(classify_response(&response(400, &body(code, false))), Outcome::Retryable(_)),
+                "code {code}"
+            );
         }
         for code in PERMANENT_CODES {
-            assert!(matches!(classify_response(&response(400, &body(code, false))), Outcome::Permanent(_)), "code {code}");
+            assert!(
+                matches!(classify_response(&response(400, &body(code, false))), Outcome::Permanent(_)),
+                "code {code}"
+            );
         }
         assert!(matches!(classify_response(&response(400, &body(999, true))), Outcome::Retryable(_)));
         assert!(matches!(classify_response(&response(500, "oops")), Outcome::Retryable(_)));

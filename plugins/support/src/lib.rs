@@ -29,10 +29,7 @@ pub fn retry_after_ms<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>)
 }
 
 /// The value of a header holding a whole number of seconds, in milliseconds.
-pub fn header_seconds<'a>(
-    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
-    name: &str,
-) -> Option<u64> {
+pub fn header_seconds<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>, name: &str) -> Option<u64> {
     headers
         .into_iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
