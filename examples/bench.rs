@@ -27,8 +27,9 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use crm_event_handler::config::{Config, Environment};
-use crm_event_handler::plugins::PluginEngine;
+use crm_event_handler::config::Config;
+use crm_event_handler::plugins::grants::PluginEnv;
+use crm_event_handler::plugins::{EngineOptions, PluginEngine};
 use crm_event_handler::{App, serve};
 use serde_json::Value;
 
@@ -53,8 +54,8 @@ fn per_call(total: Duration, n: u32) -> String {
 }
 
 async fn plugin_call_cost() {
-    let engine = PluginEngine::new(None).unwrap();
-    let plugin = engine.load(&repo().join("plugins/crm"), &Environment::default(), None).unwrap();
+    let engine = PluginEngine::new(EngineOptions::default()).unwrap();
+    let plugin = engine.load(&repo().join("plugins/crm"), &PluginEnv::default(), None).unwrap();
     let headers = vec![("x-event".to_string(), "deal_updated".to_string())];
     let body = demo();
     for _ in 0..100 {

@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (folder, package, component file named in its plugin.toml)
-const GUESTS: [(&str, &str, &str); 4] = [
+const GUESTS: [(&str, &str, &str); 5] = [
     ("plugins/crm", "crm-plugin", "crm.wasm"),
     ("plugins/meta-capi", "meta-capi-plugin", "meta-capi.wasm"),
     ("plugins/brevo", "brevo-plugin", "brevo.wasm"),
     ("tests/plugins/misbehave", "misbehave-plugin", "misbehave.wasm"),
+    ("tests/plugins/slow-source", "slow-source-plugin", "slow-source.wasm"),
 ];
 
 fn main() {

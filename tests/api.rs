@@ -4,15 +4,21 @@
 mod support;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use crm_event_handler::config::Config;
 use crm_event_handler::{App, api};
 use serde_json::Value;
 use support::{API_KEY, payload, plugins_dir};
 use tower::ServiceExt;
+
+const ADMIN_KEY: &str = "admin-key-456";
+const LOCAL: &str = "127.0.0.1:40000";
+const REMOTE: &str = "203.0.113.7:40000";
 
 struct TestApp {
     app: Arc<App>,
@@ -29,12 +35,17 @@ async fn app_with(extra: &[(&str, &str)], tweak: impl FnOnce(&std::path::Path)) 
         ("DATA_DIR", dir.path().join("data").display().to_string()),
         ("PLUGINS_DIR", plugins.display().to_string()),
         ("MAX_BODY_BYTES", "65536".to_string()),
+        ("ADMIN_API_KEY", ADMIN_KEY.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     for (k, v) in extra {
-        vars.insert(k.to_string(), v.to_string());
+        if v.is_empty() {
+            vars.remove(*k);
+        } else {
+            vars.insert(k.to_string(), v.to_string());
+        }
     }
     let app = App::build(Config::from_vars(vars).unwrap()).await.unwrap();
     TestApp { app, _dir: dir }
@@ -49,10 +60,35 @@ async fn send(app: &TestApp, path: &str, key: Option<&str>, body: impl Into<Body
     if let Some(k) = key {
         req = req.header("x-api-key", k);
     }
-    let response = api::router(app.app.clone()).oneshot(req.body(body.into()).unwrap()).await.unwrap();
+    call(&api::router(app.app.clone()), req.body(body.into()).unwrap()).await
+}
+
+/// Answer one request, as the server does: the client's address attached.
+async fn call(router: &axum::Router, request: Request<Body>) -> (StatusCode, Value) {
+    let (status, _, body) = call_from(router, request, LOCAL).await;
+    (status, body)
+}
+
+async fn call_from(
+    router: &axum::Router,
+    mut request: Request<Body>,
+    peer: &str,
+) -> (StatusCode, axum::http::HeaderMap, Value) {
+    request.extensions_mut().insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+    let response = router.clone().oneshot(request).await.unwrap();
     let status = response.status();
+    let headers = response.headers().clone();
     let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (status, headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// GET an operator route with these headers, from `peer`.
+async fn operator_get(app: &TestApp, path: &str, headers: &[(&str, &str)], peer: &str) -> StatusCode {
+    let mut req = Request::get(path);
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    call_from(&api::router(app.app.clone()), req.body(Body::empty()).unwrap(), peer).await.0
 }
 
 async fn receipts(app: &TestApp) -> usize {
@@ -189,40 +225,142 @@ async fn health_ready_and_metrics() {
     assert!(metrics.contains(r#"crm_queue_depth{queue="jobs",state="ready"} 1"#), "{metrics}");
 }
 
+const OPERATOR_ROUTES: [&str; 4] =
+    ["/api/v1/receipts", "/api/v1/receipts/nope", "/api/v1/dead-letters", "/api/v1/plugins"];
+
 #[tokio::test]
-async fn operator_endpoints_require_the_key() {
+async fn the_admin_key_opens_every_operator_route_and_the_webhook_key_none() {
     let app = app().await;
-    let r = api::router(app.app.clone())
-        .oneshot(Request::get("/api/v1/receipts").body(Body::empty()).unwrap())
-        .await
+    for route in OPERATOR_ROUTES {
+        let ok = operator_get(&app, route, &[("x-api-key", ADMIN_KEY)], REMOTE).await;
+        assert!(ok == StatusCode::OK || ok == StatusCode::NOT_FOUND, "{route}: {ok}");
+        assert_eq!(
+            operator_get(&app, route, &[("authorization", &format!("Bearer {ADMIN_KEY}"))], REMOTE).await,
+            ok,
+            "{route}"
+        );
+        // The CRM's key, even from this machine, opens nothing.
+        for attempt in [vec![("x-api-key", API_KEY)], vec![("authorization", "Bearer test-key-123")], vec![]] {
+            assert_eq!(
+                operator_get(&app, route, &attempt, LOCAL).await,
+                StatusCode::UNAUTHORIZED,
+                "{route} {attempt:?}"
+            );
+        }
+    }
+    // Replay is refused before its body is looked at.
+    let req = Request::post("/api/v1/dead-letters/replay")
+        .header("x-api-key", API_KEY)
+        .body(Body::from("{\"all\": true}"))
         .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&api::router(app.app.clone()), req).await.0, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
-async fn replaying_needs_the_key_and_an_explicit_target() {
+async fn without_an_admin_key_the_operator_routes_answer_this_machine_only() {
+    let app = app_with(&[("ADMIN_API_KEY", "")], |_| {}).await;
+    assert_eq!(operator_get(&app, "/api/v1/receipts", &[("x-api-key", API_KEY)], LOCAL).await, StatusCode::OK);
+    assert_eq!(operator_get(&app, "/api/v1/receipts", &[("x-api-key", API_KEY)], "[::1]:4000").await, StatusCode::OK);
+    assert_eq!(operator_get(&app, "/api/v1/receipts", &[("x-api-key", API_KEY)], REMOTE).await, StatusCode::FORBIDDEN);
+    assert_eq!(
+        operator_get(&app, "/api/v1/receipts", &[("x-api-key", "guess")], LOCAL).await,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn during_a_key_rotation_both_keys_are_accepted() {
+    let app = app_with(&[("API_KEY", "new-key"), ("API_KEY_PREVIOUS", API_KEY)], |_| {}).await;
+    let (status, _) = send(&app, "/api/v1/webhook/crm", Some(API_KEY), payload("K-1", "Qualified")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(&app, "/api/v1/webhook/crm", Some("new-key"), payload("K-2", "Qualified")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(&app, "/api/v1/webhook/crm", Some("older-key"), payload("K-3", "Qualified")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(receipts(&app).await, 2);
+}
+
+#[tokio::test]
+async fn a_client_over_the_rate_limit_gets_429_with_retry_after_and_others_do_not() {
+    let app = app_with(&[("RATE_LIMIT_MAX", "3"), ("RATE_LIMIT_WINDOW_MS", "60000")], |_| {}).await;
+    let router = api::router(app.app.clone());
+    let webhook = |deal: &str| {
+        Request::post("/api/v1/webhook/crm")
+            .header("x-api-key", API_KEY)
+            .body(Body::from(payload(deal, "Qualified")))
+            .unwrap()
+    };
+    for i in 0..3 {
+        assert_eq!(call_from(&router, webhook(&format!("RL-{i}")), REMOTE).await.0, StatusCode::OK);
+    }
+    let (status, headers, body) = call_from(&router, webhook("RL-3"), REMOTE).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["code"], "rate_limited");
+    let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=20).contains(&wait), "{wait}");
+    // Someone else is not held back, and the refused webhook left nothing.
+    assert_eq!(call_from(&router, webhook("RL-4"), "198.51.100.1:1").await.0, StatusCode::OK);
+    assert_eq!(receipts(&app).await, 4);
+}
+
+#[tokio::test]
+async fn the_plugin_listing_names_variables_and_grants_but_no_value() {
+    let app = app_with(&[("META_ACCESS_TOKEN", "EAAB-very-secret"), ("META_PIXEL_ID", "99")], |_| {}).await;
+    let req = Request::get("/api/v1/plugins").header("x-api-key", ADMIN_KEY).body(Body::empty()).unwrap();
+    let (status, body) = call(&api::router(app.app.clone()), req).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = body.to_string();
+    assert!(!text.contains("EAAB-very-secret") && !text.contains("test-key-123"), "{text}");
+    let meta = body["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "meta-capi").unwrap();
+    assert_eq!(meta["grants"], serde_json::json!(["META_CAPI_* (own name)", "META_*"]));
+    let token = meta["config"].as_array().unwrap().iter().find(|c| c["key"] == "access_token").unwrap();
+    assert_eq!(token["env"], "META_ACCESS_TOKEN");
+    assert_eq!(token["granted_by"], "META_*");
+    assert_eq!(token["set"], true);
+}
+
+#[tokio::test]
+async fn a_source_refused_at_start_answers_503_not_404() {
+    // The operator's copy of crm asks for the webhook key itself: refused.
+    let app = app_with(&[], |plugins| {
+        let manifest = plugins.join("crm/plugin.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap() + "\n[config.key]\nenv = \"API_KEY\"\n";
+        std::fs::write(manifest, text).unwrap();
+    })
+    .await;
+    assert!(app.app.plugins.source("crm").is_none());
+    let errors = app.app.plugins.load_errors();
+    assert!(errors[0].1.contains("config.key: API_KEY is one of the host's own settings"), "{errors:?}");
+    let (status, body) = send(&app, "/api/v1/webhook/crm", Some(API_KEY), payload("U-1", "Qualified")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["code"], "provider_unavailable");
+    let (status, _) = send(&app, "/api/v1/webhook/nobody", Some(API_KEY), payload("U-1", "Qualified")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let ready = call(&api::router(app.app.clone()), Request::get("/ready").body(Body::empty()).unwrap()).await;
+    assert_eq!(ready.0, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.1);
+}
+
+#[tokio::test]
+async fn replaying_needs_an_explicit_target() {
     let app = app().await;
-    let post = |key: Option<&'static str>, body: &'static str| {
+    let post = |body: &'static str| {
         let router = api::router(app.app.clone());
         async move {
-            let mut req = Request::post("/api/v1/dead-letters/replay").header("content-type", "application/json");
-            if let Some(k) = key {
-                req = req.header("x-api-key", k);
-            }
-            let r = router.oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
-            let status = r.status();
-            let bytes = axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap();
-            (status, serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null))
+            let req = Request::post("/api/v1/dead-letters/replay")
+                .header("content-type", "application/json")
+                .header("x-api-key", ADMIN_KEY)
+                .body(Body::from(body))
+                .unwrap();
+            call(&router, req).await
         }
     };
-    assert_eq!(post(None, r#"{"all": true}"#).await.0, StatusCode::UNAUTHORIZED);
-    let (status, body) = post(Some(API_KEY), "{}").await;
+    let (status, body) = post("{}").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["code"], "invalid_replay_request");
-    let (status, body) = post(Some(API_KEY), r#"{"all": true}"#).await;
+    let (status, body) = post(r#"{"all": true}"#).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["replayed"], serde_json::json!([]));
-    let (status, body) = post(Some(API_KEY), r#"{"job_id": "nope"}"#).await;
+    let (status, body) = post(r#"{"job_id": "nope"}"#).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["code"], "dead_letter_not_found");
 }

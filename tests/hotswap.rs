@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crm_event_handler::config::{Config, Environment};
-use crm_event_handler::plugins::{LoadError, PluginEngine};
+use crm_event_handler::config::Config;
+use crm_event_handler::plugins::{CacheSettings, EngineOptions, LoadError, PluginEngine};
 use crm_event_handler::{App, serve};
 use serde_json::Value;
 use support::*;
@@ -164,7 +164,8 @@ async fn a_broken_replacement_is_refused_and_the_running_version_keeps_working()
     .await;
     assert_eq!(r.app.plugins.destination("meta-capi").unwrap().digest, digest);
 
-    // Removing the folder unloads it: jobs fail with a clear reason.
+    // Removing the folder unloads it: jobs wait with a clear reason, and
+    // spend none of their attempts (the plugin is not at fault).
     std::fs::remove_dir_all(r.plugins.join("meta-capi")).unwrap();
     eventually("the plugin to be unloaded", WAIT, async || {
         r.app.plugins.destination("meta-capi").is_none().then_some(())
@@ -172,12 +173,16 @@ async fn a_broken_replacement_is_refused_and_the_running_version_keeps_working()
     .await;
     let (_, body) = post_webhook(&r.base, "/api/v1/webhook/crm", "deal_updated", &payload("B-2", "Qualified")).await;
     let id = body["receipt_id"].as_str().unwrap().to_string();
-    let receipt = eventually("the job to fail", WAIT, async || {
+    let receipt = eventually("the job to be put off", WAIT, async || {
         let rec = get_json(&r.base, &format!("/api/v1/receipts/{id}")).await;
-        (rec["actions"][0]["attempts"].as_u64() >= Some(1)).then_some(rec)
+        rec["actions"][0]["last_error"].is_string().then_some(rec)
     })
     .await;
     assert_eq!(receipt["actions"][0]["last_error"], "no destination plugin named \"meta-capi\" is loaded");
+    assert_eq!(
+        (receipt["actions"][0]["state"].as_str(), receipt["actions"][0]["attempts"].as_u64()),
+        (Some("retrying"), Some(0))
+    );
 
     // Putting it back brings it back, and the waiting job is delivered.
     let folder = r.plugins.join("meta-capi");
@@ -226,28 +231,41 @@ async fn routing_changes_apply_without_restart_and_bad_ones_are_refused() {
     drop(r.dir);
 }
 
+/// An engine with the compile cache in `dir/cache` and its key in `dir/data`.
+fn cached_engine(dir: &Path) -> PluginEngine {
+    let cache = CacheSettings { dir: dir.join("cache"), key_file: dir.join("data/plugin-cache.key") };
+    PluginEngine::new(EngineOptions { cache: Some(cache), ..EngineOptions::default() }).unwrap()
+}
+
+/// The cache entry (`.cwasm` and `.mac`) a plugin was compiled into: the
+/// files that appeared while it loaded.
+fn new_entry(cache: &Path, before: &[PathBuf]) -> (PathBuf, PathBuf) {
+    let now: Vec<PathBuf> =
+        std::fs::read_dir(cache).unwrap().flatten().map(|e| e.path()).filter(|p| !before.contains(p)).collect();
+    let find = |ext: &str| {
+        now.iter().find(|p| p.extension().is_some_and(|x| x == ext)).cloned().unwrap_or_else(|| panic!("no new .{ext}"))
+    };
+    (find("cwasm"), find("mac"))
+}
+
+fn listing(cache: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(cache).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+}
+
 #[tokio::test]
 async fn compiled_components_are_cached_and_a_corrupt_entry_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let plugins = plugins_dir(dir.path(), &["crm"]);
-    let env = Environment::default();
-    PluginEngine::new(Some(cache.clone())).unwrap().load(&plugins.join("crm"), &env, None).unwrap();
-    let entry = |ext: &str| -> PathBuf {
-        std::fs::read_dir(&cache)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == ext))
-            .unwrap_or_else(|| panic!("no .{ext} in the cache"))
-    };
-    let artifact = entry("cwasm");
+    let env = plugin_env(&[], None);
+    cached_engine(dir.path()).load(&plugins.join("crm"), &env, None).unwrap();
+    let (artifact, mac) = new_entry(&cache, &[]);
     let written = std::fs::metadata(&artifact).unwrap().modified().unwrap();
     let good = std::fs::read(&artifact).unwrap();
 
     // A second engine (a restart) uses the entry as it is.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let p = PluginEngine::new(Some(cache.clone())).unwrap().load(&plugins.join("crm"), &env, None).unwrap();
+    let p = cached_engine(dir.path()).load(&plugins.join("crm"), &env, None).unwrap();
     assert_eq!(
         std::fs::metadata(&artifact).unwrap().modified().unwrap(),
         written,
@@ -255,17 +273,58 @@ async fn compiled_components_are_cached_and_a_corrupt_entry_is_rebuilt() {
     );
     assert!(p.parse(&[], payload("C-1", "Qualified").as_bytes()).await.unwrap().is_ok());
 
-    // Corrupt it: the checksum no longer matches, so it is rebuilt, not run.
+    // Corrupt it: the MAC no longer verifies, so it is rebuilt, not run.
     let mut bad = good.clone();
     let mid = bad.len() / 2;
     bad[mid] ^= 0xff;
     std::fs::write(&artifact, &bad).unwrap();
-    let p = PluginEngine::new(Some(cache.clone())).unwrap().load(&plugins.join("crm"), &env, None).unwrap();
+    let p = cached_engine(dir.path()).load(&plugins.join("crm"), &env, None).unwrap();
     assert!(p.parse(&[], payload("C-2", "Qualified").as_bytes()).await.unwrap().is_ok());
-    let rebuilt = std::fs::read(&artifact).unwrap();
-    assert_ne!(rebuilt, bad);
-    let sum = std::fs::read_to_string(entry("sha256")).unwrap();
-    assert_eq!(sum.len(), 64);
+    assert_eq!(std::fs::read(&artifact).unwrap(), good, "rebuilt as the host compiles it");
+    assert_eq!(std::fs::read_to_string(&mac).unwrap().len(), 64);
+}
+
+/// The attacker can write PLUGIN_CACHE_DIR but not the key file: they put
+/// native code the host compiled for another component (their own source
+/// plugin) where the crm source's entry goes, with its MAC, and a checksum
+/// as the old cache layout used. The host must not run it as crm.
+#[tokio::test]
+async fn a_file_placed_in_the_cache_cannot_make_the_host_run_code_it_did_not_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let plugins = plugins_dir(dir.path(), &["crm", "slow-source"]);
+    let env = plugin_env(&[], None);
+    let engine = cached_engine(dir.path());
+    engine.load(&plugins.join("crm"), &env, None).unwrap();
+    let (crm_artifact, crm_mac) = new_entry(&cache, &[]);
+    let before = listing(&cache);
+    engine.load(&plugins.join("slow-source"), &env, None).unwrap();
+    let (evil_artifact, evil_mac) = new_entry(&cache, &before);
+    std::fs::copy(&evil_artifact, &crm_artifact).unwrap();
+    std::fs::copy(&evil_mac, &crm_mac).unwrap();
+    let sum: String = sha2_hex(&std::fs::read(&crm_artifact).unwrap());
+    std::fs::write(crm_artifact.with_extension("sha256"), sum).unwrap();
+
+    let crm = cached_engine(dir.path()).load(&plugins.join("crm"), &env, None).unwrap();
+    let event = crm.parse(&[], payload("C-9", "Qualified").as_bytes()).await.unwrap().unwrap();
+    assert_eq!((event.reference.as_str(), event.event_type.as_str()), ("C-9", "unspecified"), "crm's own code ran");
+    assert_ne!(
+        std::fs::read(&crm_artifact).unwrap(),
+        std::fs::read(&evil_artifact).unwrap(),
+        "the forged entry was replaced"
+    );
+
+    // The key never lives in the cache folder: a setup that would put it
+    // there is refused.
+    let inside = CacheSettings { dir: dir.path().join("data"), key_file: dir.path().join("data/plugin-cache.key") };
+    let err =
+        PluginEngine::new(EngineOptions { cache: Some(inside), ..EngineOptions::default() }).err().unwrap().to_string();
+    assert!(err.contains("must not be inside PLUGIN_CACHE_DIR"), "{err}");
+}
+
+fn sha2_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::test]
@@ -292,8 +351,11 @@ async fn a_plugin_built_for_another_contract_version_is_refused_with_the_reason(
     }
     assert!(patched > 0, "the contract's import names are in the binary");
     std::fs::write(&wasm, bytes).unwrap();
-    let err =
-        PluginEngine::new(None).unwrap().load(&plugins.join("meta-capi"), &Environment::default(), None).err().unwrap();
+    let err = PluginEngine::new(EngineOptions::default())
+        .unwrap()
+        .load(&plugins.join("meta-capi"), &plugin_env(&[], None), None)
+        .err()
+        .unwrap();
     assert!(matches!(err, LoadError::Contract { .. }), "{err}");
     assert!(err.to_string().contains("targets crm:plugin contract version 0.9.0; this host supports 0.1.0"), "{err}");
 }
@@ -308,8 +370,8 @@ async fn a_second_folder_with_the_same_plugin_name_is_refused() {
     for file in ["plugin.toml", "crm.wasm"] {
         std::fs::copy(plugins.join("crm").join(file), backup.join(file)).unwrap();
     }
-    let engine = Arc::new(PluginEngine::new(None).unwrap());
-    let registry = crm_event_handler::plugins::Registry::new(engine, Environment::default());
+    let engine = Arc::new(PluginEngine::new(EngineOptions::default()).unwrap());
+    let registry = crm_event_handler::plugins::Registry::new(engine, plugin_env(&[], None));
     registry.sync(&plugins, false);
     assert_eq!(registry.source("crm").unwrap().dir, plugins.join("crm"));
     let errors = registry.load_errors();

@@ -9,9 +9,9 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crm_event_handler::config::{Config, Environment};
+use crm_event_handler::config::Config;
 use crm_event_handler::event::{Customer, Deal, Event};
-use crm_event_handler::plugins::{DeliveryRequest, LoadedPlugin, Outcome, PluginEngine, PluginError};
+use crm_event_handler::plugins::{DeliveryRequest, EngineOptions, LoadedPlugin, Outcome, PluginEngine, PluginError};
 use crm_event_handler::{App, serve};
 use serde_json::Value;
 use support::*;
@@ -30,8 +30,8 @@ fn event() -> Event {
 
 fn load(dir: &std::path::Path, allowed_url: &str) -> LoadedPlugin {
     let plugins = plugins_dir(dir, &["misbehave"]);
-    let env: Environment = HashMap::from([("MISBEHAVE_ALLOWED_URL".to_string(), allowed_url.to_string())]).into();
-    let engine = PluginEngine::new(None).unwrap();
+    let env = plugin_env(&[("MISBEHAVE_ALLOWED_URL", allowed_url)], None);
+    let engine = PluginEngine::new(EngineOptions::default()).unwrap();
     engine.load(&plugins.join("misbehave"), &env, None).unwrap()
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use crate::plugins::grants::{Grants, PluginEnv};
 use crate::worker::retry::RetryPolicy;
 
 /// A value that must never reach a log.
@@ -65,11 +66,24 @@ pub struct Config {
     pub host: IpAddr,
     pub port: u16,
     pub base_url: Option<String>,
-    pub api_key: Secret,
+    /// Keys a CRM may send in `x-api-key`: `API_KEY`, and `API_KEY_PREVIOUS`
+    /// while a rotation is under way.
+    pub webhook_keys: Vec<Secret>,
+    /// `ADMIN_API_KEY`: opens the operator routes. Unset: the webhook keys
+    /// open them, from loopback addresses only.
+    pub admin_key: Option<Secret>,
     /// Status answered for a missing or wrong `x-api-key` (202 as the original
     /// documented, or 401).
     pub auth_failure_status: u16,
     pub max_body_bytes: usize,
+    /// Request heads must arrive within this; idle keep-alive connections
+    /// are closed after it too.
+    pub header_timeout: Duration,
+    /// A whole request (head, body and answer) must be done within this.
+    pub request_timeout: Duration,
+    /// Inbound requests per client address per window; `None` turns the
+    /// limit off.
+    pub rate_limit: Option<RateLimit>,
     pub store: StoreBackend,
     pub queue: QueueBackend,
     /// MongoDB collection for receipts.
@@ -90,10 +104,20 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Concurrent deliveries per process.
     pub workers: usize,
+    /// Plugin instances that may run at once (parses and deliveries); the
+    /// workers' share is reserved for them.
+    pub plugin_instances: u32,
     pub log_format: LogFormat,
-    /// The environment as loaded, from which plugin manifests resolve the
-    /// variables their `[config]` keys name (e.g. `META_ACCESS_TOKEN`).
-    pub env: Environment,
+    /// The environment as plugins may see it: host settings removed, reads
+    /// checked against `PLUGIN_GRANTS`.
+    pub plugin_env: PluginEnv,
+}
+
+/// `RATE_LIMIT_MAX` requests per `RATE_LIMIT_WINDOW_MS`, per client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub max: u32,
+    pub window: Duration,
 }
 
 /// The environment variables as loaded. `Debug` lists no values: many are
@@ -110,6 +134,13 @@ impl Environment {
             Err(e) => return Err(e).context("could not read .env"),
         }
         Ok(Environment(std::env::vars().collect()))
+    }
+
+    /// This environment without the named variables.
+    pub fn without(&self, names: &[&str]) -> Environment {
+        Environment(
+            self.0.iter().filter(|(k, _)| !names.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        )
     }
 
     /// This environment with `vars` set on top.
@@ -137,9 +168,44 @@ impl From<HashMap<String, String>> for Environment {
     }
 }
 
-/// Variables the built-in plugins read; validated here so a typo fails at
-/// start-up, not on the first delivery.
-const URL_VARS: [&str; 2] = ["META_GRAPH_URL", "BREVO_API_URL"];
+/// Every variable the host itself reads. None of them is ever given to a
+/// plugin (see `plugins::grants`); the loader below may read no other.
+pub const HOST_VARS: &[&str] = &[
+    "ADMIN_API_KEY",
+    "API_KEY",
+    "API_KEY_PREVIOUS",
+    "AUTH_FAILURE_STATUS",
+    "BASE_URL",
+    "DATA_DIR",
+    "DB_COLLECTION",
+    "DB_URI",
+    "HOST",
+    "HTTP_HEADER_TIMEOUT_MS",
+    "HTTP_REQUEST_TIMEOUT_MS",
+    "LOG",
+    "LOG_FORMAT",
+    "MAX_BODY_BYTES",
+    "PLUGINS_DIR",
+    "PLUGIN_CACHE_DIR",
+    "PLUGIN_GRANTS",
+    "PLUGIN_INSTANCES",
+    "PLUGIN_RELOAD_MS",
+    "PORT",
+    "QUEUE_VISIBILITY_TIMEOUT_MS",
+    "RATE_LIMIT_MAX",
+    "RATE_LIMIT_WINDOW_MS",
+    "REDIS_KEY_PREFIX",
+    "REDIS_URI",
+    "RETRY_BASE_DELAY_MS",
+    "RETRY_MAX_ATTEMPTS",
+    "ROUTES_FILE",
+    "WORKERS",
+];
+
+/// Whether `name` is one of the host's own settings.
+pub fn is_host_var(name: &str) -> bool {
+    HOST_VARS.contains(&name)
+}
 
 impl Config {
     /// Load from the process environment, after reading `.env` if present.
@@ -149,7 +215,10 @@ impl Config {
 
     /// Build and validate from an explicit set of variables.
     pub fn from_vars(env: HashMap<String, String>) -> anyhow::Result<Config> {
-        let get = |name: &str| env.get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let get = |name: &str| {
+            debug_assert!(is_host_var(name), "{name} is read by the host but missing from HOST_VARS");
+            env.get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+        };
 
         let api_key = match get("API_KEY") {
             Some(k) => Secret::new(k),
@@ -158,6 +227,14 @@ impl Config {
                  (every webhook would be refused without it)"
             ),
         };
+        let mut webhook_keys = vec![api_key];
+        webhook_keys.extend(get("API_KEY_PREVIOUS").map(Secret::new));
+        let admin_key = get("ADMIN_API_KEY").map(Secret::new);
+        if admin_key.as_ref().is_some_and(|admin| webhook_keys.contains(admin)) {
+            bail!(
+                "ADMIN_API_KEY must differ from API_KEY and API_KEY_PREVIOUS: the CRM's key must not open the operator routes"
+            );
+        }
         let port = parse(&get, "PORT", 3000u16, "a TCP port number (0-65535)")?;
         let host = parse(&get, "HOST", IpAddr::from([0, 0, 0, 0]), "an IP address to listen on, e.g. 127.0.0.1")?;
         let auth_failure_status = parse(&get, "AUTH_FAILURE_STATUS", 202u16, "202 or 401")?;
@@ -165,6 +242,18 @@ impl Config {
             bail!("AUTH_FAILURE_STATUS must be 202 or 401, got {auth_failure_status}");
         }
         let max_body_bytes = parse(&get, "MAX_BODY_BYTES", 1_048_576usize, "a size in bytes")?;
+        let header_ms = parse(&get, "HTTP_HEADER_TIMEOUT_MS", 10_000u64, "a duration in milliseconds")?;
+        let request_ms = parse(&get, "HTTP_REQUEST_TIMEOUT_MS", 30_000u64, "a duration in milliseconds")?;
+        if header_ms == 0 || request_ms == 0 {
+            bail!("HTTP_HEADER_TIMEOUT_MS and HTTP_REQUEST_TIMEOUT_MS must be at least 1");
+        }
+        let rate_max = parse(&get, "RATE_LIMIT_MAX", 60_000u32, "a number of requests (0 turns the limit off)")?;
+        let rate_window_ms = parse(&get, "RATE_LIMIT_WINDOW_MS", 60_000u64, "a duration in milliseconds, at least 1")?;
+        if rate_window_ms == 0 {
+            bail!("RATE_LIMIT_WINDOW_MS must be at least 1");
+        }
+        let rate_limit =
+            (rate_max > 0).then(|| RateLimit { max: rate_max, window: Duration::from_millis(rate_window_ms) });
 
         let store = match get("DB_URI") {
             None => StoreBackend::Embedded,
@@ -188,25 +277,14 @@ impl Config {
         if workers == 0 {
             bail!("WORKERS must be at least 1");
         }
-
-        if let Some(v) = get("META_API_VERSION") {
-            let ok = v.strip_prefix('v').is_some_and(|rest| {
-                rest.split('.').count() == 2
-                    && rest.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-            });
-            if !ok {
-                bail!("META_API_VERSION must look like v21.0, got {v:?}");
-            }
+        let plugin_instances = parse(&get, "PLUGIN_INSTANCES", 1000u32, "a number of plugin instances")?;
+        if (plugin_instances as usize) <= workers || plugin_instances > 10_000 {
+            bail!("PLUGIN_INSTANCES must be more than WORKERS ({workers}) and at most 10000, got {plugin_instances}");
         }
-        for var in URL_VARS {
-            if let Some(v) = get(var) {
-                let url =
-                    url::Url::parse(&v).with_context(|| format!("{var} must be an absolute http(s) URL, got {v:?}"))?;
-                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                    bail!("{var} must be an absolute http(s) URL, got {v:?}");
-                }
-            }
-        }
+        let grants = match get("PLUGIN_GRANTS") {
+            Some(spec) => Grants::with_overrides(&spec).map_err(|e| anyhow::anyhow!("PLUGIN_GRANTS: {e}"))?,
+            None => Grants::default(),
+        };
 
         let log_format = match get("LOG_FORMAT").as_deref() {
             None | Some("auto") => LogFormat::Auto,
@@ -235,9 +313,13 @@ impl Config {
             host,
             port,
             base_url: get("BASE_URL"),
-            api_key,
+            webhook_keys,
+            admin_key,
             auth_failure_status,
             max_body_bytes,
+            header_timeout: Duration::from_millis(header_ms),
+            request_timeout: Duration::from_millis(request_ms),
+            rate_limit,
             store,
             queue,
             data_dir,
@@ -245,8 +327,9 @@ impl Config {
             routes_file: get("ROUTES_FILE").map(PathBuf::from),
             retry: RetryPolicy { max_attempts, base_delay: Duration::from_millis(base_delay_ms) },
             workers,
+            plugin_instances,
             log_format,
-            env: Environment(env),
+            plugin_env: PluginEnv::new(&Environment(env), grants),
         })
     }
 }
@@ -254,7 +337,9 @@ impl Config {
 /// A connection URI with any `user:password@` replaced, for messages.
 pub fn redact_uri(uri: &str) -> String {
     match (uri.find("://"), uri.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}«credentials»{}", &uri[..scheme + 3], &uri[at..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}«credentials»{}", &uri[..scheme + 3], &uri[at..])
+        }
         _ => uri.to_string(),
     }
 }
@@ -288,6 +373,15 @@ mod tests {
         assert_eq!(c.retry.max_attempts, 5);
         assert_eq!(c.retry.base_delay, Duration::from_millis(5000));
         assert_eq!(c.auth_failure_status, 202);
+        assert_eq!(c.admin_key, None);
+        assert_eq!(c.rate_limit, Some(RateLimit { max: 60_000, window: Duration::from_secs(60) }));
+        assert_eq!((c.header_timeout, c.request_timeout), (Duration::from_secs(10), Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_rotation_accepts_the_previous_key_too() {
+        let c = Config::from_vars(vars(&[("API_KEY", "new"), ("API_KEY_PREVIOUS", "old")])).unwrap();
+        assert_eq!(c.webhook_keys, [Secret::new("new"), Secret::new("old")]);
     }
 
     #[test]
@@ -297,9 +391,14 @@ mod tests {
         assert!(err(&[("API_KEY", "k"), ("PORT", "http")]).contains("PORT must be a TCP port"));
         assert!(err(&[("API_KEY", "k"), ("DB_URI", "postgres://x")]).starts_with("DB_URI must start with mongodb://"));
         assert!(err(&[("API_KEY", "k"), ("RETRY_MAX_ATTEMPTS", "0")]).contains("RETRY_MAX_ATTEMPTS"));
-        assert!(err(&[("API_KEY", "k"), ("META_API_VERSION", "21")]).contains("META_API_VERSION must look like v21.0"));
-        assert!(err(&[("API_KEY", "k"), ("META_GRAPH_URL", "graph.facebook.com")]).contains("META_GRAPH_URL"));
         assert!(err(&[("API_KEY", "k"), ("AUTH_FAILURE_STATUS", "403")]).contains("202 or 401"));
+        assert!(err(&[("API_KEY", "k"), ("ADMIN_API_KEY", "k")]).starts_with("ADMIN_API_KEY must differ from API_KEY"));
+        assert!(
+            err(&[("API_KEY", "k"), ("PLUGIN_GRANTS", "evil=DB_URI")])
+                .contains("DB_URI is one of the host's own settings")
+        );
+        assert!(err(&[("API_KEY", "k"), ("RATE_LIMIT_WINDOW_MS", "0")]).contains("RATE_LIMIT_WINDOW_MS"));
+        assert!(err(&[("API_KEY", "k"), ("PLUGIN_INSTANCES", "8")]).contains("more than WORKERS (8)"));
     }
 
     #[test]
@@ -310,9 +409,10 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let c = Config::from_vars(vars(&[("API_KEY", "hunter2")])).unwrap();
-        let shown = format!("{:?}", c.api_key);
+        let c = Config::from_vars(vars(&[("API_KEY", "hunter2"), ("ADMIN_API_KEY", "opensesame")])).unwrap();
+        let shown = format!("{:?}", c.webhook_keys[0]);
         assert_eq!(shown, "«redacted»");
-        assert!(!format!("{c:?}").contains("hunter2"));
+        let all = format!("{c:?}");
+        assert!(!all.contains("hunter2") && !all.contains("opensesame"));
     }
 }

@@ -16,9 +16,10 @@ use anyhow::{Context, bail};
 
 use crate::config::Environment;
 use crate::event::Event;
+use crate::plugins::grants::{Grants, PluginEnv};
 use crate::plugins::manifest::Manifest;
 use crate::plugins::world::{HttpMode, RecordedRequest};
-use crate::plugins::{DeliveryRequest, Kind, LoadedPlugin, Outcome, PluginEngine, plugin_folders};
+use crate::plugins::{DeliveryRequest, EngineOptions, Kind, LoadedPlugin, Outcome, PluginEngine, plugin_folders};
 use crate::queue::idempotency_key;
 use crate::routing::Routes;
 
@@ -55,12 +56,22 @@ pub fn find_plugin(plugins_dir: &Path, plugin: &str) -> anyhow::Result<PathBuf> 
     bail!("no plugin named {plugin:?} in {} (and no plugin.toml in a folder of that name)", plugins_dir.display())
 }
 
+/// What plugins may read here, as the service would grant it: the
+/// environment and `PLUGIN_GRANTS`.
+pub fn plugin_env(env: &Environment) -> anyhow::Result<PluginEnv> {
+    let grants = match env.get("PLUGIN_GRANTS") {
+        Some(spec) => Grants::with_overrides(spec).map_err(|e| anyhow::anyhow!("PLUGIN_GRANTS: {e}"))?,
+        None => Grants::default(),
+    };
+    Ok(PluginEnv::new(env, grants))
+}
+
 /// The environment with a placeholder for every required, unset variable,
 /// and a note for each.
-fn with_placeholders(dir: &Path, env: &Environment, notes: &mut Vec<String>) -> anyhow::Result<Environment> {
+fn with_placeholders(dir: &Path, env: &PluginEnv, notes: &mut Vec<String>) -> anyhow::Result<PluginEnv> {
     let manifest = Manifest::load(dir)?;
     let mut vars: HashMap<String, String> = HashMap::new();
-    for var in manifest.resolve_config(env).missing {
+    for var in manifest.resolve_config(env)?.missing {
         notes.push(format!("{var} is not set; using the placeholder <{var}>"));
         vars.insert(var.clone(), format!("<{var}>"));
     }
@@ -70,7 +81,7 @@ fn with_placeholders(dir: &Path, env: &Environment, notes: &mut Vec<String>) -> 
 fn load(
     engine: &PluginEngine,
     dir: &Path,
-    env: &Environment,
+    env: &PluginEnv,
     mode: HttpMode,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<LoadedPlugin> {
@@ -80,7 +91,8 @@ fn load(
 
 /// Run it and return the report to print.
 pub async fn run(opts: &DryRun, env: &Environment) -> anyhow::Result<String> {
-    let engine = PluginEngine::new(None)?;
+    let env = &plugin_env(env)?;
+    let engine = PluginEngine::new(EngineOptions::default())?;
     let mode = HttpMode::Record { status: opts.respond_status, body: opts.respond_body.clone().into_bytes() };
     let mut notes = Vec::new();
     let dir = find_plugin(&opts.plugins_dir, &opts.plugin)?;

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, QueueBackend, StoreBackend};
-use crate::plugins::{Kind, PluginEngine, Registry};
+use crate::plugins::{CacheSettings, EngineOptions, Kind, PluginEngine, PoolShares, Registry};
 use crate::queue::JobQueue;
 use crate::routing::Routes;
 use crate::store::ReceiptStore;
@@ -39,6 +39,8 @@ pub struct App {
     pub plugins: Arc<Registry>,
     routes: RwLock<Arc<Routes>>,
     pub metrics: Metrics,
+    /// The webhook and operator keys, as the API checks them.
+    pub keys: api::Keys,
 }
 
 impl App {
@@ -75,18 +77,31 @@ impl App {
             None => Routes::default_table(),
         };
 
-        let engine = Arc::new(PluginEngine::new(Some(config.plugin_cache_dir.clone()))?);
-        let registry = Arc::new(Registry::new(engine, config.env.clone()));
+        let workers = config.workers as u32;
+        let engine = Arc::new(PluginEngine::new(EngineOptions {
+            cache: Some(CacheSettings {
+                dir: config.plugin_cache_dir.clone(),
+                key_file: config.data_dir.join("plugin-cache.key"),
+            }),
+            pool: PoolShares { parses: config.plugin_instances - workers, deliveries: workers },
+        })?);
+        let registry = Arc::new(Registry::new(engine, config.plugin_env.clone()));
         let metrics = Metrics::new();
+        if plugins::plugin_folders(&config.plugins_dir).is_empty() {
+            bail!(
+                "PLUGINS_DIR={} holds no plugin folder (a folder with a plugin.toml): every webhook would be refused",
+                config.plugins_dir.display()
+            );
+        }
         let plugins_dir = config.plugins_dir.clone();
         let loader = registry.clone();
         let changes = tokio::task::spawn_blocking(move || loader.sync(&plugins_dir, false)).await?;
         report_changes(&metrics, &changes, false);
         let set = registry.snapshot();
         if set.sources.is_empty() {
-            bail!(
-                "no source plugin loaded from PLUGINS_DIR={}: every webhook would be refused",
-                config.plugins_dir.display()
+            tracing::error!(
+                plugins_dir = %config.plugins_dir.display(),
+                "no source plugin loaded: webhooks are answered 503 until one loads (see GET /api/v1/plugins)"
             );
         }
         for p in set.all() {
@@ -106,7 +121,18 @@ impl App {
             }
         }
 
-        Ok(Arc::new(App { config, store, queue, plugins: registry, routes: RwLock::new(Arc::new(routes)), metrics }))
+        if config.admin_key.is_none() {
+            tracing::warn!("ADMIN_API_KEY is not set: the operator routes accept API_KEY, from this machine only");
+        }
+        Ok(Arc::new(App {
+            keys: api::Keys::new(&config),
+            config,
+            store,
+            queue,
+            plugins: registry,
+            routes: RwLock::new(Arc::new(routes)),
+            metrics,
+        }))
     }
 
     /// The routing table in force.
@@ -206,7 +232,7 @@ pub async fn serve_as(
     app: Arc<App>,
     listener: TcpListener,
     role: Role,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     worker::recover_unqueued(&app).await;
     let workers = if role.workers { worker::spawn(app.clone(), shutdown.clone()) } else { Vec::new() };
@@ -217,11 +243,8 @@ pub async fn serve_as(
     let addr = listener.local_addr()?;
     let workers_running = if role.workers { app.config.workers } else { 0 };
     tracing::info!(%addr, api = role.api, workers = workers_running, "crm-event-handler listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await?;
+    let timeouts = api::server::Timeouts { header: app.config.header_timeout, request: app.config.request_timeout };
+    api::server::run(listener, router, timeouts, shutdown.clone()).await;
     for w in workers {
         let _ = w.await;
     }

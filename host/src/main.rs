@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crm_event_handler::config::{Config, Environment};
 use crm_event_handler::dry_run::{self, DryRun};
-use crm_event_handler::plugins::PluginEngine;
+use crm_event_handler::plugins::{EngineOptions, PluginEngine};
 use crm_event_handler::routing::Routes;
 use crm_event_handler::{App, Role, serve_as, telemetry};
 
@@ -187,7 +187,10 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::List { url } => {
             let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{}", env.get("PORT").unwrap_or("3000")));
-            let key = env.get("API_KEY").context("API_KEY is not set (the listing needs the host's key)")?;
+            let key = env
+                .get("ADMIN_API_KEY")
+                .or_else(|| env.get("API_KEY"))
+                .context("ADMIN_API_KEY is not set (the listing needs the host's operator key)")?;
             let response = reqwest::Client::new()
                 .get(format!("{}/api/v1/plugins", url.trim_end_matches('/')))
                 .header("x-api-key", key)
@@ -228,14 +231,31 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PluginCommand::Check { dir } => {
-            let engine = PluginEngine::new(None)?;
-            let p = engine.load(&dir, &env, None)?;
+            let engine = PluginEngine::new(EngineOptions::default())?;
+            let plugin_env = dry_run::plugin_env(&env)?;
+            let p = engine.load(&dir, &plugin_env, None)?;
             println!("ok: {} {} ({}), component sha256 {}", p.name(), p.manifest.version, p.manifest.kind, p.digest);
             let allowed = p.allow.describe();
             println!("allowed outbound hosts: {}", if allowed.is_empty() { "none".into() } else { allowed.join(", ") });
+            println!("may read: {}", plugin_env.grants().describe(p.name()).join(", "));
+            for v in &p.config.vars {
+                let source = match (&v.env, &v.granted_by) {
+                    (Some(var), Some(grant)) => {
+                        format!("{var} (granted by {grant}, {})", if v.set { "set" } else { "not set" })
+                    }
+                    _ => "manifest default".to_string(),
+                };
+                let flags = [(v.secret, " secret"), (v.required, " required")]
+                    .iter()
+                    .filter(|(on, _)| *on)
+                    .map(|(_, f)| *f)
+                    .collect::<String>();
+                println!("  config.{}: {source}{flags}", v.key);
+            }
+            let l = p.manifest.limits;
             println!(
-                "limits: {} ms per call, {} MiB memory",
-                p.manifest.limits.time_per_call_ms, p.manifest.limits.memory_mb
+                "limits: {} ms per call, {} MiB memory, {} requests and {} request body bytes per call",
+                l.time_per_call_ms, l.memory_mb, l.max_requests_per_call, l.max_request_bytes_per_call
             );
             if !p.config.missing.is_empty() {
                 println!("not configured here: set {}", p.config.missing.join(", "));

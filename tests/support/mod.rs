@@ -28,6 +28,16 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_path_buf()
 }
 
+/// The environment plugins see, from these variables and optional
+/// `PLUGIN_GRANTS`, as the service builds it.
+pub fn plugin_env(vars: &[(&str, &str)], grants: Option<&str>) -> crm_event_handler::plugins::grants::PluginEnv {
+    use crm_event_handler::plugins::grants::{Grants, PluginEnv};
+    let env: crm_event_handler::config::Environment =
+        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>().into();
+    let grants = grants.map(|g| Grants::with_overrides(g).unwrap()).unwrap_or_default();
+    PluginEnv::new(&env, grants)
+}
+
 /// A plugins directory holding copies of the named plugin folders (from
 /// `plugins/` or `tests/plugins/`), so a test can change manifests freely.
 pub fn plugins_dir(into: &Path, names: &[&str]) -> PathBuf {

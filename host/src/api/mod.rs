@@ -1,20 +1,27 @@
 //! The HTTP API: webhook intake (both the documented path and the one the
 //! original service actually served), health, readiness, metrics, and the
-//! operator's receipts / dead-letter endpoints.
+//! operator's receipts / dead-letter / plugin endpoints behind the operator
+//! key (`auth`). Every route is rate-limited per client address (`limit`);
+//! `server` bounds slow clients.
 
+mod auth;
 mod error;
+mod limit;
+pub mod server;
 mod webhook;
 
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+pub use auth::Keys;
 pub use error::ApiError;
 
 use crate::App;
@@ -22,50 +29,43 @@ use crate::store::{DeliveryState, ListQuery};
 
 /// The whole API.
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
+    let intake = Router::new()
         .route("/api/v1/webhook/{provider}", post(webhook::receive))
         .route("/v1/webhooks/{provider}", post(webhook::receive))
         // The webhook handler enforces MAX_BODY_BYTES itself, with a JSON 413;
-        // the operator routes below keep axum's default limit.
-        .layer(axum::extract::DefaultBodyLimit::disable())
-        .merge(operations())
-        .with_state(app)
+        // the operator routes keep axum's default limit.
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    finish(intake.merge(operations(&app)), app)
 }
 
 /// Everything but webhook intake: health, readiness, metrics, operator
 /// endpoints (a workers-only process serves just these).
 pub fn operations_router(app: Arc<App>) -> Router {
-    operations().with_state(app)
+    finish(operations(&app), app)
 }
 
-fn operations() -> Router<Arc<App>> {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+fn finish(routes: Router<Arc<App>>, app: Arc<App>) -> Router {
+    let limit = app.config.rate_limit;
+    let router = routes.with_state(app);
+    match limit {
+        Some(config) => router.layer(from_fn_with_state(Arc::new(limit::Limiter::new(config)), limit::limit)),
+        None => router,
+    }
+}
+
+fn operations(app: &Arc<App>) -> Router<Arc<App>> {
+    let operator = Router::new()
         .route("/api/v1/receipts", get(list_receipts))
         .route("/api/v1/receipts/{id}", get(get_receipt))
         .route("/api/v1/dead-letters", get(list_dead_letters))
         .route("/api/v1/dead-letters/replay", post(replay))
         .route("/api/v1/plugins", get(list_plugins))
-}
-
-/// Constant-time comparison, so response timing does not leak the key.
-pub(crate) fn key_matches(given: &[u8], expected: &[u8]) -> bool {
-    if given.len() != expected.len() {
-        return false;
-    }
-    given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-}
-
-/// Operator endpoints require the API key too, and answer a plain 401.
-fn require_key(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers.get("x-api-key").map(|v| v.as_bytes()).unwrap_or_default();
-    if key_matches(given, app.config.api_key.expose().as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid x-api-key"))
-    }
+        .route_layer(from_fn_with_state(app.clone(), auth::require_operator));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(operator)
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -111,10 +111,8 @@ struct ListParams {
 
 async fn list_receipts(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Query(params): Query<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    require_key(&app, &headers)?;
     let limit = params.limit.unwrap_or(50).clamp(1, 1000);
     let receipts = app
         .store
@@ -124,12 +122,7 @@ async fn list_receipts(
     Ok(Json(json!({ "receipts": receipts })))
 }
 
-async fn get_receipt(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    require_key(&app, &headers)?;
+async fn get_receipt(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
     match app.store.get(&id).await {
         Ok(Some(r)) => Ok(Json(json!(r))),
         Ok(None) => Err(ApiError::new(StatusCode::NOT_FOUND, "receipt_not_found", format!("no receipt {id}"))),
@@ -139,10 +132,8 @@ async fn get_receipt(
 
 async fn list_dead_letters(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Query(params): Query<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    require_key(&app, &headers)?;
     let limit = params.limit.unwrap_or(100).clamp(1, 10_000);
     let letters = app
         .queue
@@ -163,14 +154,9 @@ struct ReplayRequest {
 }
 
 /// Put dead letters back in the queue with a fresh retry budget. The body is
-/// `{"job_id": "…"}` or `{"all": true}`; the key is checked before the body
-/// is read.
-async fn replay(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    require_key(&app, &headers)?;
+/// `{"job_id": "…"}` or `{"all": true}`; the key is checked (by the route
+/// layer) before the body is read.
+async fn replay(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
     let bad = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_replay_request", detail);
     let request: ReplayRequest = serde_json::from_slice(&body)
         .map_err(|e| bad(format!("expected {{\"job_id\": \"…\"}} or {{\"all\": true}}: {e}")))?;
@@ -208,11 +194,12 @@ async fn replay(
     Ok(Json(json!({ "replayed": replayed })))
 }
 
-/// Loaded plugins (version, kind, digest, load time, allowed hosts, missing
+/// Loaded plugins (version, kind, digest, load time, allowed hosts, the
+/// variables each reads and the grants that allow it, never values, missing
 /// settings) and folders whose latest contents were refused.
-async fn list_plugins(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
-    require_key(&app, &headers)?;
+async fn list_plugins(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, ApiError> {
     let set = app.plugins.snapshot();
+    let grants = app.plugins.env().grants();
     let plugins: Vec<serde_json::Value> = set
         .all()
         .map(|p| {
@@ -226,6 +213,14 @@ async fn list_plugins(State(app): State<Arc<App>>, headers: HeaderMap) -> Result
                 "loaded_at_ms": loaded_at,
                 "dir": p.dir.display().to_string(),
                 "allowed_outbound_hosts": p.allow.describe(),
+                "config": p.config.vars,
+                "grants": grants.describe(p.name()),
+                "limits": {
+                    "time_per_call_ms": p.manifest.limits.time_per_call_ms,
+                    "memory_mb": p.manifest.limits.memory_mb,
+                    "max_requests_per_call": p.manifest.limits.max_requests_per_call,
+                    "max_request_bytes_per_call": p.manifest.limits.max_request_bytes_per_call,
+                },
                 "not_configured": p.config.missing,
             })
         })

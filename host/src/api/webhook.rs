@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{ApiError, key_matches};
+use super::ApiError;
 use crate::App;
-use crate::plugins::ParseFailure;
+use crate::plugins::{LoadedPlugin, ParseFailure, PluginError, SourceLookup};
 use crate::routing::ActionSpec;
 use crate::store::{ActionRecord, DeliveryState, Inserted, Receipt, StoredRequest, now_ms};
 use crate::worker::jobs_for;
@@ -48,10 +48,10 @@ pub async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let known = app.plugins.source(&provider);
+    let source = app.plugins.lookup_source(&provider);
     // Only known provider names become metric labels.
-    let label = if known.is_some() { provider.as_str() } else { "unknown" };
-    let result = accept(&app, &provider, known, &headers, body).await;
+    let label = if matches!(source, SourceLookup::Unknown) { "unknown" } else { provider.as_str() };
+    let result = accept(&app, &provider, source, &headers, body).await;
     let outcome = match &result {
         Ok(Reply::Accepted(a)) if a.duplicate => "duplicate",
         Ok(Reply::Accepted(_)) => "accepted",
@@ -93,21 +93,30 @@ enum Reply {
 async fn accept(
     app: &App,
     provider: &str,
-    source: Option<Arc<crate::plugins::LoadedPlugin>>,
+    source: SourceLookup,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Reply, ApiError> {
-    let key = headers.get("x-api-key").map(|v| v.as_bytes()).unwrap_or_default();
-    if !key_matches(key, app.config.api_key.expose().as_bytes()) {
+    if !app.keys.webhook(headers) {
         return Ok(Reply::Unauthorized);
     }
-    let Some(source) = source else {
-        let known: Vec<String> = app.plugins.snapshot().sources.keys().cloned().collect();
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_provider",
-            format!("no source plugin named {provider:?} is loaded (known: {})", known.join(", ")),
-        ));
+    let source: Arc<LoadedPlugin> = match source {
+        SourceLookup::Loaded(source) => source,
+        SourceLookup::Unavailable(why) => {
+            return Err(ApiError::unavailable(
+                "provider_unavailable",
+                "this provider's plugin is not loaded right now; retry later",
+                why,
+            ));
+        }
+        SourceLookup::Unknown => {
+            let known: Vec<String> = app.plugins.snapshot().sources.keys().cloned().collect();
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_provider",
+                format!("no source plugin named {provider:?} is loaded (known: {})", known.join(", ")),
+            ));
+        }
     };
 
     let limit = app.config.max_body_bytes;
@@ -137,6 +146,13 @@ async fn accept(
     let mut event = match parsed {
         Ok(Ok(event)) => event,
         Ok(Err(failure)) => return Err(parse_error(failure)),
+        Err(e @ PluginError::Busy { .. }) => {
+            return Err(ApiError::unavailable(
+                "plugins_busy",
+                "every plugin instance for parsing is in use; retry later",
+                e,
+            ));
+        }
         Err(e) => {
             return Err(ApiError::unavailable("source_plugin_failed", "the source plugin failed; retry later", e));
         }

@@ -3,10 +3,16 @@
 //! An entry is `scheme://host[:port]`. The host may start with `*.` to allow
 //! every subdomain (not the bare domain); the port may be `*`; an omitted
 //! port means the scheme's default. Paths are not part of an entry. A literal
-//! IP address is allowed only by an entry naming that same address, so
-//! `169.254.169.254` and friends stay unreachable unless listed.
+//! IP address is allowed only by an entry naming that same address, and a
+//! wildcard never matches an IP address.
+//!
+//! Entries are the plugin author's (literal in the manifest, or a manifest
+//! default) or the operator's (a `{key}` entry whose value the operator set).
+//! Only the operator's exact entries may lead to loopback, private,
+//! link-local or cloud-metadata addresses; `outbound` enforces that on the
+//! addresses a name resolves to.
 
-use url::Url;
+use url::{Host, Url};
 
 /// One allowed origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +21,8 @@ struct Origin {
     host: HostPattern,
     /// `None` = any port.
     port: Option<u16>,
+    /// Listed by the operator (through a setting), not by the plugin.
+    operator: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,15 +47,26 @@ pub struct AllowListError {
 }
 
 impl AllowList {
-    /// Parse entries; the first bad one is the error.
+    /// Parse the plugin author's entries; the first bad one is the error.
     pub fn parse<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<AllowList, AllowListError> {
-        let origins = entries.into_iter().map(parse_entry).collect::<Result<_, _>>()?;
+        AllowList::parse_entries(entries.into_iter().map(|e| (e, false)))
+    }
+
+    /// Parse entries, each marked as the operator's or not.
+    pub fn parse_entries<'a>(entries: impl IntoIterator<Item = (&'a str, bool)>) -> Result<AllowList, AllowListError> {
+        let origins = entries
+            .into_iter()
+            .map(|(entry, operator)| parse_entry(entry).map(|o| Origin { operator, ..o }))
+            .collect::<Result<_, _>>()?;
         Ok(AllowList { origins })
     }
 
     /// Whether `url` may be requested.
     pub fn allows(&self, url: &Url) -> bool {
-        let Some(host) = url.host_str() else { return false };
+        let Some(host) = url.host_str() else {
+            return false;
+        };
+        let is_ip = !matches!(url.host(), Some(Host::Domain(_)));
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let port = url.port_or_known_default();
         self.origins.iter().any(|o| {
@@ -55,9 +74,24 @@ impl AllowList {
                 && o.port.is_none_or(|p| Some(p) == port)
                 && match &o.host {
                     HostPattern::Exact(h) => *h == host,
-                    HostPattern::Subdomains(suffix) => host.ends_with(suffix.as_str()) && host.len() > suffix.len(),
+                    HostPattern::Subdomains(suffix) => {
+                        !is_ip && host.ends_with(suffix.as_str()) && host.len() > suffix.len()
+                    }
                 }
         })
+    }
+
+    /// Hosts (names or addresses, as URLs spell them) the operator listed
+    /// exactly: only these may resolve to private or local addresses.
+    pub fn operator_hosts(&self) -> Vec<String> {
+        self.origins
+            .iter()
+            .filter(|o| o.operator)
+            .filter_map(|o| match &o.host {
+                HostPattern::Exact(h) => Some(h.clone()),
+                HostPattern::Subdomains(_) => None,
+            })
+            .collect()
     }
 
     /// The entries as written back, for listings.
@@ -117,7 +151,7 @@ fn parse_entry(entry: &str) -> Result<Origin, AllowListError> {
             HostPattern::Exact(url.host_str().unwrap_or(&host).to_string())
         }
     };
-    Ok(Origin { scheme, host: pattern, port })
+    Ok(Origin { scheme, host: pattern, port, operator: false })
 }
 
 #[cfg(test)]
@@ -156,6 +190,25 @@ mod tests {
         assert!(!allows(&["https://*.example.com", "http://127.0.0.1:*"], "http://169.254.169.254/latest/meta-data"));
         assert!(allows(&["http://169.254.169.254"], "http://169.254.169.254/latest"));
         assert!(!allows(&[], "http://[::1]/"));
+    }
+
+    #[test]
+    fn a_wildcard_never_matches_an_ip_address() {
+        assert!(!allows(&["http://*.0.0.1:*"], "http://127.0.0.1:8080/"));
+        assert!(!allows(&["http://*.254.169.254"], "http://169.254.169.254/"));
+        assert!(!allows(&["http://*.1]:*"], "http://[::1]:80/"));
+        assert!(allows(&["http://*.example.com:*"], "http://a.example.com:8080/"));
+    }
+
+    #[test]
+    fn only_operator_entries_are_operator_hosts() {
+        let list = AllowList::parse_entries([
+            ("http://127.0.0.1:9", true),
+            ("http://localhost:9", false),
+            ("https://*.x.com", true),
+        ])
+        .unwrap();
+        assert_eq!(list.operator_hosts(), ["127.0.0.1"]);
     }
 
     #[test]

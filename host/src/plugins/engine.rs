@@ -4,30 +4,38 @@
 //!
 //! Every call gets a fresh instance (about 60–100 µs with the pooling
 //! allocator), so no state leaks between events and a trapped instance is
-//! simply dropped.
+//! simply dropped. The pool is split in two shares, parses and deliveries,
+//! so a burst of webhooks cannot take the instances the workers need.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 use wasmtime::component::Component;
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 
 use super::allow::AllowList;
+use super::grants::PluginEnv;
 use super::manifest::{Kind, MAX_MEMORY_MB, Manifest, ManifestError, ResolvedConfig};
+use super::outbound;
 use super::world::{
     self, CONTRACT_PACKAGE, CONTRACT_VERSION, DestinationPre, HttpMode, PluginContext, PluginState, RecordedRequest,
     SourcePre, wit,
 };
-use crate::config::Environment;
 use crate::event::Event;
 
 /// How often the epoch advances; time limits are enforced to this grain.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
-/// Concurrent plugin instances the pool holds.
-const POOL_INSTANCES: u32 = 1000;
+/// How long a parse waits for a free instance of its share before the
+/// webhook is answered 503.
+const PARSE_SLOT_WAIT: Duration = Duration::from_secs(1);
+/// How long a delivery waits for one (workers never need more than their
+/// share, so this only passes when something is badly wrong).
+const DELIVERY_SLOT_WAIT: Duration = Duration::from_secs(10);
 
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +64,32 @@ pub enum PluginError {
     Trap { plugin: String, message: String },
     #[error("plugin {plugin} could not be started: {message}")]
     Instantiate { plugin: String, message: String },
+    /// No instance was free in the pool (the host's state, not the plugin's).
+    #[error("no plugin instance is free to run {plugin} (all {share} in use); try again shortly")]
+    Busy { plugin: String, share: &'static str },
     #[error("plugin {plugin} is a {actual} plugin, not a {expected}")]
     WrongKind { plugin: String, expected: Kind, actual: Kind },
+}
+
+impl PluginError {
+    /// Whether the plugin is at fault (a limit, a trap, a failed start), as
+    /// opposed to the host having had no room to run it. Only the plugin's
+    /// failures spend a job's attempts.
+    pub fn is_plugins_fault(&self) -> bool {
+        !matches!(self, PluginError::Busy { .. })
+    }
+
+    /// A short, stable name for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::TimeLimit { .. } => "time_limit",
+            PluginError::MemoryLimit { .. } => "memory_limit",
+            PluginError::Trap { .. } => "trap",
+            PluginError::Instantiate { .. } => "instantiate",
+            PluginError::Busy { .. } => "busy",
+            PluginError::WrongKind { .. } => "wrong_kind",
+        }
+    }
 }
 
 /// A source plugin's verdict on a webhook.
@@ -92,7 +124,9 @@ impl std::fmt::Display for ParseFailure {
         match self {
             ParseFailure::Malformed(detail) => f.write_str(detail),
             ParseFailure::MissingField(field) => write!(f, "required field {field} is missing"),
-            ParseFailure::InvalidField { field, expected } => write!(f, "field {field} must be {expected}"),
+            ParseFailure::InvalidField { field, expected } => {
+                write!(f, "field {field} must be {expected}")
+            }
         }
     }
 }
@@ -117,13 +151,48 @@ pub struct DeliveryRequest<'a> {
     pub idempotency_key: &'a str,
 }
 
+/// How the engine is set up.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Keep compiled components on disk (`None`: compile every time).
+    pub cache: Option<CacheSettings>,
+    pub pool: PoolShares,
+}
+
+/// Where compiled components are kept, and the file holding the key that
+/// authenticates them. The key must not be inside `dir`.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub dir: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// How many plugin instances may run at once, for parses and for deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolShares {
+    pub parses: u32,
+    pub deliveries: u32,
+}
+
+impl Default for PoolShares {
+    fn default() -> Self {
+        PoolShares { parses: 992, deliveries: 8 }
+    }
+}
+
+/// The free instances of each share.
+struct Slots {
+    parses: Semaphore,
+    deliveries: Semaphore,
+}
+
 /// The shared engine, its linkers and the epoch ticker.
 pub struct PluginEngine {
     engine: Engine,
     source_linker: wasmtime::component::Linker<PluginState>,
     destination_linker: wasmtime::component::Linker<PluginState>,
-    http: reqwest::Client,
     ticker: Arc<EpochTicker>,
+    slots: Arc<Slots>,
     cache: Option<CompileCache>,
 }
 
@@ -134,14 +203,92 @@ const WASMTIME_VERSION: &str = "48.0.8";
 /// Compiled components on disk, so a restart does not recompile.
 ///
 /// Layout of the cache folder: `<key>.cwasm` (the serialized component) and
-/// `<key>.sha256` (hex SHA-256 of that file). The key hashes the component's
-/// bytes, the wasmtime version and the engine's compatibility hash (its
-/// settings and target), so a changed component or engine never matches a
-/// stale entry. An entry is used only if its checksum matches; anything else
-/// is rebuilt and overwritten.
+/// `<key>.mac` (hex HMAC-SHA256 of the key and that file). The key hashes
+/// the component's bytes, the wasmtime version and the engine's
+/// compatibility hash (its settings and target), so a changed component or
+/// engine never matches a stale entry. The MAC is keyed by a secret kept in
+/// `CacheSettings::key_file`, outside the folder: whoever can write the
+/// folder but not that file cannot make an entry the host will run. An
+/// entry whose MAC does not verify is rebuilt and overwritten.
 struct CompileCache {
     dir: PathBuf,
     engine_key: String,
+    mac_key: [u8; 32],
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl CompileCache {
+    fn open(settings: &CacheSettings, engine: &Engine) -> anyhow::Result<CompileCache> {
+        let dir = &settings.dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the plugin cache {}: {e}", dir.display()))?;
+        let inside = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a.starts_with(b),
+            _ => a.starts_with(b),
+        };
+        let key_dir = settings.key_file.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(key_dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", key_dir.display()))?;
+        if inside(key_dir, dir) {
+            anyhow::bail!(
+                "the plugin cache key {} must not be inside PLUGIN_CACHE_DIR={}: anyone who can write the cache could forge entries",
+                settings.key_file.display(),
+                dir.display()
+            );
+        }
+        let mac_key = load_or_create_key(&settings.key_file)?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
+        let engine_key = format!("{WASMTIME_VERSION}-{:016x}", std::hash::Hasher::finish(&h));
+        Ok(CompileCache { dir: dir.clone(), engine_key, mac_key })
+    }
+
+    fn mac(&self, key: &str, artifact: &[u8]) -> HmacSha256 {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.mac_key).expect("HMAC takes a key of any length");
+        mac.update(key.as_bytes());
+        mac.update(&[0]);
+        mac.update(artifact);
+        mac
+    }
+}
+
+/// Read the cache key, or create it (32 random bytes, hex, owner-only).
+fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
+    let parse = |text: &str| -> Option<[u8; 32]> {
+        let text = text.trim();
+        let mut key = [0u8; 32];
+        if text.len() != 64 {
+            return None;
+        }
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok()?;
+        }
+        Some(key)
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text).ok_or_else(|| {
+            anyhow::anyhow!("{} is not a plugin cache key (64 hex digits); delete it to make a new one", path.display())
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness for the plugin cache key: {e}"))?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            match options.open(path) {
+                Ok(mut file) => {
+                    std::io::Write::write_all(&mut file, hex(&key).as_bytes())
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                    Ok(key)
+                }
+                // Another process made it first: use theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create_key(path),
+                Err(e) => Err(anyhow::anyhow!("cannot create {}: {e}", path.display())),
+            }
+        }
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
 }
 
 /// Advances the engine's epoch while anything that runs plugins is alive:
@@ -160,13 +307,15 @@ impl Drop for EpochTicker {
 impl PluginEngine {
     /// Build the engine (pooling allocator, epoch interruption) and start the
     /// epoch ticker.
-    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<PluginEngine> {
+    pub fn new(options: EngineOptions) -> anyhow::Result<PluginEngine> {
+        let shares = options.pool;
+        let instances = shares.parses + shares.deliveries;
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_component_instances(POOL_INSTANCES)
-            .total_core_instances(POOL_INSTANCES * 8)
-            .total_memories(POOL_INSTANCES * 2)
-            .total_tables(POOL_INSTANCES * 4)
-            .total_stacks(POOL_INSTANCES)
+        pool.total_component_instances(instances)
+            .total_core_instances(instances * 8)
+            .total_memories(instances * 2)
+            .total_tables(instances * 4)
+            .total_stacks(instances)
             .max_memories_per_component(8)
             .max_tables_per_component(16)
             .max_core_instances_per_component(64)
@@ -179,11 +328,6 @@ impl PluginEngine {
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot create the plugin engine: {e}"))?;
         let source_linker = world::source_linker(&engine).map_err(|e| anyhow::anyhow!("{e}"))?;
         let destination_linker = world::destination_linker(&engine).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(5))
-            .user_agent(concat!("crm-event-handler/", env!("CARGO_PKG_VERSION")))
-            .build()?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let ticker = Arc::new(EpochTicker { stop: stop.clone() });
@@ -194,18 +338,12 @@ impl PluginEngine {
                 ticking.increment_epoch();
             }
         })?;
-        let cache = match cache_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| anyhow::anyhow!("cannot create the plugin cache {}: {e}", dir.display()))?;
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
-                let engine_key = format!("{WASMTIME_VERSION}-{:016x}", std::hash::Hasher::finish(&h));
-                Some(CompileCache { dir, engine_key })
-            }
-            None => None,
-        };
-        Ok(PluginEngine { engine, source_linker, destination_linker, http, ticker, cache })
+        let cache = options.cache.as_ref().map(|c| CompileCache::open(c, &engine)).transpose()?;
+        let slots = Arc::new(Slots {
+            parses: Semaphore::new(shares.parses as usize),
+            deliveries: Semaphore::new(shares.deliveries as usize),
+        });
+        Ok(PluginEngine { engine, source_linker, destination_linker, ticker, slots, cache })
     }
 
     /// Compile a component, through the on-disk cache when there is one.
@@ -214,17 +352,26 @@ impl PluginEngine {
             Component::new(&self.engine, bytes)
                 .map_err(|e| LoadError::Compile { path: path.to_path_buf(), message: format!("{e:#}") })
         };
-        let Some(cache) = &self.cache else { return compile() };
+        let Some(cache) = &self.cache else {
+            return compile();
+        };
         let key = hex(&Sha256::digest(format!("{}:{digest}", cache.engine_key)));
         let artifact_path = cache.dir.join(format!("{key}.cwasm"));
-        let sum_path = cache.dir.join(format!("{key}.sha256"));
-        if let (Ok(artifact), Ok(sum)) = (std::fs::read(&artifact_path), std::fs::read_to_string(&sum_path)) {
-            if hex(&Sha256::digest(&artifact)) == sum.trim() {
-                // SAFETY: these bytes are exactly what `Component::serialize`
-                // wrote for this component on an engine with the same
-                // compatibility hash (both are in the key), as the checksum
-                // we stored alongside proves; wasmtime also re-checks the
-                // header against this engine.
+        let mac_path = cache.dir.join(format!("{key}.mac"));
+        if let (Ok(artifact), Ok(mac)) = (std::fs::read(&artifact_path), std::fs::read_to_string(&mac_path)) {
+            let authentic =
+                decode_hex(mac.trim()).is_some_and(|tag| cache.mac(&key, &artifact).verify_slice(&tag).is_ok());
+            if authentic {
+                // SAFETY: `deserialize` runs the native code in `artifact`, so
+                // it must be code this host compiled. The trust assumption:
+                // only this service's user can read the key file (created
+                // 0600 outside PLUGIN_CACHE_DIR). The MAC, keyed by it, over
+                // the entry's key (component digest, wasmtime version and
+                // engine compatibility hash) and the bytes, proves that
+                // `Component::serialize` on an engine like this one wrote
+                // exactly these bytes for exactly this component; a file
+                // merely placed in the cache folder cannot carry it.
+                // wasmtime also re-checks the header against this engine.
                 match unsafe { Component::deserialize(&self.engine, &artifact) } {
                     Ok(c) => return Ok(c),
                     Err(e) => {
@@ -232,7 +379,7 @@ impl PluginEngine {
                     }
                 }
             } else {
-                tracing::warn!(path = %artifact_path.display(), "corrupt compile cache entry; rebuilding");
+                tracing::warn!(path = %artifact_path.display(), "compile cache entry fails authentication; rebuilding");
             }
         }
         let component = compile()?;
@@ -244,8 +391,8 @@ impl PluginEngine {
                     std::fs::write(&tmp, data)?;
                     std::fs::rename(&tmp, p)
                 };
-                let written = write(&artifact_path, &artifact)
-                    .and_then(|()| write(&sum_path, hex(&Sha256::digest(&artifact)).as_bytes()));
+                let tag = hex(&cache.mac(&key, &artifact).finalize().into_bytes());
+                let written = write(&artifact_path, &artifact).and_then(|()| write(&mac_path, tag.as_bytes()));
                 if let Err(e) = written {
                     tracing::warn!(dir = %cache.dir.display(), error = %e, "could not write the compile cache");
                 }
@@ -255,10 +402,14 @@ impl PluginEngine {
         Ok(component)
     }
 
-    /// Load, compile and validate the plugin in `dir` against its world.
-    /// Nothing is registered: the caller swaps it in only if this succeeds.
-    pub fn load(&self, dir: &Path, env: &Environment, http: Option<HttpMode>) -> Result<LoadedPlugin, LoadError> {
+    /// Load, compile and validate the plugin in `dir` against its world,
+    /// resolving its settings from what `env` grants it. Nothing is
+    /// registered: the caller swaps it in only if this succeeds.
+    pub fn load(&self, dir: &Path, env: &PluginEnv, http: Option<HttpMode>) -> Result<LoadedPlugin, LoadError> {
         let manifest = Manifest::load(dir)?;
+        // Grants first: a manifest asking for what it was not given is
+        // refused before its component is even read.
+        let config = manifest.resolve_config(env).map_err(|e| LoadError::Manifest(e.at(&dir.join("plugin.toml"))))?;
         let path = dir.join(&manifest.component);
         let bytes = std::fs::read(&path).map_err(|error| LoadError::ReadComponent { path: path.clone(), error })?;
         let digest = hex(&Sha256::digest(&bytes));
@@ -266,10 +417,16 @@ impl PluginEngine {
         check_contract_version(&self.engine, &component)
             .map_err(|message| LoadError::Contract { path: path.clone(), message })?;
 
-        let config = manifest.resolve_config(env);
         let allow = manifest
             .allow_list(&config)
             .map_err(|e| LoadError::Config { path: dir.join("plugin.toml"), message: e.to_string() })?;
+        let http = match http {
+            Some(mode) => mode,
+            None => HttpMode::Live(outbound::client_for(&allow).map_err(|e| LoadError::Config {
+                path: dir.join("plugin.toml"),
+                message: format!("cannot build its HTTP client: {e}"),
+            })?),
+        };
         let contract = |e: wasmtime::Error| LoadError::Contract {
             path: path.clone(),
             message: format!(
@@ -291,8 +448,10 @@ impl PluginEngine {
             name: manifest.name.clone(),
             config: config.clone(),
             declared_keys: manifest.config.keys().cloned().collect(),
+            operator_hosts: allow.operator_hosts(),
             allow: allow.clone(),
-            http: http.unwrap_or_else(|| HttpMode::Live(self.http.clone())),
+            http,
+            limits: manifest.limits,
             max_response_bytes: world::MAX_RESPONSE_BYTES,
         });
         Ok(LoadedPlugin {
@@ -304,6 +463,7 @@ impl PluginEngine {
             loaded_at: SystemTime::now(),
             engine: self.engine.clone(),
             _ticker: self.ticker.clone(),
+            slots: self.slots.clone(),
             compiled,
             context,
         })
@@ -331,9 +491,16 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+}
+
 /// How a call failed before the plugin could answer.
 enum CallError {
-    Start(PluginError),
+    Start(wasmtime::Error),
     Trap(wasmtime::Error),
 }
 
@@ -353,6 +520,7 @@ pub struct LoadedPlugin {
     pub loaded_at: SystemTime,
     engine: Engine,
     _ticker: Arc<EpochTicker>,
+    slots: Arc<Slots>,
     compiled: Compiled,
     context: Arc<PluginContext>,
 }
@@ -392,6 +560,36 @@ impl LoadedPlugin {
         PluginError::Trap { plugin, message: format!("{err:#}") }
     }
 
+    /// The one path for a plugin call: take an instance of the share, arm
+    /// the limits, run `body`, and say which limit a failure hit. Also
+    /// returns the requests the call made.
+    async fn call<T>(
+        &self,
+        slots: &Semaphore,
+        wait: Duration,
+        share: &'static str,
+        body: impl AsyncFnOnce(&mut Store<PluginState>) -> Result<T, CallError>,
+    ) -> (Result<T, PluginError>, Vec<RecordedRequest>) {
+        let busy = || PluginError::Busy { plugin: self.name().to_string(), share };
+        let Ok(Ok(_permit)) = tokio::time::timeout(wait, slots.acquire()).await else {
+            return (Err(busy()), Vec::new());
+        };
+        let (mut store, time) = self.store();
+        let finished = tokio::time::timeout(time + EPOCH_TICK * 5, body(&mut store)).await;
+        let result = match finished {
+            Err(_) => Err(self.time_limit()),
+            Ok(Err(CallError::Start(e))) if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() => {
+                Err(busy())
+            }
+            Ok(Err(CallError::Start(e))) => {
+                Err(PluginError::Instantiate { plugin: self.name().to_string(), message: format!("{e:#}") })
+            }
+            Ok(Err(CallError::Trap(trap))) => Err(self.classify(&store, trap)),
+            Ok(Ok(value)) => Ok(value),
+        };
+        (result, std::mem::take(&mut store.data_mut().requests))
+    }
+
     /// Run the source plugin on one webhook.
     pub async fn parse(
         &self,
@@ -401,24 +599,15 @@ impl LoadedPlugin {
         let Compiled::Source(pre) = &self.compiled else {
             return Err(self.wrong_kind(Kind::Source));
         };
-        let (mut store, time) = self.store();
         let headers: Vec<wit::Header> =
             headers.iter().map(|(n, v)| wit::Header { name: n.clone(), value: v.clone() }).collect();
-        let plugin = self.name().to_string();
-        let run = async {
-            let instance = pre.instantiate_async(&mut store).await.map_err(|e| {
-                CallError::Start(PluginError::Instantiate { plugin: plugin.clone(), message: format!("{e:#}") })
-            })?;
-            instance.call_parse(&mut store, &headers, body).await.map_err(CallError::Trap)
-        };
-        let finished = tokio::time::timeout(time + EPOCH_TICK * 5, run).await;
-        let result = match finished {
-            Err(_) => return Err(self.time_limit()),
-            Ok(Err(CallError::Start(e))) => return Err(e),
-            Ok(Err(CallError::Trap(trap))) => return Err(self.classify(&store, trap)),
-            Ok(Ok(r)) => r,
-        };
-        Ok(result.map(Event::from).map_err(|e| match e {
+        let (result, _) = self
+            .call(&self.slots.parses, PARSE_SLOT_WAIT, "parse instances", async |store| {
+                let instance = pre.instantiate_async(&mut *store).await.map_err(CallError::Start)?;
+                instance.call_parse(&mut *store, &headers, body).await.map_err(CallError::Trap)
+            })
+            .await;
+        Ok(result?.map(Event::from).map_err(|e| match e {
             wit::ParseError::Malformed(m) => ParseFailure::Malformed(m),
             wit::ParseError::MissingField(f) => ParseFailure::MissingField(f),
             wit::ParseError::InvalidField(f) => ParseFailure::InvalidField { field: f.field, expected: f.expected },
@@ -460,7 +649,6 @@ impl LoadedPlugin {
         let Compiled::Destination(pre) = &self.compiled else {
             return (Err(self.wrong_kind(Kind::Destination)), Vec::new());
         };
-        let (mut store, time) = self.store();
         let event = wit::CrmEvent::from(req.event);
         let action = wit::Action { name: req.action.to_string(), params: req.params.to_vec() };
         let context = wit::DeliveryContext {
@@ -469,34 +657,22 @@ impl LoadedPlugin {
             attempt: req.attempt,
             idempotency_key: req.idempotency_key.to_string(),
         };
-        let plugin = self.name().to_string();
-        let run = async {
-            let instance = pre.instantiate_async(&mut store).await.map_err(|e| {
-                CallError::Start(PluginError::Instantiate { plugin: plugin.clone(), message: format!("{e:#}") })
-            })?;
-            instance.call_deliver(&mut store, &event, &action, &context).await.map_err(CallError::Trap)
-        };
-        let finished = tokio::time::timeout(time + EPOCH_TICK * 5, run).await;
-        let result = match finished {
-            Err(_) => Err(self.time_limit()),
-            Ok(Err(CallError::Start(e))) => Err(e),
-            Ok(Err(CallError::Trap(trap))) => Err(self.classify(&store, trap)),
-            // Outcome text is stored and logged: no secret goes with it.
-            Ok(Ok(outcome)) => Ok(match outcome {
-                wit::Outcome::Delivered(d) => {
-                    Outcome::Delivered { status: d.status, detail: self.outcome_text(&d.detail) }
-                }
-                wit::Outcome::Retryable(r) => Outcome::Retryable {
-                    status: r.status,
-                    reason: self.outcome_text(&r.reason),
-                    retry_after: r.retry_after_ms.map(Duration::from_millis),
-                },
-                wit::Outcome::Permanent(f) => {
-                    Outcome::Permanent { status: f.status, reason: self.outcome_text(&f.reason) }
-                }
-            }),
-        };
-        let requests = std::mem::take(&mut store.data_mut().requests);
+        let (result, requests) = self
+            .call(&self.slots.deliveries, DELIVERY_SLOT_WAIT, "delivery instances", async |store| {
+                let instance = pre.instantiate_async(&mut *store).await.map_err(CallError::Start)?;
+                instance.call_deliver(&mut *store, &event, &action, &context).await.map_err(CallError::Trap)
+            })
+            .await;
+        // Outcome text is stored and logged: no secret goes with it.
+        let result = result.map(|outcome| match outcome {
+            wit::Outcome::Delivered(d) => Outcome::Delivered { status: d.status, detail: self.outcome_text(&d.detail) },
+            wit::Outcome::Retryable(r) => Outcome::Retryable {
+                status: r.status,
+                reason: self.outcome_text(&r.reason),
+                retry_after: r.retry_after_ms.map(Duration::from_millis),
+            },
+            wit::Outcome::Permanent(f) => Outcome::Permanent { status: f.status, reason: self.outcome_text(&f.reason) },
+        });
         (result, requests)
     }
 

@@ -11,18 +11,25 @@
 //! allowed_outbound_hosts = ["{graph_url}"]  # origins; "{key}" = a config key's URL
 //!
 //! [config.access_token]           # a key the plugin may read with config.get
-//! env = "META_ACCESS_TOKEN"       # the host variable it comes from
+//! env = "META_ACCESS_TOKEN"       # the host variable it comes from (must be granted)
 //! secret = true                   # never logged or printed
 //! required = true                 # the plugin is "not configured" without it
 //!
 //! [config.graph_url]
 //! env = "META_GRAPH_URL"
 //! default = "https://graph.facebook.com"
+//! format = "url"                  # checked at load: an absolute http(s) URL
 //!
 //! [limits]
 //! time_per_call_ms = 10000        # wall time per call, host HTTP included
 //! memory_mb = 32                  # linear memory cap
+//! max_requests_per_call = 20      # http.send calls, denied ones included
+//! max_request_bytes_per_call = 4194304  # request body bytes, all calls together
 //! ```
+//!
+//! A `[config]` key's variable must be granted to the plugin by the operator
+//! (see `grants`); a manifest asking for one that is not is refused, naming
+//! the variable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -30,7 +37,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::allow::{AllowList, AllowListError};
-use crate::config::Environment;
+use super::grants::{NotGranted, PluginEnv};
 
 /// Which world a plugin implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -63,6 +70,17 @@ pub struct ConfigKey {
     /// The plugin cannot work without it.
     #[serde(default)]
     pub required: bool,
+    /// What the value must look like; checked when the plugin is loaded.
+    #[serde(default)]
+    pub format: Option<Format>,
+}
+
+/// A shape a config value must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// An absolute http(s) URL.
+    Url,
 }
 
 /// Resource limits per call.
@@ -73,6 +91,12 @@ pub struct Limits {
     pub time_per_call_ms: u64,
     #[serde(default = "default_memory_mb")]
     pub memory_mb: u64,
+    /// `http.send` calls per call of the plugin, denied ones included.
+    #[serde(default = "default_max_requests")]
+    pub max_requests_per_call: u32,
+    /// Request body bytes per call of the plugin, all requests together.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes_per_call: u64,
 }
 
 fn default_time_ms() -> u64 {
@@ -81,16 +105,29 @@ fn default_time_ms() -> u64 {
 fn default_memory_mb() -> u64 {
     32
 }
+fn default_max_requests() -> u32 {
+    20
+}
+fn default_max_request_bytes() -> u64 {
+    4 << 20
+}
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { time_per_call_ms: default_time_ms(), memory_mb: default_memory_mb() }
+        Limits {
+            time_per_call_ms: default_time_ms(),
+            memory_mb: default_memory_mb(),
+            max_requests_per_call: default_max_requests(),
+            max_request_bytes_per_call: default_max_request_bytes(),
+        }
     }
 }
 
 /// Largest limits a manifest may ask for (the engine's pool is sized for them).
 pub const MAX_TIME_PER_CALL_MS: u64 = 60_000;
 pub const MAX_MEMORY_MB: u64 = 256;
+pub const MAX_REQUESTS_PER_CALL: u32 = 1_000;
+pub const MAX_REQUEST_BYTES_PER_CALL: u64 = 64 << 20;
 
 /// A parsed `plugin.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -119,6 +156,8 @@ pub enum ManifestError {
     Parse { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{path}: config.{key}: {source}")]
+    NotGranted { path: PathBuf, key: String, source: NotGranted },
 }
 
 impl Manifest {
@@ -126,11 +165,20 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Manifest, ManifestError> {
         let path = dir.join("plugin.toml");
         let text = std::fs::read_to_string(&path).map_err(|error| ManifestError::Read { path: path.clone(), error })?;
-        Manifest::parse(&text).map_err(|e| match e {
-            ManifestError::Parse { message, .. } => ManifestError::Parse { path: path.clone(), message },
-            ManifestError::Invalid { message, .. } => ManifestError::Invalid { path: path.clone(), message },
-            other => other,
-        })
+        Manifest::parse(&text).map_err(|e| e.at(&path))
+    }
+
+    /// The name and kind a manifest declares, even if it is otherwise
+    /// invalid (to say which provider a refused folder was meant to serve).
+    pub fn load_lenient(dir: &Path) -> Option<(String, Kind)> {
+        let table: toml::Table = std::fs::read_to_string(dir.join("plugin.toml")).ok()?.parse().ok()?;
+        let name = table.get("name")?.as_str()?.to_string();
+        let kind = match table.get("kind")?.as_str()? {
+            "source" => Kind::Source,
+            "destination" => Kind::Destination,
+            _ => return None,
+        };
+        Some((name, kind))
     }
 
     /// Parse and validate manifest text.
@@ -164,12 +212,21 @@ impl Manifest {
         if l.memory_mb == 0 || l.memory_mb > MAX_MEMORY_MB {
             return Err(format!("limits.memory_mb must be between 1 and {MAX_MEMORY_MB}"));
         }
+        if l.max_requests_per_call > MAX_REQUESTS_PER_CALL {
+            return Err(format!("limits.max_requests_per_call must be at most {MAX_REQUESTS_PER_CALL}"));
+        }
+        if l.max_request_bytes_per_call > MAX_REQUEST_BYTES_PER_CALL {
+            return Err(format!("limits.max_request_bytes_per_call must be at most {MAX_REQUEST_BYTES_PER_CALL}"));
+        }
         if self.kind == Kind::Source && !self.allowed_outbound_hosts.is_empty() {
             return Err("allowed_outbound_hosts: source plugins make no outbound calls".into());
         }
         for (key, c) in &self.config {
             if c.env.is_none() && c.default.is_none() {
                 return Err(format!("config.{key} needs `env`, `default` or both"));
+            }
+            if let (Some(default), Some(format)) = (&c.default, c.format) {
+                format.check(default).map_err(|e| format!("config.{key}: the default {e}"))?;
             }
         }
         // Check the allow-list's shape now; `{key}` entries resolve later.
@@ -185,42 +242,99 @@ impl Manifest {
         Ok(())
     }
 
-    /// Resolve config values from the environment (defaults applied).
-    pub fn resolve_config(&self, env: &Environment) -> ResolvedConfig {
-        let mut values = HashMap::new();
-        let mut secrets = Vec::new();
-        let mut missing = Vec::new();
+    /// Resolve config values for this plugin from what it is granted
+    /// (defaults applied). A key whose variable is not granted refuses the
+    /// whole manifest, naming the variable; a value of the wrong format too.
+    pub fn resolve_config(&self, env: &PluginEnv) -> Result<ResolvedConfig, ManifestError> {
+        let mut resolved = ResolvedConfig::default();
         for (key, c) in &self.config {
-            let value = c.env.as_deref().and_then(|v| env.get(v)).map(str::to_string).or_else(|| c.default.clone());
-            match value {
+            let (from_env, granted_by) = match &c.env {
+                Some(var) => {
+                    let (value, grant) = env.get(&self.name, var).map_err(|source| ManifestError::NotGranted {
+                        path: PathBuf::new(),
+                        key: key.clone(),
+                        source,
+                    })?;
+                    (value.map(str::to_string), Some(grant))
+                }
+                None => (None, None),
+            };
+            let set = from_env.is_some();
+            if let (Some(v), Some(format)) = (&from_env, c.format) {
+                format.check(v).map_err(|e| ManifestError::Invalid {
+                    path: PathBuf::new(),
+                    message: format!("config.{key}: {} {e}", c.env.as_deref().unwrap_or(key)),
+                })?;
+            }
+            match from_env.or_else(|| c.default.clone()) {
                 Some(v) => {
                     if c.secret {
-                        secrets.push(v.clone());
+                        resolved.secrets.push(v.clone());
                     }
-                    values.insert(key.clone(), v);
+                    if set {
+                        resolved.operator_set.push(key.clone());
+                    }
+                    resolved.values.insert(key.clone(), v);
                 }
-                None if c.required => missing.push(c.env.clone().unwrap_or_else(|| key.clone())),
+                None if c.required => resolved.missing.push(c.env.clone().unwrap_or_else(|| key.clone())),
                 None => {}
             }
+            resolved.vars.push(ConfigVar {
+                key: key.clone(),
+                env: c.env.clone(),
+                granted_by,
+                set,
+                secret: c.secret,
+                required: c.required,
+            });
         }
-        ResolvedConfig { values, secrets, missing }
+        Ok(resolved)
     }
 
     /// The allow-list with `{key}` entries replaced by the configured URLs.
+    /// Entries whose value the operator set (not a manifest default) are the
+    /// operator's: only they may name a private or loopback address.
     pub fn allow_list(&self, config: &ResolvedConfig) -> Result<AllowList, AllowListError> {
-        let entries: Vec<String> = self
+        let entries: Vec<(String, bool)> = self
             .allowed_outbound_hosts
             .iter()
             .filter_map(|e| match e.strip_prefix('{').and_then(|e| e.strip_suffix('}')) {
                 // A configured base URL allows its origin (scheme, host, port).
-                Some(key) => config.values.get(key).map(|v| match url::Url::parse(v) {
-                    Ok(u) if u.has_host() => u.origin().ascii_serialization(),
-                    _ => v.clone(),
+                Some(key) => config.values.get(key).map(|v| {
+                    let origin = match url::Url::parse(v) {
+                        Ok(u) if u.has_host() => u.origin().ascii_serialization(),
+                        _ => v.clone(),
+                    };
+                    (origin, config.operator_set.iter().any(|k| k == key))
                 }),
-                None => Some(e.clone()),
+                None => Some((e.clone(), false)),
             })
             .collect();
-        AllowList::parse(entries.iter().map(String::as_str))
+        AllowList::parse_entries(entries.iter().map(|(e, operator)| (e.as_str(), *operator)))
+    }
+}
+
+impl ManifestError {
+    /// The same error, said of the manifest at `path`.
+    pub(crate) fn at(self, path: &Path) -> ManifestError {
+        let path = path.to_path_buf();
+        match self {
+            ManifestError::Parse { message, .. } => ManifestError::Parse { path, message },
+            ManifestError::Invalid { message, .. } => ManifestError::Invalid { path, message },
+            ManifestError::NotGranted { key, source, .. } => ManifestError::NotGranted { path, key, source },
+            other => other,
+        }
+    }
+}
+
+impl Format {
+    fn check(self, value: &str) -> Result<(), String> {
+        match self {
+            Format::Url => match url::Url::parse(value) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(()),
+                _ => Err(format!("must be an absolute http(s) URL, got {value:?}")),
+            },
+        }
     }
 }
 
@@ -232,6 +346,24 @@ pub struct ResolvedConfig {
     pub secrets: Vec<String>,
     /// Variables of required keys that are not set.
     pub missing: Vec<String>,
+    /// Keys whose value came from the environment (the operator), not from
+    /// a manifest default.
+    pub operator_set: Vec<String>,
+    /// Every key, its variable and grant, for listings (no values).
+    pub vars: Vec<ConfigVar>,
+}
+
+/// What a plugin reads, for `plugin check` and `GET /api/v1/plugins`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConfigVar {
+    pub key: String,
+    pub env: Option<String>,
+    /// The grant that lets the plugin read `env`.
+    pub granted_by: Option<String>,
+    /// Whether `env` is set on this host.
+    pub set: bool,
+    pub secret: bool,
+    pub required: bool,
 }
 
 impl std::fmt::Debug for ResolvedConfig {
@@ -273,14 +405,17 @@ mod tests {
         [config.graph_url]
         env = "META_GRAPH_URL"
         default = "https://graph.facebook.com"
+        format = "url"
 
         [limits]
         time_per_call_ms = 10000
         memory_mb = 32
     "#;
 
-    fn env(pairs: &[(&str, &str)]) -> Environment {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>().into()
+    fn env(pairs: &[(&str, &str)]) -> PluginEnv {
+        let env: crate::config::Environment =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>().into();
+        PluginEnv::new(&env, crate::plugins::grants::Grants::default())
     }
 
     #[test]
@@ -309,16 +444,56 @@ mod tests {
         assert!(err(META.replace("\"meta-capi.wasm\"", "\"../x.wasm\"")).contains("inside the plugin's folder"));
         assert!(err(META.replace("{graph_url}", "{nope}")).contains("names no key"));
         assert!(err(META.replace("https://*.fbcdn.net", "graph.facebook.com")).contains("allowed_outbound_hosts"));
+        assert!(
+            err(META.replace("memory_mb = 32", "max_requests_per_call = 5000"))
+                .contains("limits.max_requests_per_call")
+        );
+        assert!(
+            err(META.replace("https://graph.facebook.com\"", "graph\""))
+                .contains("config.graph_url: the default must be an absolute")
+        );
+        assert!(err(META.replace("format = \"url\"", "format = \"email\"")).contains("unknown variant `email`"));
+    }
+
+    #[test]
+    fn a_variable_not_granted_refuses_the_manifest_and_names_it() {
+        let stolen = META.replace("env = \"META_ACCESS_TOKEN\"", "env = \"API_KEY\"");
+        let err = Manifest::parse(&stolen).unwrap().resolve_config(&env(&[("API_KEY", "k")])).unwrap_err().to_string();
+        assert!(err.contains("config.access_token: API_KEY is one of the host's own settings"), "{err}");
+        let other = META.replace("env = \"META_ACCESS_TOKEN\"", "env = \"BREVO_API_KEY\"");
+        let err = Manifest::parse(&other).unwrap().resolve_config(&env(&[])).unwrap_err().to_string();
+        assert!(err.contains("BREVO_API_KEY is not granted to plugin \"meta-capi\""), "{err}");
+        assert!(err.contains("PLUGIN_GRANTS=\"meta-capi=BREVO_API_KEY\""), "{err}");
+    }
+
+    #[test]
+    fn listed_vars_carry_their_grant_and_never_a_value() {
+        let m = Manifest::parse(META).unwrap();
+        let c = m.resolve_config(&env(&[("META_ACCESS_TOKEN", "EAAB-secret")])).unwrap();
+        let token = c.vars.iter().find(|v| v.key == "access_token").unwrap();
+        assert_eq!(
+            (token.env.as_deref(), token.granted_by.as_deref(), token.set),
+            (Some("META_ACCESS_TOKEN"), Some("META_*"), true)
+        );
+        assert!(!serde_json::to_string(&c.vars).unwrap().contains("EAAB-secret"));
+    }
+
+    #[test]
+    fn a_url_setting_of_the_wrong_shape_is_refused() {
+        let m = Manifest::parse(META).unwrap();
+        let err = m.resolve_config(&env(&[("META_GRAPH_URL", "graph.facebook.com")])).unwrap_err().to_string();
+        assert!(err.contains("config.graph_url: META_GRAPH_URL must be an absolute http(s) URL"), "{err}");
     }
 
     #[test]
     fn config_resolves_from_env_with_defaults_and_reports_missing() {
         let m = Manifest::parse(META).unwrap();
-        let c = m.resolve_config(&env(&[]));
+        let c = m.resolve_config(&env(&[])).unwrap();
         assert_eq!(c.values["graph_url"], "https://graph.facebook.com");
         assert_eq!(c.missing, ["META_ACCESS_TOKEN"]);
         let c = m
-            .resolve_config(&env(&[("META_ACCESS_TOKEN", "EAAB-secret"), ("META_GRAPH_URL", "http://127.0.0.1:8080")]));
+            .resolve_config(&env(&[("META_ACCESS_TOKEN", "EAAB-secret"), ("META_GRAPH_URL", "http://127.0.0.1:8080")]))
+            .unwrap();
         assert!(c.missing.is_empty());
         assert_eq!(c.redact("access_token=EAAB-secret"), "access_token=«redacted»");
         let allow = m.allow_list(&c).unwrap();

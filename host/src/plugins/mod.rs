@@ -5,22 +5,32 @@
 //! version it started with even when the plugin is replaced meanwhile. Hot
 //! reload (`Registry::sync`) compiles and validates a changed plugin folder
 //! *before* swapping it in; a folder that fails leaves the previous version
-//! running and records why.
+//! running and records why. A folder that disappears is unloaded only once
+//! it has stayed gone for two polls, like any other change.
 
 pub mod allow;
 pub mod engine;
+pub mod grants;
 pub mod manifest;
+pub mod outbound;
 pub mod world;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
-pub use engine::{DeliveryRequest, LoadError, LoadedPlugin, Outcome, ParseFailure, PluginEngine, PluginError};
+pub use engine::{
+    CacheSettings, DeliveryRequest, EngineOptions, LoadError, LoadedPlugin, Outcome, ParseFailure, PluginEngine,
+    PluginError, PoolShares,
+};
 pub use manifest::Kind;
 
-use crate::config::Environment;
+use grants::PluginEnv;
+
+/// How long a source that was loaded and went away still answers 503 (the
+/// CRM retries) rather than 404 (the CRM gives up).
+const GONE_GRACE: Duration = Duration::from_secs(15 * 60);
 
 /// What is loaded now.
 #[derive(Default, Clone)]
@@ -63,9 +73,12 @@ pub enum Change {
     },
 }
 
-/// Size and modification time of the files that make a plugin.
+/// Size and modification time of the files that make a plugin (empty: the
+/// folder is gone).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint(Vec<(u64, Option<SystemTime>)>);
+
+const GONE: Fingerprint = Fingerprint(Vec::new());
 
 fn fingerprint(dir: &Path) -> Fingerprint {
     let stat = |p: &Path| std::fs::metadata(p).map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None));
@@ -81,34 +94,56 @@ struct Folder {
     fingerprint: Fingerprint,
     /// The plugin this folder provides now (name and kind).
     loaded: Option<(String, Kind)>,
+    /// Why its latest contents were refused, and the source name they
+    /// declare, if the manifest could be read.
     error: Option<String>,
+    refused_source: Option<String>,
+}
+
+/// What a webhook for a provider name finds.
+pub enum SourceLookup {
+    Loaded(Arc<LoadedPlugin>),
+    /// Not loaded now, but it was recently or its folder is there and was
+    /// refused: the CRM should retry.
+    Unavailable(String),
+    Unknown,
 }
 
 /// The loaded plugins and the folders they came from.
 pub struct Registry {
     engine: Arc<PluginEngine>,
-    env: Environment,
+    env: PluginEnv,
     current: RwLock<Arc<PluginSet>>,
     folders: Mutex<HashMap<PathBuf, Folder>>,
-    /// Fingerprints seen changed once; loaded when seen the same twice, so a
-    /// file still being copied is not loaded half-written.
+    /// Fingerprints seen changed once; acted on when seen the same twice, so
+    /// a file still being copied is not loaded half-written and a folder
+    /// moved aside for a moment is not unloaded.
     settling: Mutex<HashMap<PathBuf, Fingerprint>>,
+    /// Sources unloaded, and when.
+    gone_sources: Mutex<HashMap<String, Instant>>,
 }
 
 impl Registry {
-    /// An empty registry on `engine`; plugins resolve config from `env`.
-    pub fn new(engine: Arc<PluginEngine>, env: Environment) -> Registry {
+    /// An empty registry on `engine`; plugins resolve their settings from
+    /// what `env` grants them.
+    pub fn new(engine: Arc<PluginEngine>, env: PluginEnv) -> Registry {
         Registry {
             engine,
             env,
             current: RwLock::new(Arc::new(PluginSet::default())),
             folders: Mutex::default(),
             settling: Mutex::default(),
+            gone_sources: Mutex::default(),
         }
     }
 
     pub fn engine(&self) -> &Arc<PluginEngine> {
         &self.engine
+    }
+
+    /// The environment plugins resolve their settings from.
+    pub fn env(&self) -> &PluginEnv {
+        &self.env
     }
 
     /// Bring the registry in line with `dir`: load new and changed plugin
@@ -123,11 +158,21 @@ impl Registry {
 
         let gone: Vec<PathBuf> = folders.keys().filter(|f| !present.contains(f)).cloned().collect();
         for folder in gone {
+            if settle && settling.get(&folder) != Some(&GONE) {
+                settling.insert(folder, GONE);
+                continue;
+            }
+            settling.remove(&folder);
             if let Some(Folder { loaded: Some((name, kind)), .. }) = folders.remove(&folder) {
                 set.map(kind).remove(&name);
+                if kind == Kind::Source {
+                    self.gone_sources.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), Instant::now());
+                }
                 changes.push(Change::Unloaded { name });
             }
         }
+        // A folder that came back before it settled as gone.
+        settling.retain(|f, fp| *fp != GONE || !present.contains(f));
 
         for folder in present {
             let fp = fingerprint(&folder);
@@ -173,12 +218,24 @@ impl Registry {
                         digest: plugin.digest.clone(),
                         replaced,
                     });
-                    folders.insert(folder, Folder { fingerprint: fp, loaded: Some(key), error: None });
+                    if key.1 == Kind::Source {
+                        self.gone_sources.lock().unwrap_or_else(|e| e.into_inner()).remove(&key.0);
+                    }
+                    folders.insert(
+                        folder,
+                        Folder { fingerprint: fp, loaded: Some(key), error: None, refused_source: None },
+                    );
                 }
                 Err(e) => {
                     let error = e.to_string();
+                    let refused_source = manifest::Manifest::load_lenient(&folder)
+                        .filter(|(_, kind)| *kind == Kind::Source)
+                        .map(|(name, _)| name);
                     changes.push(Change::Failed { dir: folder.clone(), error: error.clone() });
-                    folders.insert(folder, Folder { fingerprint: fp, loaded: previous, error: Some(error) });
+                    folders.insert(
+                        folder,
+                        Folder { fingerprint: fp, loaded: previous, error: Some(error), refused_source },
+                    );
                 }
             }
         }
@@ -204,6 +261,31 @@ impl Registry {
 
     pub fn source(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
         self.snapshot().sources.get(name).cloned()
+    }
+
+    /// What a webhook for provider `name` finds: the loaded source, or why
+    /// it is briefly unavailable, or nothing by that name.
+    pub fn lookup_source(&self, name: &str) -> SourceLookup {
+        if let Some(p) = self.source(name) {
+            return SourceLookup::Loaded(p);
+        }
+        let refused = self
+            .folders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(_, f)| f.refused_source.as_deref() == Some(name))
+            .and_then(|(_, f)| f.error.clone());
+        if let Some(error) = refused {
+            return SourceLookup::Unavailable(format!("the {name} plugin is not loaded: {error}"));
+        }
+        let gone = self.gone_sources.lock().unwrap_or_else(|e| e.into_inner()).get(name).copied();
+        match gone {
+            Some(at) if at.elapsed() < GONE_GRACE => {
+                SourceLookup::Unavailable(format!("the {name} plugin was unloaded {} s ago", at.elapsed().as_secs()))
+            }
+            _ => SourceLookup::Unknown,
+        }
     }
 
     pub fn destination(&self, name: &str) -> Option<Arc<LoadedPlugin>> {

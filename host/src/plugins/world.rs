@@ -12,7 +12,8 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::allow::AllowList;
-use super::manifest::ResolvedConfig;
+use super::manifest::{Limits, ResolvedConfig};
+use super::outbound;
 use crate::event;
 
 mod source {
@@ -50,11 +51,15 @@ pub const CONTRACT_VERSION: &str = "0.1.0";
 
 /// Largest response body handed back to a plugin.
 pub const MAX_RESPONSE_BYTES: u64 = 1 << 20;
+/// How much of a request body a live call keeps for the attempt log; the
+/// rest is dropped as soon as the request is sent.
+pub const BODY_EXCERPT_BYTES: usize = 2048;
 
 /// How a plugin's outbound HTTP is carried out.
 #[derive(Clone)]
 pub enum HttpMode {
-    /// Really send (allow-listed).
+    /// Really send (allow-listed), with the plugin's own client (see
+    /// `outbound`).
     Live(reqwest::Client),
     /// Record the request and answer with this canned response (dry-run).
     Record { status: u16, body: Vec<u8> },
@@ -67,18 +72,23 @@ pub struct PluginContext {
     /// Keys the manifest declares (set or not).
     pub declared_keys: Vec<String>,
     pub allow: AllowList,
+    /// Hosts the operator listed exactly (may be internal addresses).
+    pub operator_hosts: Vec<String>,
     pub http: HttpMode,
+    pub limits: Limits,
     pub max_response_bytes: u64,
 }
 
-/// One outbound request as a plugin made it (shown by the dry-run, counted
-/// in metrics).
+/// One outbound request as a plugin made it (shown by the dry-run, kept for
+/// the attempt log). A live call keeps only an excerpt of the body.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RecordedRequest {
     pub method: String,
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// The body's whole size.
+    pub body_bytes: usize,
     /// Why the host refused it, if it did.
     pub denied: Option<String>,
 }
@@ -117,7 +127,11 @@ pub struct PluginState {
     pub plugin: Arc<PluginContext>,
     /// When this call's time is up (host HTTP included).
     pub deadline: Instant,
+    /// At most `limits.max_requests_per_call` of them.
     pub requests: Vec<RecordedRequest>,
+    /// `http.send` calls so far, and their body bytes.
+    sent: u32,
+    sent_bytes: u64,
     /// Log lines this call may still write.
     log_budget: u32,
 }
@@ -151,7 +165,16 @@ impl PluginState {
             plugin,
             deadline: Instant::now() + time,
             requests: Vec::new(),
+            sent: 0,
+            sent_bytes: 0,
         }
+    }
+
+    /// Spend one unit of the log budget; false when it is used up.
+    fn may_log(&mut self) -> bool {
+        let ok = self.log_budget > 0;
+        self.log_budget = self.log_budget.saturating_sub(1);
+        ok
     }
 }
 
@@ -182,8 +205,7 @@ impl wit::Host for PluginState {}
 impl wit_config::Host for PluginState {
     async fn get(&mut self, key: String) -> Option<String> {
         let value = self.plugin.config.values.get(&key).cloned();
-        if !self.plugin.declared_keys.contains(&key) && self.log_budget > 0 {
-            self.log_budget -= 1;
+        if !self.plugin.declared_keys.contains(&key) && self.may_log() {
             let key = clip(&key, 100);
             tracing::warn!(plugin = %self.plugin.name, %key, "plugin asked for a config key its manifest does not declare");
         }
@@ -220,26 +242,58 @@ impl wit_http::Host for PluginState {
     async fn send(&mut self, request: wit_http::Request) -> Result<wit_http::Response, wit_http::HttpError> {
         use wit_http::HttpError;
         let plugin = self.plugin.clone();
+        let limits = plugin.limits;
+        // Caps first: a plugin looping on send (denied or not) costs the
+        // host a counter, not memory.
+        self.sent = self.sent.saturating_add(1);
+        if self.sent > limits.max_requests_per_call {
+            return Err(HttpError::Denied(format!(
+                "plugin {} made more than {} requests in one call (limits.max_requests_per_call)",
+                plugin.name, limits.max_requests_per_call
+            )));
+        }
+        let body_bytes = request.body.len();
+        self.sent_bytes = self.sent_bytes.saturating_add(body_bytes as u64);
+        if self.sent_bytes > limits.max_request_bytes_per_call {
+            return Err(HttpError::Denied(format!(
+                "plugin {} sent more than {} request body bytes in one call (limits.max_request_bytes_per_call)",
+                plugin.name, limits.max_request_bytes_per_call
+            )));
+        }
+        let headers =
+            outbound::forwardable_headers(&request.headers.into_iter().map(|h| (h.name, h.value)).collect::<Vec<_>>());
+        let live = matches!(plugin.http, HttpMode::Live(_));
+        let body_text = if live {
+            clip(&String::from_utf8_lossy(&request.body[..body_bytes.min(BODY_EXCERPT_BYTES + 4)]), BODY_EXCERPT_BYTES)
+        } else {
+            String::from_utf8_lossy(&request.body).into_owned()
+        };
         let mut record = RecordedRequest {
-            method: request.method.clone(),
-            url: request.url.clone(),
-            headers: request.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect(),
-            body: String::from_utf8_lossy(&request.body).into_owned(),
+            method: clip(&request.method, 32),
+            url: clip(&request.url, 2048),
+            headers: headers.clone(),
+            body: body_text,
+            body_bytes,
             denied: None,
         };
         let url = match url::Url::parse(&request.url) {
             Ok(u) => u,
-            Err(e) => return Err(HttpError::InvalidRequest(format!("bad URL {:?}: {e}", request.url))),
+            Err(e) => {
+                return Err(HttpError::InvalidRequest(format!("bad URL {:?}: {e}", record.url)));
+            }
         };
-        if !plugin.allow.allows(&url) {
-            let why = format!(
+        let refusal = if !plugin.allow.allows(&url) {
+            Some(format!(
                 "{} is not in allowed_outbound_hosts of plugin {}",
                 url.origin().ascii_serialization(),
                 plugin.name
-            );
-            if self.log_budget > 0 {
-                self.log_budget -= 1;
-                tracing::warn!(plugin = %plugin.name, origin = %url.origin().ascii_serialization(), "outbound request denied");
+            ))
+        } else {
+            outbound::check_literal_address(&url, &plugin.operator_hosts).err()
+        };
+        if let Some(why) = refusal {
+            if self.may_log() {
+                tracing::warn!(plugin = %plugin.name, origin = %url.origin().ascii_serialization(), reason = %why, "outbound request denied");
             }
             record.denied = Some(why.clone());
             self.requests.push(record);
@@ -247,7 +301,9 @@ impl wit_http::Host for PluginState {
         }
         let method = match reqwest::Method::from_bytes(request.method.as_bytes()) {
             Ok(m) => m,
-            Err(_) => return Err(HttpError::InvalidRequest(format!("bad method {:?}", request.method))),
+            Err(_) => {
+                return Err(HttpError::InvalidRequest(format!("bad method {:?}", record.method)));
+            }
         };
         self.requests.push(record);
 
@@ -265,8 +321,8 @@ impl wit_http::Host for PluginState {
             return Err(HttpError::Timeout);
         }
         let mut builder = client.request(method, url).timeout(remaining).body(request.body);
-        for h in &request.headers {
-            builder = builder.header(h.name.as_str(), h.value.as_str());
+        for (name, value) in &headers {
+            builder = builder.header(name.as_str(), value.as_str());
         }
         let mut response = match builder.send().await {
             Ok(r) => r,

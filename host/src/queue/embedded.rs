@@ -2,13 +2,18 @@
 //! in-memory schedule rebuilt from it at start-up.
 //!
 //! Layout:
-//! - `jobs`: job id → `{"job": …, "due_ms": …}` for every live job, whether
-//!   waiting, delayed or reserved (reservations live only in memory)
+//! - `jobs`: job id → `{"job": …, "due_ms": …, "running": bool}` for every
+//!   live job, whether waiting, delayed or reserved
 //! - `dead`: job id → `{"job": …, "reason": …, "failed_at_ms": …}`
 //!
-//! A reserved job stays in `jobs` until acknowledged, retried or
-//! dead-lettered, so a crash mid-delivery leaves it to run again after the
-//! restart. One process owns the file (redb locks it).
+//! Reserving a job writes it back with `attempts` raised and `running` set
+//! before the worker gets it, so an attempt during which the process dies
+//! still counts: at start-up a job found `running` had an attempt
+//! interrupted. A reserved job stays in `jobs` until acknowledged, retried
+//! or dead-lettered, so a crash mid-delivery leaves it to run again after
+//! the restart. If settling a job fails (a storage fault), the job is due
+//! again shortly, as the file says it is. One process owns the file (redb
+//! locks it).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -20,16 +25,23 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{DeadLetter, Job, JobQueue, QueueDepth, QueueError};
+use super::{DeadLetter, Job, JobQueue, QueueDepth, QueueError, Reserved};
 use crate::store::now_ms;
+use crate::store::redb_file::{RedbFile, Unavailable};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const DEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("dead");
+
+/// How soon a job whose settling failed is due again.
+const AFTER_FAULT: Duration = Duration::from_secs(1);
 
 #[derive(Serialize, Deserialize)]
 struct StoredJob {
     job: Job,
     due_ms: u64,
+    /// Reserved by a worker that has not settled it yet.
+    #[serde(default)]
+    running: bool,
 }
 
 /// The in-memory schedule.
@@ -37,17 +49,33 @@ struct StoredJob {
 struct Schedule {
     /// (due, id) of jobs not reserved.
     waiting: BTreeSet<(u64, String)>,
+    /// Every live job, as the file holds it.
     jobs: HashMap<String, Job>,
     reserved: HashSet<String>,
     dead: u64,
 }
 
+impl Schedule {
+    /// Make a reserved job due again at `due`, as `job`.
+    fn put_back(&mut self, job: Job, due: u64) {
+        self.reserved.remove(&job.id);
+        self.waiting.insert((due, job.id.clone()));
+        self.jobs.insert(job.id.clone(), job);
+    }
+}
+
 /// Jobs in a local redb file.
 #[derive(Clone)]
 pub struct EmbeddedQueue {
-    db: Arc<Database>,
+    file: Arc<RedbFile>,
     schedule: Arc<Mutex<Schedule>>,
     notify: Arc<Notify>,
+}
+
+impl From<Unavailable> for QueueError {
+    fn from(Unavailable(why): Unavailable) -> Self {
+        QueueError::Unavailable(why)
+    }
 }
 
 fn unavailable(e: impl Into<redb::Error>) -> QueueError {
@@ -62,34 +90,46 @@ fn from_json<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, QueueError> {
     serde_json::from_slice(b).map_err(|e| QueueError::Corrupt(e.to_string()))
 }
 
+/// Write `stored` under its job id, in one transaction.
+fn put(db: &Database, stored: &StoredJob) -> Result<(), QueueError> {
+    let bytes = to_json(stored)?;
+    let txn = db.begin_write().map_err(unavailable)?;
+    txn.open_table(JOBS).map_err(unavailable)?.insert(stored.job.id.as_str(), bytes.as_slice()).map_err(unavailable)?;
+    txn.commit().map_err(unavailable)
+}
+
 impl EmbeddedQueue {
     /// Open (or create) `dir/queue.redb` and load every live job: those a
-    /// previous process had reserved become due again now.
+    /// previous process had reserved are due again now, with the attempt
+    /// it was making counted as interrupted.
     pub fn open(dir: &Path) -> Result<EmbeddedQueue, QueueError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| QueueError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
-        let path = dir.join("queue.redb");
-        let db = Database::create(&path)
-            .map_err(|e| QueueError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(unavailable)?;
-        txn.open_table(JOBS).map_err(unavailable)?;
-        txn.open_table(DEAD).map_err(unavailable)?;
-        txn.commit().map_err(unavailable)?;
+        let file = RedbFile::open(&dir.join("queue.redb"), |txn| {
+            txn.open_table(JOBS)?;
+            txn.open_table(DEAD)?;
+            Ok(())
+        })
+        .map_err(QueueError::Unavailable)?;
 
         let mut schedule = Schedule::default();
-        {
+        file.read(|db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let jobs = txn.open_table(JOBS).map_err(unavailable)?;
             for entry in jobs.iter().map_err(unavailable)? {
                 let (id, bytes) = entry.map_err(unavailable)?;
-                let stored: StoredJob = from_json(bytes.value())?;
+                let mut stored: StoredJob = from_json(bytes.value())?;
+                if stored.running {
+                    stored.job.interrupted += 1;
+                }
                 schedule.waiting.insert((stored.due_ms, id.value().to_string()));
                 schedule.jobs.insert(id.value().to_string(), stored.job);
             }
             schedule.dead = txn.open_table(DEAD).map_err(unavailable)?.len().map_err(unavailable)?;
-        }
+            Ok::<_, QueueError>(())
+        })?;
         Ok(EmbeddedQueue {
-            db: Arc::new(db),
+            file: Arc::new(file),
             schedule: Arc::new(Mutex::new(schedule)),
             notify: Arc::new(Notify::new()),
         })
@@ -103,8 +143,8 @@ impl EmbeddedQueue {
         &self,
         f: impl FnOnce(&Database) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, QueueError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.write(f))
             .await
             .map_err(|e| QueueError::Unavailable(format!("queue task failed: {e}")))?
     }
@@ -112,13 +152,44 @@ impl EmbeddedQueue {
     /// Take the first due job, or say when the next one is due.
     fn take_due(&self, now: u64) -> Result<Job, Option<u64>> {
         let mut s = self.schedule();
-        let Some((due, id)) = s.waiting.first().cloned() else { return Err(None) };
+        let Some((due, id)) = s.waiting.first().cloned() else {
+            return Err(None);
+        };
         if due > now {
             return Err(Some(due));
         }
         s.waiting.pop_first();
         s.reserved.insert(id.clone());
         s.jobs.get(&id).cloned().ok_or(None)
+    }
+
+    /// Count the attempt a taken job is for, on disk, before handing it out.
+    async fn start(&self, mut job: Job) -> Result<Reserved, QueueError> {
+        let before = job.clone();
+        job.attempts += 1;
+        let stored = StoredJob { job, due_ms: now_ms(), running: true };
+        match self.blocking(move |db| put(db, &stored).map(|()| stored.job)).await {
+            Ok(job) => {
+                self.schedule().jobs.insert(job.id.clone(), job.clone());
+                Ok(Reserved { job, lease: String::new() })
+            }
+            Err(e) => {
+                self.schedule().put_back(before, now_ms() + AFTER_FAULT.as_millis() as u64);
+                Err(e)
+            }
+        }
+    }
+
+    /// Settling failed: the file still holds the job as reserved, so it is
+    /// due again shortly, without the attempt the host could not record.
+    fn settle_failed(&self, reserved: &Reserved) {
+        let mut job = reserved.job.clone();
+        if let Some(on_file) = self.schedule().jobs.get(&job.id) {
+            job = on_file.clone();
+        }
+        job.attempts = job.attempts.saturating_sub(1);
+        self.schedule().put_back(job, now_ms() + AFTER_FAULT.as_millis() as u64);
+        self.notify.notify_waiters();
     }
 }
 
@@ -139,7 +210,7 @@ impl JobQueue for EmbeddedQueue {
                         if exists {
                             continue;
                         }
-                        let stored = StoredJob { job, due_ms: now };
+                        let stored = StoredJob { job, due_ms: now, running: false };
                         table.insert(stored.job.id.as_str(), to_json(&stored)?.as_slice()).map_err(unavailable)?;
                         added.push(stored.job);
                     }
@@ -159,7 +230,7 @@ impl JobQueue for EmbeddedQueue {
         Ok(())
     }
 
-    async fn reserve(&self, wait: Duration) -> Result<Option<Job>, QueueError> {
+    async fn reserve(&self, wait: Duration) -> Result<Option<Reserved>, QueueError> {
         let give_up = tokio::time::Instant::now() + wait;
         loop {
             // Register interest before looking, so an enqueue between the
@@ -169,9 +240,12 @@ impl JobQueue for EmbeddedQueue {
             notified.as_mut().enable();
             let now = now_ms();
             let next_due = match self.take_due(now) {
-                Ok(job) => return Ok(Some(job)),
+                Ok(job) => return self.start(job).await.map(Some),
                 Err(next) => next,
             };
+            if tokio::time::Instant::now() >= give_up {
+                return Ok(None);
+            }
             let mut until = give_up;
             if let Some(due) = next_due {
                 until = until.min(tokio::time::Instant::now() + Duration::from_millis(due.saturating_sub(now)));
@@ -180,61 +254,63 @@ impl JobQueue for EmbeddedQueue {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(until) => {}
             }
-            if tokio::time::Instant::now() >= give_up {
-                return Ok(self.take_due(now_ms()).ok());
-            }
         }
     }
 
-    async fn ack(&self, job: &Job) -> Result<(), QueueError> {
-        let id = job.id.clone();
+    async fn ack(&self, reserved: &Reserved) -> Result<(), QueueError> {
+        let id = reserved.job.id.clone();
         let key = id.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(unavailable)?;
-            txn.open_table(JOBS).map_err(unavailable)?.remove(key.as_str()).map_err(unavailable)?;
-            txn.commit().map_err(unavailable)
-        })
-        .await?;
+        let removed = self
+            .blocking(move |db| {
+                let txn = db.begin_write().map_err(unavailable)?;
+                txn.open_table(JOBS).map_err(unavailable)?.remove(key.as_str()).map_err(unavailable)?;
+                txn.commit().map_err(unavailable)
+            })
+            .await;
+        if let Err(e) = removed {
+            self.settle_failed(reserved);
+            return Err(e);
+        }
         let mut s = self.schedule();
         s.reserved.remove(&id);
         s.jobs.remove(&id);
         Ok(())
     }
 
-    async fn retry(&self, job: Job, delay: Duration) -> Result<(), QueueError> {
+    async fn retry(&self, reserved: Reserved, delay: Duration) -> Result<(), QueueError> {
         let due = now_ms() + delay.as_millis() as u64;
-        let stored = StoredJob { job, due_ms: due };
-        let bytes = to_json(&stored)?;
-        let key = stored.job.id.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(unavailable)?;
-            txn.open_table(JOBS).map_err(unavailable)?.insert(key.as_str(), bytes.as_slice()).map_err(unavailable)?;
-            txn.commit().map_err(unavailable)
-        })
-        .await?;
-        {
-            let mut s = self.schedule();
-            let id = stored.job.id.clone();
-            s.reserved.remove(&id);
-            s.waiting.insert((due, id.clone()));
-            s.jobs.insert(id, stored.job);
+        let stored = StoredJob { job: reserved.job.clone(), due_ms: due, running: false };
+        match self.blocking(move |db| put(db, &stored).map(|()| stored.job)).await {
+            Ok(job) => self.schedule().put_back(job, due),
+            Err(e) => {
+                self.settle_failed(&reserved);
+                return Err(e);
+            }
         }
         self.notify.notify_waiters();
         Ok(())
     }
 
-    async fn dead_letter(&self, job: Job, reason: String) -> Result<(), QueueError> {
-        let letter = DeadLetter { job, reason, failed_at_ms: now_ms() };
+    async fn dead_letter(&self, reserved: Reserved, reason: String) -> Result<(), QueueError> {
+        let letter = DeadLetter { job: reserved.job.clone(), reason, failed_at_ms: now_ms() };
         let bytes = to_json(&letter)?;
         let id = letter.job.id.clone();
         let key = id.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(unavailable)?;
-            txn.open_table(JOBS).map_err(unavailable)?.remove(key.as_str()).map_err(unavailable)?;
-            txn.open_table(DEAD).map_err(unavailable)?.insert(key.as_str(), bytes.as_slice()).map_err(unavailable)?;
-            txn.commit().map_err(unavailable)
-        })
-        .await?;
+        let moved = self
+            .blocking(move |db| {
+                let txn = db.begin_write().map_err(unavailable)?;
+                txn.open_table(JOBS).map_err(unavailable)?.remove(key.as_str()).map_err(unavailable)?;
+                txn.open_table(DEAD)
+                    .map_err(unavailable)?
+                    .insert(key.as_str(), bytes.as_slice())
+                    .map_err(unavailable)?;
+                txn.commit().map_err(unavailable)
+            })
+            .await;
+        if let Err(e) = moved {
+            self.settle_failed(&reserved);
+            return Err(e);
+        }
         let mut s = self.schedule();
         s.reserved.remove(&id);
         s.jobs.remove(&id);
@@ -243,8 +319,9 @@ impl JobQueue for EmbeddedQueue {
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let mut letters = self
-            .blocking(|db| {
+        let file = self.file.clone();
+        let mut letters = tokio::task::spawn_blocking(move || {
+            file.read(|db| {
                 let txn = db.begin_read().map_err(unavailable)?;
                 let dead = txn.open_table(DEAD).map_err(unavailable)?;
                 let mut out: Vec<DeadLetter> = Vec::new();
@@ -252,9 +329,11 @@ impl JobQueue for EmbeddedQueue {
                     let (_, bytes) = entry.map_err(unavailable)?;
                     out.push(from_json(bytes.value())?);
                 }
-                Ok(out)
+                Ok::<_, QueueError>(out)
             })
-            .await?;
+        })
+        .await
+        .map_err(|e| QueueError::Unavailable(format!("queue task failed: {e}")))??;
         letters.sort_by_key(|l| l.failed_at_ms);
         letters.truncate(limit);
         Ok(letters)
@@ -271,10 +350,13 @@ impl JobQueue for EmbeddedQueue {
                     let removed = dead.remove(key.as_str()).map_err(unavailable)?;
                     removed.map(|b| from_json(b.value())).transpose()?
                 };
-                let Some(letter) = letter else { return Ok(None) };
+                let Some(letter) = letter else {
+                    return Ok(None);
+                };
                 let mut job = letter.job;
                 job.budget_start = job.attempts;
-                let stored = StoredJob { job, due_ms: now };
+                job.deferrals = 0;
+                let stored = StoredJob { job, due_ms: now, running: false };
                 txn.open_table(JOBS)
                     .map_err(unavailable)?
                     .insert(key.as_str(), to_json(&stored)?.as_slice())
@@ -306,7 +388,11 @@ impl JobQueue for EmbeddedQueue {
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        self.blocking(|db| db.begin_read().map(drop).map_err(unavailable)).await
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.ping())
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("queue task failed: {e}")))?
+            .map_err(QueueError::from)
     }
 }
 
@@ -335,8 +421,9 @@ mod tests {
             idempotency_key: "k".into(),
             attempts: 0,
             budget_start: 0,
+            interrupted: 0,
+            deferrals: 0,
             enqueued_at_ms: 0,
-            lease: None,
         }
     }
 
@@ -347,13 +434,16 @@ mod tests {
             let q = EmbeddedQueue::open(dir.path()).unwrap();
             q.enqueue(vec![job("a"), job("b")]).await.unwrap();
             let first = q.reserve(Duration::from_millis(10)).await.unwrap().unwrap();
+            assert_eq!(first.job.attempts, 1, "the attempt is counted when the job is handed out");
             q.ack(&first).await.unwrap();
             let second = q.reserve(Duration::from_millis(10)).await.unwrap().unwrap();
-            assert_ne!(first.id, second.id);
+            assert_ne!(first.job.id, second.job.id);
             // Dropped while `second` is reserved, as a crash would.
         }
         let q = EmbeddedQueue::open(dir.path()).unwrap();
         let again = q.reserve(Duration::from_millis(10)).await.unwrap().unwrap();
+        // The attempt the crash cut short still counts, and says so.
+        assert_eq!((again.job.attempts, again.job.interrupted), (2, 1));
         assert_eq!(q.reserve(Duration::from_millis(10)).await.unwrap(), None);
         assert_eq!(q.depth().await.unwrap().in_flight, 1);
         q.ack(&again).await.unwrap();
@@ -374,13 +464,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let q = EmbeddedQueue::open(dir.path()).unwrap();
         q.enqueue(vec![job("a")]).await.unwrap();
-        let mut j = q.reserve(Duration::ZERO).await.unwrap().unwrap();
-        j.attempts = 1;
+        let j = q.reserve(Duration::ZERO).await.unwrap().unwrap();
         q.retry(j, Duration::from_millis(300)).await.unwrap();
         assert_eq!(q.reserve(Duration::from_millis(50)).await.unwrap(), None);
         assert_eq!(q.depth().await.unwrap().delayed, 1);
         let j = q.reserve(Duration::from_secs(5)).await.unwrap().unwrap();
-        assert_eq!(j.attempts, 1);
+        assert_eq!((j.job.attempts, j.job.interrupted), (2, 0));
     }
 
     #[tokio::test]
@@ -389,7 +478,7 @@ mod tests {
         let q = EmbeddedQueue::open(dir.path()).unwrap();
         q.enqueue(vec![job("a")]).await.unwrap();
         let mut j = q.reserve(Duration::ZERO).await.unwrap().unwrap();
-        j.attempts = 5;
+        j.job.attempts = 5;
         q.dead_letter(j, "Meta answered 400 (code 100)".into()).await.unwrap();
         // A re-sent webhook does not resurrect a dead job by itself.
         q.enqueue(vec![job("a")]).await.unwrap();
@@ -399,7 +488,7 @@ mod tests {
         assert_eq!(letters[0].reason, "Meta answered 400 (code 100)");
         let replayed = q.replay("a").await.unwrap().unwrap();
         assert_eq!((replayed.attempts, replayed.budget_start), (5, 5));
-        assert_eq!(q.reserve(Duration::ZERO).await.unwrap().map(|j| j.id), Some("a".into()));
+        assert_eq!(q.reserve(Duration::ZERO).await.unwrap().map(|j| j.job.id), Some("a".into()));
         assert!(q.replay("a").await.unwrap().is_none());
     }
 }

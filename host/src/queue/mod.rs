@@ -31,16 +31,32 @@ pub struct Job {
     pub params: Vec<(String, String)>,
     pub event: Event,
     pub idempotency_key: String,
-    /// Attempts made so far (all time).
+    /// Attempts started so far (all time). Counted durably when a job is
+    /// reserved, before its plugin runs, so an attempt that takes the host
+    /// down still counts.
     pub attempts: u32,
     /// `attempts` when the job was last replayed; the retry budget counts
     /// from here.
     #[serde(default)]
     pub budget_start: u32,
+    /// Attempts that never finished because the host stopped during them.
+    #[serde(default)]
+    pub interrupted: u32,
+    /// Times the job was put off for the host's own reasons (its destination
+    /// not loaded, no free plugin instance, the store down); they spend no
+    /// attempts, but back off like them.
+    #[serde(default)]
+    pub deferrals: u32,
     pub enqueued_at_ms: u64,
-    /// Backend-specific handle of the current reservation.
-    #[serde(skip)]
-    pub lease: Option<String>,
+}
+
+/// A job a worker holds. `job.attempts` already counts the attempt it is
+/// about to make.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reserved {
+    pub job: Job,
+    /// The backend's handle on the reservation (the stream entry, for Redis).
+    pub(crate) lease: String,
 }
 
 impl Job {
@@ -96,14 +112,17 @@ pub trait JobQueue: Send + Sync {
     /// Queue jobs, due now. A job whose id is already queued (live or dead)
     /// is left as it is.
     async fn enqueue(&self, jobs: Vec<Job>) -> Result<(), QueueError>;
-    /// Take the next due job, waiting up to `wait` for one.
-    async fn reserve(&self, wait: Duration) -> Result<Option<Job>, QueueError>;
+    /// Take the next due job, waiting up to `wait` for one, and count the
+    /// attempt it is for, durably, before handing it out. Attempts a host
+    /// stopped during are added to `attempts` and `interrupted`.
+    async fn reserve(&self, wait: Duration) -> Result<Option<Reserved>, QueueError>;
     /// Done with a job: remove it.
-    async fn ack(&self, job: &Job) -> Result<(), QueueError>;
-    /// Put a reserved job back, due after `delay` (its fields as given).
-    async fn retry(&self, job: Job, delay: Duration) -> Result<(), QueueError>;
+    async fn ack(&self, job: &Reserved) -> Result<(), QueueError>;
+    /// Put a reserved job back, due after `delay`, stored as `job.job` says
+    /// (a worker lowers `attempts` for an attempt that does not count).
+    async fn retry(&self, job: Reserved, delay: Duration) -> Result<(), QueueError>;
     /// Move a reserved job to the dead-letter list.
-    async fn dead_letter(&self, job: Job, reason: String) -> Result<(), QueueError>;
+    async fn dead_letter(&self, job: Reserved, reason: String) -> Result<(), QueueError>;
     /// Dead letters, oldest first.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError>;
     /// Move a dead letter back to the queue with a fresh retry budget.

@@ -16,7 +16,13 @@
 //! entry stays pending in the group until acknowledged; an entry idle longer
 //! than the visibility timeout (its worker died) is taken over with
 //! XAUTOCLAIM. Due retries are moved from `delayed` into the stream by
-//! whichever worker looks first. Blocking reads run on their own connections
+//! whichever worker looks first.
+//!
+//! Attempts: the stored job counts the attempts settled so far; the group's
+//! delivery count of an entry counts the attempts started on it (Redis
+//! raises it before handing the entry out). A reserved job's `attempts` is
+//! their sum, so an entry taken over after its worker died carries the
+//! attempt that was cut short (also counted in `interrupted`). Blocking reads run on their own connections
 //! without a response timeout; everything else uses a ConnectionManager,
 //! which reconnects after an outage.
 
@@ -28,7 +34,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, AsyncConnectionConfig, Script};
 
-use super::{DeadLetter, Job, JobQueue, QueueDepth, QueueError};
+use super::{DeadLetter, Job, JobQueue, QueueDepth, QueueError, Reserved};
 use crate::store::now_ms;
 
 const GROUP: &str = "workers";
@@ -184,16 +190,24 @@ impl RedisQueue {
         self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(unavailable)
     }
 
-    /// Load the job an entry names; an entry whose job is gone (finished
-    /// elsewhere) is acknowledged and skipped.
-    async fn job_for(&self, entry_id: &str, job_id: Option<String>) -> Result<Option<Job>, QueueError> {
+    /// Load the job an entry names, counting `deliveries` (the entry's
+    /// delivery count) as started attempts; an entry whose job is gone
+    /// (finished elsewhere) is acknowledged and skipped.
+    async fn job_for(
+        &self,
+        entry_id: &str,
+        job_id: Option<String>,
+        deliveries: u32,
+    ) -> Result<Option<Reserved>, QueueError> {
         let mut c = self.conn.clone();
         if let Some(id) = job_id {
             let json: Option<String> = c.get(self.job_key(&id)).await.map_err(unavailable)?;
             if let Some(json) = json {
                 let mut job: Job = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
-                job.lease = Some(entry_id.to_string());
-                return Ok(Some(job));
+                let deliveries = deliveries.max(1);
+                job.attempts += deliveries;
+                job.interrupted += deliveries - 1;
+                return Ok(Some(Reserved { job, lease: entry_id.to_string() }));
             }
         }
         let _: () = redis::pipe()
@@ -224,7 +238,7 @@ impl RedisQueue {
     }
 
     /// Take over one entry idle past the visibility timeout, if any.
-    async fn reclaim(&self) -> Result<Option<Job>, QueueError> {
+    async fn reclaim(&self) -> Result<Option<Reserved>, QueueError> {
         {
             let mut last = self.last_reclaim.lock().unwrap_or_else(|e| e.into_inner());
             if last.elapsed() < RECLAIM_EVERY {
@@ -246,16 +260,21 @@ impl RedisQueue {
             .map_err(unavailable)?;
         for entry in reply.claimed {
             let job_id = Self::entry_job_id(&entry.map);
-            if let Some(job) = self.job_for(&entry.id, job_id).await? {
-                tracing::warn!(job_id = %job.id, "took over a job whose worker stopped answering");
-                return Ok(Some(job));
+            let deliveries = self.delivery_count(&entry.id).await?;
+            if let Some(reserved) = self.job_for(&entry.id, job_id, deliveries).await? {
+                tracing::warn!(job_id = %reserved.job.id, deliveries, "took over a job whose worker stopped answering");
+                return Ok(Some(reserved));
             }
         }
         Ok(None)
     }
 
-    fn lease<'a>(&self, job: &'a Job) -> Result<&'a str, QueueError> {
-        job.lease.as_deref().ok_or_else(|| QueueError::Corrupt(format!("job {} was not reserved", job.id)))
+    /// How many times the group has handed out `entry_id`, this time included.
+    async fn delivery_count(&self, entry_id: &str) -> Result<u32, QueueError> {
+        let mut c = self.conn.clone();
+        let reply: redis::streams::StreamPendingCountReply =
+            c.xpending_count(self.key("jobs"), GROUP, entry_id, entry_id, 1).await.map_err(unavailable)?;
+        Ok(reply.ids.first().map(|p| p.times_delivered as u32).unwrap_or(1))
     }
 }
 
@@ -279,7 +298,7 @@ impl JobQueue for RedisQueue {
         Ok(())
     }
 
-    async fn reserve(&self, wait: Duration) -> Result<Option<Job>, QueueError> {
+    async fn reserve(&self, wait: Duration) -> Result<Option<Reserved>, QueueError> {
         let give_up = Instant::now() + wait;
         loop {
             self.promote_due().await?;
@@ -307,8 +326,8 @@ impl JobQueue for RedisQueue {
             for key in reply.keys {
                 for entry in key.ids {
                     let job_id = Self::entry_job_id(&entry.map);
-                    if let Some(job) = self.job_for(&entry.id, job_id).await? {
-                        return Ok(Some(job));
+                    if let Some(reserved) = self.job_for(&entry.id, job_id, 1).await? {
+                        return Ok(Some(reserved));
                     }
                 }
             }
@@ -318,15 +337,15 @@ impl JobQueue for RedisQueue {
         }
     }
 
-    async fn ack(&self, job: &Job) -> Result<(), QueueError> {
+    async fn ack(&self, reserved: &Reserved) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
         let _: i64 = self
             .scripts
             .ack
             .key(self.key("jobs"))
-            .key(self.job_key(&job.id))
+            .key(self.job_key(&reserved.job.id))
             .arg(GROUP)
-            .arg(self.lease(job)?)
+            .arg(&reserved.lease)
             .arg(&self.consumer)
             .invoke_async(&mut c)
             .await
@@ -334,9 +353,10 @@ impl JobQueue for RedisQueue {
         Ok(())
     }
 
-    async fn retry(&self, job: Job, delay: Duration) -> Result<(), QueueError> {
+    async fn retry(&self, reserved: Reserved, delay: Duration) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
         let due = now_ms() + delay.as_millis() as u64;
+        let job = &reserved.job;
         let _: i64 = self
             .scripts
             .retry
@@ -344,9 +364,9 @@ impl JobQueue for RedisQueue {
             .key(self.job_key(&job.id))
             .key(self.key("delayed"))
             .arg(GROUP)
-            .arg(self.lease(&job)?)
+            .arg(&reserved.lease)
             .arg(&self.consumer)
-            .arg(to_json(&job)?)
+            .arg(to_json(job)?)
             .arg(due)
             .arg(&job.id)
             .invoke_async(&mut c)
@@ -355,10 +375,10 @@ impl JobQueue for RedisQueue {
         Ok(())
     }
 
-    async fn dead_letter(&self, job: Job, reason: String) -> Result<(), QueueError> {
+    async fn dead_letter(&self, reserved: Reserved, reason: String) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        let lease = self.lease(&job)?.to_string();
-        let letter = DeadLetter { job, reason, failed_at_ms: now_ms() };
+        let lease = reserved.lease;
+        let letter = DeadLetter { job: reserved.job, reason, failed_at_ms: now_ms() };
         let _: i64 = self
             .scripts
             .dead
@@ -401,6 +421,7 @@ impl JobQueue for RedisQueue {
         let letter: DeadLetter = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let mut job = letter.job;
         job.budget_start = job.attempts;
+        job.deferrals = 0;
         let moved: i64 = self
             .scripts
             .replay

@@ -9,7 +9,8 @@
 //!
 //! `insert` checks `dedupe` and writes all three tables in one write
 //! transaction; redb serializes write transactions, so two concurrent copies
-//! of a webhook cannot both insert.
+//! of a webhook cannot both insert. Storage faults are handled by
+//! `RedbFile`: `/ready` reports them and writes resume when they clear.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
 
+use super::redb_file::{RedbFile, Unavailable};
 use super::{AttemptRecord, Inserted, ListQuery, Receipt, ReceiptStore, StoreError, apply_attempt, now_ms};
 
 const RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("receipts");
@@ -26,7 +28,13 @@ const UNQUEUED: TableDefinition<&str, ()> = TableDefinition::new("unqueued");
 /// Receipts in a local redb file.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    file: Arc<RedbFile>,
+}
+
+impl From<Unavailable> for StoreError {
+    fn from(Unavailable(why): Unavailable) -> Self {
+        StoreError::Unavailable(why)
+    }
 }
 
 fn unavailable(e: impl Into<redb::Error>) -> StoreError {
@@ -51,24 +59,34 @@ impl EmbeddedStore {
     pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
-        let path = dir.join("receipts.redb");
-        let db = Database::create(&path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(unavailable)?;
-        txn.open_table(RECEIPTS).map_err(unavailable)?;
-        txn.open_table(DEDUPE).map_err(unavailable)?;
-        txn.open_table(UNQUEUED).map_err(unavailable)?;
-        txn.commit().map_err(unavailable)?;
-        Ok(EmbeddedStore { db: Arc::new(db) })
+        let file = RedbFile::open(&dir.join("receipts.redb"), |txn| {
+            txn.open_table(RECEIPTS)?;
+            txn.open_table(DEDUPE)?;
+            txn.open_table(UNQUEUED)?;
+            Ok(())
+        })
+        .map_err(StoreError::Unavailable)?;
+        Ok(EmbeddedStore { file: Arc::new(file) })
     }
 
-    /// Run blocking redb work off the async executor.
+    /// Run blocking redb work that writes, off the async executor.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.write(f))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+
+    /// Run blocking redb work that only reads.
+    async fn reading<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.read(f))
             .await
             .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
     }
@@ -153,7 +171,7 @@ impl ReceiptStore for EmbeddedStore {
 
     async fn get(&self, id: &str) -> Result<Option<Receipt>, StoreError> {
         let id = id.to_string();
-        self.blocking(move |db| {
+        self.reading(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(RECEIPTS).map_err(unavailable)?;
             let found = table.get(id.as_str()).map_err(unavailable)?;
@@ -163,7 +181,7 @@ impl ReceiptStore for EmbeddedStore {
     }
 
     async fn list(&self, query: ListQuery) -> Result<Vec<Receipt>, StoreError> {
-        self.blocking(move |db| {
+        self.reading(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(RECEIPTS).map_err(unavailable)?;
             let mut out = Vec::new();
@@ -183,7 +201,7 @@ impl ReceiptStore for EmbeddedStore {
     }
 
     async fn unqueued(&self) -> Result<Vec<Receipt>, StoreError> {
-        self.blocking(|db| {
+        self.reading(|db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let pending = txn.open_table(UNQUEUED).map_err(unavailable)?;
             let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
@@ -200,6 +218,10 @@ impl ReceiptStore for EmbeddedStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.blocking(|db| db.begin_read().map(drop).map_err(unavailable)).await
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.ping())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+            .map_err(StoreError::from)
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod embedded;
 pub mod mongo;
+pub(crate) mod redb_file;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -157,7 +157,9 @@ impl ReceiptStore for MongoStore {
                 Some(bson::Bson::Int64(n)) => *n,
                 Some(bson::Bson::Int32(n)) => i64::from(*n),
                 Some(bson::Bson::Double(n)) => *n as i64,
-                _ => return Err(StoreError::Corrupt(format!("receipt {id} has no revision number"))),
+                _ => {
+                    return Err(StoreError::Corrupt(format!("receipt {id} has no revision number")));
+                }
             };
             d.remove("rev");
             let mut receipt = decode(d)?;

@@ -4,6 +4,14 @@
 //! The order matters: the outcome is recorded before the queue is told, so
 //! a crash in between only repeats a delivery (which the downstream
 //! idempotency key absorbs), never loses one.
+//!
+//! Attempts: the queue counts an attempt durably before the worker gets the
+//! job, so a job that takes the host down (a poison job) spends its budget
+//! like any other and is dead-lettered, instead of taking hosts down one
+//! after another. Failures that are neither the downstream's nor the
+//! plugin's (the destination not loaded during a redeploy, no free plugin
+//! instance, the receipt store down) give the attempt back: the job is put
+//! off with backoff and spends nothing.
 
 pub mod retry;
 
@@ -15,8 +23,8 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::App;
-use crate::plugins::{DeliveryRequest, Outcome, PluginError};
-use crate::queue::{Job, idempotency_key};
+use crate::plugins::{DeliveryRequest, Outcome};
+use crate::queue::{Job, Reserved, idempotency_key};
 use crate::store::{AttemptRecord, DeliveryState, Receipt, StoreError, now_ms};
 
 /// How long a worker waits for a job before checking for shutdown.
@@ -27,9 +35,23 @@ const OUTAGE_PAUSE: Duration = Duration::from_secs(1);
 /// What one attempt came to, before the retry policy has its say.
 #[derive(Debug)]
 enum Verdict {
-    Delivered { status: Option<u16>, detail: String },
-    Retry { status: Option<u16>, reason: String, retry_after: Option<Duration> },
-    Permanent { status: Option<u16>, reason: String },
+    Delivered {
+        status: Option<u16>,
+        detail: String,
+    },
+    Retry {
+        status: Option<u16>,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    Permanent {
+        status: Option<u16>,
+        reason: String,
+    },
+    /// The host could not make the attempt; it does not count.
+    Defer {
+        reason: String,
+    },
 }
 
 /// The jobs for a receipt's actions not yet attempted (a re-enqueue after a
@@ -57,8 +79,9 @@ pub fn jobs_for(receipt: &Receipt) -> Vec<Job> {
             ),
             attempts: 0,
             budget_start: 0,
+            interrupted: 0,
+            deferrals: 0,
             enqueued_at_ms: receipt.received_at_ms,
-            lease: None,
         })
         .collect()
 }
@@ -81,7 +104,9 @@ pub async fn recover_unqueued(app: &App) {
                 }
                 tracing::info!(receipt_id = %receipt.id, "queued the jobs of a receipt accepted before a restart");
             }
-            Err(e) => tracing::error!(receipt_id = %receipt.id, error = %e, "could not queue recovered jobs"),
+            Err(e) => {
+                tracing::error!(receipt_id = %receipt.id, error = %e, "could not queue recovered jobs")
+            }
         }
     }
 }
@@ -119,32 +144,39 @@ async fn run(app: Arc<App>, worker: usize, mut shutdown: watch::Receiver<bool>) 
 }
 
 /// Run one attempt of one job and settle it.
-pub async fn process(app: &App, mut job: Job) {
-    let attempt = job.attempts + 1;
+pub async fn process(app: &App, reserved: Reserved) {
+    let job = &reserved.job;
     let span = tracing::info_span!(
         "delivery",
         receipt_id = %job.receipt_id,
         provider = %job.provider,
         destination = %job.destination,
         action = %job.action,
-        attempt
+        attempt = job.attempts
     );
     async move {
-        let verdict = attempt_delivery(app, &job, attempt).await;
-        job.attempts = attempt;
-        settle(app, job, verdict).await;
+        let used = reserved.job.attempts.saturating_sub(reserved.job.budget_start);
+        if used > app.config.retry.max_attempts {
+            // The last attempt the budget allowed never finished: the host
+            // stopped during it. Do not run it again.
+            let reason = format!(
+                "gave up after {} attempts: {} of them never finished (the host stopped while running them)",
+                used - 1,
+                reserved.job.interrupted
+            );
+            dead_letter(app, reserved, None, reason, true).await;
+            return;
+        }
+        let verdict = attempt_delivery(app, &reserved.job).await;
+        settle(app, reserved, verdict).await;
     }
     .instrument(span)
     .await
 }
 
-async fn attempt_delivery(app: &App, job: &Job, attempt: u32) -> Verdict {
+async fn attempt_delivery(app: &App, job: &Job) -> Verdict {
     let Some(plugin) = app.plugins.destination(&job.destination) else {
-        return Verdict::Retry {
-            status: None,
-            reason: format!("no destination plugin named {:?} is loaded", job.destination),
-            retry_after: None,
-        };
+        return Verdict::Defer { reason: format!("no destination plugin named {:?} is loaded", job.destination) };
     };
     let started = Instant::now();
     let (result, _requests) = plugin
@@ -154,7 +186,7 @@ async fn attempt_delivery(app: &App, job: &Job, attempt: u32) -> Verdict {
             params: &job.params,
             receipt_id: &job.receipt_id,
             provider: &job.provider,
-            attempt,
+            attempt: job.attempts,
             idempotency_key: &job.idempotency_key,
         })
         .await;
@@ -164,34 +196,39 @@ async fn attempt_delivery(app: &App, job: &Job, attempt: u32) -> Verdict {
         Ok(Outcome::Retryable { status, reason, retry_after }) => Verdict::Retry { status, reason, retry_after },
         Ok(Outcome::Permanent { status, reason }) => Verdict::Permanent { status, reason },
         Err(e) => {
-            let kind = match &e {
-                PluginError::TimeLimit { .. } => "time_limit",
-                PluginError::MemoryLimit { .. } => "memory_limit",
-                PluginError::Trap { .. } => "trap",
-                PluginError::Instantiate { .. } => "instantiate",
-                PluginError::WrongKind { .. } => "wrong_kind",
-            };
             app.metrics
                 .plugin_failures
-                .get_or_create(&crate::telemetry::PluginFailureLabels { plugin: plugin.name().to_string(), kind })
+                .get_or_create(&crate::telemetry::PluginFailureLabels {
+                    plugin: plugin.name().to_string(),
+                    kind: e.kind(),
+                })
                 .inc();
-            Verdict::Retry { status: None, reason: e.to_string(), retry_after: None }
+            if e.is_plugins_fault() {
+                Verdict::Retry { status: None, reason: e.to_string(), retry_after: None }
+            } else {
+                Verdict::Defer { reason: e.to_string() }
+            }
         }
     }
 }
 
 /// Record the verdict on the receipt, then tell the queue.
-async fn settle(app: &App, job: Job, verdict: Verdict) {
+async fn settle(app: &App, reserved: Reserved, verdict: Verdict) {
     let policy = app.config.retry;
+    let job = &reserved.job;
     let used = job.attempts.saturating_sub(job.budget_start);
     match verdict {
         Verdict::Delivered { status, detail } => {
-            if !recorded(app, &job, attempt_record(&job, DeliveryState::Delivered, status, None, Some(detail.clone())))
-                .await
+            if !recorded(
+                app,
+                &reserved,
+                attempt_record(job, DeliveryState::Delivered, status, None, Some(detail.clone())),
+            )
+            .await
             {
                 return;
             }
-            if let Err(e) = app.queue.ack(&job).await {
+            if let Err(e) = app.queue.ack(&reserved).await {
                 tracing::warn!(error = %e, "delivered and recorded, but the ack failed; the job may run again");
             }
             app.metrics.delivery(&job.destination, "delivered");
@@ -204,24 +241,49 @@ async fn settle(app: &App, job: Job, verdict: Verdict) {
         }
         Verdict::Retry { status, reason, retry_after } if policy.may_retry(used) => {
             let delay = policy.delay(used, retry_after, fastrand::f64());
-            if !recorded(app, &job, attempt_record(&job, DeliveryState::Retrying, status, Some(reason.clone()), None))
-                .await
+            if !recorded(
+                app,
+                &reserved,
+                attempt_record(job, DeliveryState::Retrying, status, Some(reason.clone()), None),
+            )
+            .await
             {
                 return;
             }
             app.metrics.delivery(&job.destination, "retry");
             tracing::warn!(?status, %reason, retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry");
-            if let Err(e) = app.queue.retry(job, delay).await {
+            if let Err(e) = app.queue.retry(reserved, delay).await {
                 tracing::error!(error = %e, "could not schedule the retry; the job will run again when the queue recovers");
             }
         }
         Verdict::Retry { status, reason, .. } => {
             let reason = format!("gave up after {used} attempts: {reason}");
-            dead_letter(app, job, status, reason).await;
+            dead_letter(app, reserved, status, reason, false).await;
         }
         Verdict::Permanent { status, reason } => {
-            dead_letter(app, job, status, reason).await;
+            dead_letter(app, reserved, status, reason, false).await;
         }
+        Verdict::Defer { reason } => {
+            let mut record = attempt_record(job, DeliveryState::Retrying, None, Some(reason.clone()), None);
+            record.attempts -= 1;
+            if recorded(app, &reserved, record).await {
+                defer(app, reserved, &reason).await;
+            }
+        }
+    }
+}
+
+/// Put a job off without spending its attempt, backing off by how often it
+/// was put off.
+async fn defer(app: &App, mut reserved: Reserved, reason: &str) {
+    let job = &mut reserved.job;
+    job.attempts = job.attempts.saturating_sub(1);
+    job.deferrals += 1;
+    let delay = app.config.retry.delay(job.deferrals, None, fastrand::f64()).max(OUTAGE_PAUSE);
+    app.metrics.delivery(&job.destination, "deferred");
+    tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, deferrals = job.deferrals, "delivery put off; the attempt does not count");
+    if let Err(e) = app.queue.retry(reserved, delay).await {
+        tracing::error!(error = %e, "could not put the job back; it runs again when the queue recovers");
     }
 }
 
@@ -243,24 +305,30 @@ fn attempt_record(
     }
 }
 
-async fn dead_letter(app: &App, job: Job, status: Option<u16>, reason: String) {
-    if !recorded(app, &job, attempt_record(&job, DeliveryState::Failed, status, Some(reason.clone()), None)).await {
+/// Dead-letter a job (`interrupted`: its last attempt never finished, so
+/// the receipt shows one fewer attempt made).
+async fn dead_letter(app: &App, reserved: Reserved, status: Option<u16>, reason: String, interrupted: bool) {
+    let mut record = attempt_record(&reserved.job, DeliveryState::Failed, status, Some(reason.clone()), None);
+    if interrupted {
+        record.attempts -= 1;
+    }
+    if !recorded(app, &reserved, record).await {
         return;
     }
-    app.metrics.delivery(&job.destination, "dead_letter");
+    app.metrics.delivery(&reserved.job.destination, "dead_letter");
     tracing::error!(?status, %reason, "delivery failed permanently; dead-lettered");
-    if let Err(e) = app.queue.dead_letter(job, reason).await {
+    if let Err(e) = app.queue.dead_letter(reserved, reason).await {
         tracing::error!(error = %e, "could not dead-letter the job; it will run again when the queue recovers");
     }
 }
 
 /// Record an attempt. If that fails the outcome must not be lost: while the
-/// store is down the job runs again later on its retry schedule (the attempt
-/// counts, so an outage is not a tight loop of repeated deliveries); if the
-/// receipt is gone or unreadable, no retry can help and the job is
-/// dead-lettered with the reason. Reports whether it was recorded.
-async fn recorded(app: &App, job: &Job, attempt: AttemptRecord) -> bool {
-    let error = match app.store.record_attempt(&job.receipt_id, attempt).await {
+/// store is down the job is put off (the host's failure, so the attempt does
+/// not count) and runs again later; if the receipt is gone or unreadable, no
+/// retry can help and the job is dead-lettered with the reason. Reports
+/// whether it was recorded.
+async fn recorded(app: &App, reserved: &Reserved, attempt: AttemptRecord) -> bool {
+    let error = match app.store.record_attempt(&reserved.job.receipt_id, attempt).await {
         Ok(()) => return true,
         Err(e) => e,
     };
@@ -268,18 +336,12 @@ async fn recorded(app: &App, job: &Job, attempt: AttemptRecord) -> bool {
         StoreError::NotFound(_) | StoreError::Corrupt(_) => {
             let reason = format!("the receipt cannot record this job's outcome: {error}");
             tracing::error!(%reason, "dead-lettering the job");
-            if let Err(e) = app.queue.dead_letter(job.clone(), reason).await {
+            if let Err(e) = app.queue.dead_letter(reserved.clone(), reason).await {
                 tracing::error!(error = %e, "could not dead-letter the job either");
             }
         }
         StoreError::Unavailable(_) => {
-            let policy = app.config.retry;
-            let used = job.attempts.saturating_sub(job.budget_start);
-            let delay = policy.delay(used, None, fastrand::f64()).max(OUTAGE_PAUSE);
-            tracing::error!(error = %error, retry_in_ms = delay.as_millis() as u64, "could not record the delivery outcome; the job will run again");
-            if let Err(e) = app.queue.retry(job.clone(), delay).await {
-                tracing::error!(error = %e, "could not put the job back either; it runs again when the queue recovers");
-            }
+            defer(app, reserved.clone(), &format!("could not record the delivery outcome: {error}")).await;
         }
     }
     false

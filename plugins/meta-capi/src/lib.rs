@@ -73,10 +73,19 @@ impl Settings {
         if !missing.is_empty() {
             return Err(format!("Meta is not configured: set {}", missing.join(" and ")));
         }
+        let api_version = get("api_version").unwrap_or_else(|| "v21.0".into());
+        let version_ok = api_version.strip_prefix('v').is_some_and(|rest| {
+            let mut parts = rest.split('.');
+            let number = |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            number(parts.next()) && number(parts.next()) && parts.next().is_none()
+        });
+        if !version_ok {
+            return Err(format!("META_API_VERSION must look like v21.0, got {api_version:?}"));
+        }
         Ok(Settings {
             access_token,
             pixel_id,
-            api_version: get("api_version").unwrap_or_else(|| "v21.0".into()),
+            api_version,
             graph_url: get("graph_url").unwrap_or_else(|| "https://graph.facebook.com".into()),
             action_source: get("action_source").unwrap_or_else(|| "system_generated".into()),
             event_source_url: get("event_source_url"),
@@ -353,6 +362,21 @@ mod tests {
     fn missing_credentials_name_the_variables() {
         let err = Settings::from_config(|_| None).unwrap_err();
         assert_eq!(err, "Meta is not configured: set META_ACCESS_TOKEN and META_PIXEL_ID");
+    }
+
+    #[test]
+    fn a_malformed_api_version_is_refused_plainly() {
+        let with_version = |v: &'static str| {
+            Settings::from_config(move |k| match k {
+                "access_token" | "pixel_id" => Some("x".into()),
+                "api_version" => Some(v.into()),
+                _ => None,
+            })
+        };
+        assert_eq!(with_version("v22.0").unwrap().api_version, "v22.0");
+        for bad in ["21", "v21", "v21.0.1", "v.0", "../v21.0"] {
+            assert_eq!(with_version(bad).unwrap_err(), format!("META_API_VERSION must look like v21.0, got {bad:?}"));
+        }
     }
 
     #[test]

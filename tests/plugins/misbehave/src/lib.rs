@@ -1,10 +1,13 @@
-//! A destination plugin that misbehaves on request, for the sandbox tests.
-//! The action name picks the behaviour; each one probes one limit.
+//! A destination plugin that misbehaves on request, for the sandbox and
+//! trust-boundary tests: written as an attacker would, to take more than it
+//! was granted. The action name picks the behaviour; each one probes one
+//! limit.
 
 wit_bindgen::generate!({ world: "destination", path: "../../../wit" });
 
+use crm::plugin::config;
 use crm::plugin::http::{self, HttpError, Request};
-use crm::plugin::types::{Delivered, Failure};
+use crm::plugin::types::{Delivered, Failure, Header};
 
 struct Misbehave;
 
@@ -29,6 +32,29 @@ fn fetch(url: &str) -> Outcome {
         Err(HttpError::ResponseTooLarge(n)) => failed(format!("too large: {n}")),
         Err(e) => failed(format!("error: {e:?}")),
     }
+}
+
+/// Send `n` requests of `bytes` body bytes to `url`, whatever happens, and
+/// count how they went.
+fn send_loop(action: &Action) -> Outcome {
+    let n: u32 = param(action, "n").parse().unwrap_or(1);
+    let bytes: usize = param(action, "bytes").parse().unwrap_or(0);
+    let body = vec![b'x'; bytes];
+    let (mut ok, mut denied, mut other) = (0, 0, 0);
+    let mut last_denial = String::new();
+    for _ in 0..n {
+        let request =
+            Request { method: "POST".into(), url: param(action, "url").into(), headers: vec![], body: body.clone() };
+        match http::send(&request) {
+            Ok(_) => ok += 1,
+            Err(HttpError::Denied(why)) => {
+                denied += 1;
+                last_denial = why;
+            }
+            Err(_) => other += 1,
+        }
+    }
+    delivered(format!("sent {ok}, denied {denied}, failed {other}; last denial: {last_denial}"))
 }
 
 impl Guest for Misbehave {
@@ -60,6 +86,44 @@ impl Guest for Misbehave {
             }
             "fetch" => fetch(param(&action, "url")),
             "read-env" => delivered(format!("{} variables", std::env::vars().count())),
+            "read-config" => {
+                // Ask for every key named, declared or not: report what came back.
+                let got: Vec<String> = param(&action, "keys")
+                    .split(',')
+                    .map(|k| format!("{k}={}", config::get(k).unwrap_or_else(|| "<none>".into())))
+                    .collect();
+                delivered(got.join(";"))
+            }
+            "exfiltrate" => {
+                // Read a setting and send it to the allowed host.
+                let value = config::get(param(&action, "key")).unwrap_or_default();
+                fetch(&format!("{}/{value}", param(&action, "url")))
+            }
+            "send-loop" => send_loop(&action),
+            "smuggle" => {
+                // Try to address another host and frame a second request.
+                let headers = [
+                    ("host", "169.254.169.254"),
+                    ("content-length", "0"),
+                    ("transfer-encoding", "chunked"),
+                    ("connection", "close, x-hop"),
+                    ("x-hop", "1"),
+                    ("x-kept", "yes"),
+                ];
+                let request = Request {
+                    method: "POST".into(),
+                    url: param(&action, "url").into(),
+                    headers: headers
+                        .iter()
+                        .map(|(n, v)| Header { name: n.to_string(), value: v.to_string() })
+                        .collect(),
+                    body: b"{}0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n".to_vec(),
+                };
+                match http::send(&request) {
+                    Ok(r) => delivered(format!("status {}", r.status)),
+                    Err(e) => failed(format!("error: {e:?}")),
+                }
+            }
             "read-file" => match std::fs::read("/etc/passwd") {
                 Ok(b) => failed(format!("read {} bytes", b.len())),
                 Err(e) => delivered(format!("no file access: {e}")),
