@@ -16,7 +16,6 @@
 //!    slower than a real mongod: its figures bound the system from below.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::collections::HashMap;

@@ -36,4 +36,7 @@ if [ ! -x "$venv/bin/nx-27017" ]; then
 fi
 export NX_27017="$venv/bin/nx-27017"
 
+# Lints are part of the suite.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked "$@"

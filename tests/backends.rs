@@ -64,6 +64,12 @@ async fn a_permanent_meta_error_is_dead_lettered_with_the_reason_and_can_be_repl
 }
 
 #[tokio::test]
+async fn a_job_that_keeps_killing_its_host_is_dead_lettered_once_its_budget_is_spent() {
+    flows::a_job_that_keeps_killing_its_host_is_dead_lettered_once_its_budget_is_spent(&setup("poison").await.flow)
+        .await;
+}
+
+#[tokio::test]
 async fn a_restart_between_accept_and_delivery_still_delivers_once() {
     flows::a_restart_between_accept_and_delivery_still_delivers_once(&setup("restart").await.flow).await;
 }
@@ -102,7 +108,7 @@ async fn two_hundred_concurrent_copies_make_one_receipt_and_one_set_of_jobs() {
 #[tokio::test]
 async fn two_hosts_share_the_work_and_survive_one_being_killed() {
     let s = setup("scale").await;
-    let a = Host::start(&s.vars).await;
+    let mut a = Host::start(&s.vars).await;
     let b = Host::start(&s.vars).await;
     let accepted = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -119,10 +125,10 @@ async fn two_hosts_share_the_work_and_survive_one_being_killed() {
                     .body(payload(&deal, "Qualified"))
                     .send()
                     .await;
-                if let Ok(r) = sent {
-                    if r.status() == 200 {
-                        accepted.lock().unwrap().push(deal);
-                    }
+                if let Ok(r) = sent
+                    && r.status() == 200
+                {
+                    accepted.lock().unwrap().push(deal);
                 }
             }
         }));

@@ -54,6 +54,11 @@ async fn a_permanent_meta_error_is_dead_lettered_with_the_reason_and_can_be_repl
 }
 
 #[tokio::test]
+async fn a_job_that_keeps_killing_its_host_is_dead_lettered_once_its_budget_is_spent() {
+    flows::a_job_that_keeps_killing_its_host_is_dead_lettered_once_its_budget_is_spent(&setup(&[]).await.flow).await;
+}
+
+#[tokio::test]
 async fn a_restart_between_accept_and_delivery_still_delivers_once() {
     flows::a_restart_between_accept_and_delivery_still_delivers_once(&setup(&[]).await.flow).await;
 }
@@ -179,4 +184,123 @@ async fn plugin_run_prints_the_exact_requests_and_sends_nothing() {
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(s.meta.received().is_empty() && s.brevo.received().is_empty(), "the dry run sent something");
+
+    // `plugin check` lists what the plugin reads and the grant behind each,
+    // never a value.
+    let folder = repo().join("plugins/meta-capi").display().to_string();
+    let out = run(vec!["plugin".into(), "check".into(), folder]).await;
+    assert!(out.contains("may read: META_CAPI_* (own name), META_*"), "{out}");
+    assert!(out.contains("config.access_token: META_ACCESS_TOKEN (granted by META_*, set) secret required"), "{out}");
+    assert!(out.contains("config.test_event_code: META_TEST_EVENT_CODE (granted by META_*, not set)"), "{out}");
+    assert!(!out.contains("meta-token"), "{out}");
+}
+
+/// A tmpfs mounted for one test (the service's DATA_DIR), unmounted after.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test fills a small tmpfs and needs root to mount it: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(at.to_path_buf())
+    }
+
+    /// Take every byte left, in a file `delete` gives back.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let mut byte = [0u8; 1];
+        while f.write_all(&byte).is_ok() {
+            byte[0] = 1;
+        }
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_is_reported_and_writes_resume_once_it_clears() {
+    let s = setup(&[]).await;
+    let root = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&root.path().join("data"), "3m");
+    let mut vars = s.vars.clone();
+    vars.retain(|(k, _)| *k != "DATA_DIR");
+    vars.push(("DATA_DIR", disk.0.display().to_string()));
+    // Compiled plugins are megabytes: keep them off the small disk.
+    vars.push(("PLUGIN_CACHE_DIR", root.path().join("cache").display().to_string()));
+    let host = Host::start(&vars).await;
+    let mut accepted = Vec::new();
+    for i in 0..5 {
+        let deal = format!("F-{i}");
+        let (status, _) =
+            post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload(&deal, "Qualified")).await;
+        assert_eq!(status, 200);
+        accepted.push(deal);
+    }
+
+    let filler = disk.fill();
+    let mut refused = None;
+    for i in 0..200 {
+        let deal = format!("F-full-{i}");
+        let (status, body) =
+            post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload(&deal, "Qualified")).await;
+        match status {
+            200 => accepted.push(deal),
+            503 => {
+                refused = Some(body);
+                break;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    let refused = refused.expect("a full disk must refuse webhooks with 503");
+    assert!(matches!(refused["code"].as_str(), Some("store_unavailable" | "queue_unavailable")), "{refused}");
+    let ready = reqwest::get(format!("{}/ready", host.url)).await.unwrap();
+    assert_eq!(
+        ready.status(),
+        503,
+        "/ready must not say all is well while writes are refused; {}",
+        host.log_text().lines().filter(|l| l.contains("ERROR") || l.contains("error")).collect::<Vec<_>>().join("\n")
+    );
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    let reasons = format!("{} {}", ready["checks"]["store"], ready["checks"]["queue"]);
+    assert!(reasons.contains("storage fault"), "{ready}");
+
+    std::fs::remove_file(filler).unwrap();
+    let deal = "F-after".to_string();
+    eventually("writes to resume", WAIT, async || {
+        let (status, _) =
+            post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload(&deal, "Qualified")).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    accepted.push(deal);
+    eventually("/ready to recover", WAIT, async || {
+        (reqwest::get(format!("{}/ready", host.url)).await.unwrap().status() == 200).then_some(())
+    })
+    .await;
+    // Nothing that was answered 200 is lost.
+    eventually("every accepted webhook delivered", WAIT, async || {
+        let delivered: Vec<String> =
+            s.meta.events().iter().filter_map(|e| e["custom_data"]["deal_id"].as_str().map(str::to_string)).collect();
+        accepted.iter().all(|d| delivered.contains(d)).then_some(())
+    })
+    .await;
 }

@@ -379,3 +379,47 @@ async fn a_second_folder_with_the_same_plugin_name_is_refused() {
     assert_eq!(errors[0].0, backup);
     assert!(errors[0].1.contains("a source plugin named \"crm\" is already loaded from"), "{errors:?}");
 }
+
+#[tokio::test]
+async fn a_folder_gone_for_a_moment_is_not_unloaded_and_one_gone_for_good_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &["crm", "meta-capi"]);
+    let engine = Arc::new(PluginEngine::new(EngineOptions::default()).unwrap());
+    let registry = crm_event_handler::plugins::Registry::new(engine, plugin_env(&[], None));
+    registry.sync(&plugins, false);
+    let folder = plugins.join("meta-capi");
+    let aside = dir.path().join("meta-capi.aside");
+
+    // Moved aside for one poll (a deploy that replaces the folder), then back.
+    std::fs::rename(&folder, &aside).unwrap();
+    assert!(registry.sync(&plugins, true).is_empty());
+    assert!(registry.destination("meta-capi").is_some(), "one poll is not enough to unload");
+    std::fs::rename(&aside, &folder).unwrap();
+    assert!(registry.sync(&plugins, true).is_empty());
+    assert!(registry.sync(&plugins, true).is_empty());
+    assert!(registry.destination("meta-capi").is_some());
+
+    // Gone on two polls: unloaded.
+    std::fs::rename(&folder, &aside).unwrap();
+    registry.sync(&plugins, true);
+    let changes = registry.sync(&plugins, true);
+    assert!(
+        matches!(&changes[..], [crm_event_handler::plugins::Change::Unloaded { name }] if name == "meta-capi"),
+        "{changes:?}"
+    );
+    assert!(registry.destination("meta-capi").is_none());
+}
+
+#[tokio::test]
+async fn webhooks_for_a_source_that_just_went_away_answer_503_so_the_crm_retries() {
+    let r = start(&[]).await;
+    std::fs::remove_dir_all(r.plugins.join("crm")).unwrap();
+    eventually("the source to be unloaded", WAIT, async || r.app.plugins.source("crm").is_none().then_some(())).await;
+    let (status, body) =
+        post_webhook(&r.base, "/api/v1/webhook/crm", "deal_updated", &payload("G-1", "Qualified")).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("provider_unavailable")), "{body}");
+    let (status, _) =
+        post_webhook(&r.base, "/api/v1/webhook/never-loaded", "deal_updated", &payload("G-1", "Qualified")).await;
+    assert_eq!(status, 404);
+    let _ = r.stop.send(true);
+}

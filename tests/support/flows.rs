@@ -1,5 +1,5 @@
-//! The end-to-end scenarios every backend must pass (embedded, and MongoDB
-//! + Redis): the real binary, started with `Flow::vars`, against the Meta and
+//! The end-to-end scenarios every backend must pass (embedded, and
+//! MongoDB with Redis): the real binary, started with `Flow::vars`, against the Meta and
 //! Brevo stand-ins. Each suite calls them with its own setup.
 
 use std::time::Duration;
@@ -146,7 +146,7 @@ pub async fn a_restart_between_accept_and_delivery_still_delivers_once(f: &Flow)
     // Meta takes the first request and never answers: the host is killed
     // while the delivery is in flight.
     f.meta.hold(1);
-    let host = Host::start(&f.vars).await;
+    let mut host = Host::start(&f.vars).await;
     let (status, body) =
         post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-5", "Qualified")).await;
     assert_eq!(status, 200);
@@ -166,4 +166,38 @@ pub async fn a_restart_between_accept_and_delivery_still_delivers_once(f: &Flow)
         f.meta.unique_events(),
         vec![("Lead".to_string(), f.meta.events()[0]["event_id"].as_str().unwrap().to_string())]
     );
+}
+
+/// A job that takes its host down (here: the host is killed during each of
+/// its attempts) spends its attempts and is dead-lettered, instead of taking
+/// down every host that picks it up.
+pub async fn a_job_that_keeps_killing_its_host_is_dead_lettered_once_its_budget_is_spent(f: &Flow) {
+    let mut vars = f.vars.clone();
+    vars.push(("RETRY_MAX_ATTEMPTS", "2".to_string()));
+    f.meta.hold(10);
+    let mut host = Host::start(&vars).await;
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("P-1", "Qualified")).await;
+    assert_eq!(status, 200);
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    for attempt in 1..=2 {
+        eventually("the attempt to be under way", WAIT, async || (f.meta.received().len() == attempt).then_some(()))
+            .await;
+        host.kill();
+        host = Host::start(&vars).await;
+    }
+    let r = eventually("the job to be dead-lettered", WAIT, async || {
+        let r = receipt(&host, &id).await;
+        (action_state(&r, "meta-capi").0 == "failed").then_some(r)
+    })
+    .await;
+    assert_eq!(
+        r["actions"][0]["last_error"],
+        "gave up after 2 attempts: 2 of them never finished (the host stopped while running them)"
+    );
+    let dead = get_json(&host.url, "/api/v1/dead-letters").await;
+    assert_eq!(dead["dead_letters"].as_array().unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(f.meta.received().len(), 2, "the job did not run a third time");
+    f.meta.release();
 }

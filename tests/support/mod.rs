@@ -237,6 +237,9 @@ impl Host {
     /// Start `serve` with these variables (PORT=0, HOST=127.0.0.1 and JSON
     /// logs are added) and wait until it listens.
     pub async fn start(vars: &[(&str, String)]) -> Host {
+        // `option_env!`: this module is shared with the benchmark example,
+        // which has no binary to start.
+        #[allow(clippy::option_env_unwrap)]
         let binary = option_env!("CARGO_BIN_EXE_crm-event-handler").expect("only integration tests start the binary");
         let mut cmd = Command::new(binary);
         cmd.arg("serve")
@@ -259,10 +262,10 @@ impl Host {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["message"] == "crm-event-handler listening" {
-                        let _ = tx.send(v["addr"].as_str().unwrap_or("").to_string());
-                    }
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["message"] == "crm-event-handler listening"
+                {
+                    let _ = tx.send(v["addr"].as_str().unwrap_or("").to_string());
                 }
                 sink.lock().unwrap().push(line);
             }
@@ -277,9 +280,13 @@ impl Host {
     }
 
     /// Kill the process at once (SIGKILL), as a crash would.
-    pub fn kill(mut self) {
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {

@@ -206,10 +206,10 @@ impl Registry {
                 Ok(plugin) => {
                     let plugin = Arc::new(plugin);
                     let key = (plugin.name().to_string(), plugin.manifest.kind);
-                    if let Some((old_name, old_kind)) = &previous {
-                        if *old_name != key.0 || *old_kind != key.1 {
-                            set.map(*old_kind).remove(old_name);
-                        }
+                    if let Some((old_name, old_kind)) = &previous
+                        && (*old_name != key.0 || *old_kind != key.1)
+                    {
+                        set.map(*old_kind).remove(old_name);
                     }
                     let replaced = set.map(key.1).insert(key.0.clone(), plugin.clone()).is_some();
                     changes.push(Change::Loaded {

@@ -106,8 +106,8 @@ impl EmbeddedQueue {
         std::fs::create_dir_all(dir)
             .map_err(|e| QueueError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
         let file = RedbFile::open(&dir.join("queue.redb"), |txn| {
-            txn.open_table(JOBS)?;
-            txn.open_table(DEAD)?;
+            txn.open_table(JOBS).map_err(Box::new)?;
+            txn.open_table(DEAD).map_err(Box::new)?;
             Ok(())
         })
         .map_err(QueueError::Unavailable)?;

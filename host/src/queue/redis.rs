@@ -5,7 +5,7 @@
 //! share a Redis):
 //! - `{p}:jobs`          stream; each entry is `id=<job id>`; consumer group `workers`
 //! - `{p}:job:<job id>`  string: the job as JSON (attempts included); exists
-//!                       while the job is live (ready, reserved or delayed)
+//!   while the job is live (ready, reserved or delayed)
 //! - `{p}:delayed`       sorted set: job id → due time (unix ms) of retries
 //! - `{p}:dead`          hash: job id → dead letter as JSON
 //! - `{p}:dead:index`    sorted set: job id → time it died (unix ms)

@@ -60,9 +60,9 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
         let file = RedbFile::open(&dir.join("receipts.redb"), |txn| {
-            txn.open_table(RECEIPTS)?;
-            txn.open_table(DEDUPE)?;
-            txn.open_table(UNQUEUED)?;
+            txn.open_table(RECEIPTS).map_err(Box::new)?;
+            txn.open_table(DEDUPE).map_err(Box::new)?;
+            txn.open_table(UNQUEUED).map_err(Box::new)?;
             Ok(())
         })
         .map_err(StoreError::Unavailable)?;
@@ -128,8 +128,7 @@ impl ReceiptStore for EmbeddedStore {
             let key = dedupe_key(&receipt);
             let existing = {
                 let dedupe = txn.open_table(DEDUPE).map_err(unavailable)?;
-                let id = dedupe.get(key.as_str()).map_err(unavailable)?.map(|g| g.value().to_string());
-                id
+                dedupe.get(key.as_str()).map_err(unavailable)?.map(|g| g.value().to_string())
             };
             if let Some(id) = existing {
                 let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;

@@ -6,8 +6,9 @@
 //! followed by a check; if the file is faulted, the fault is recorded (and
 //! reported by `ping`, which `/ready` calls), and the next use reopens the
 //! file, at most once a second, which repairs it. The fault clears only when
-//! a write commits again: `ping` probes with a tiny write while faulted, so
-//! `/ready` never says all is well while writes are refused.
+//! a write commits again: while faulted, `ping` probes by writing (and then
+//! removing) `PROBE_BYTES`, so `/ready` does not say all is well while a
+//! receipt would still not fit.
 //!
 //! Every use holds a read lock on the open database for its duration (on a
 //! blocking thread); a reopen takes the write lock, so it waits for uses in
@@ -23,7 +24,10 @@ use redb::{Database, TableDefinition};
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// Where a probe write goes.
-const HEALTH: TableDefinition<&str, u64> = TableDefinition::new("health");
+const HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("health");
+/// How much a probe writes: room for hundreds of receipts, so a fault that
+/// leaves only a sliver of space free is still reported.
+const PROBE_BYTES: usize = 1 << 20;
 
 /// A redb file and its fault state.
 pub struct RedbFile {
@@ -48,7 +52,7 @@ impl RedbFile {
     /// (to create tables).
     pub fn open(
         path: &Path,
-        init: impl Fn(&redb::WriteTransaction) -> Result<(), redb::Error>,
+        init: impl Fn(&redb::WriteTransaction) -> Result<(), Box<redb::TableError>>,
     ) -> Result<RedbFile, String> {
         let db = Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let txn = db.begin_write().map_err(|e| format!("{}: {e}", path.display()))?;
@@ -140,14 +144,21 @@ impl RedbFile {
             return self.read(|db| db.begin_read().map(drop).map_err(|e| Unavailable(e.to_string())));
         }
         self.write(|db| {
-            let probe = || -> Result<(), redb::Error> {
-                let txn = db.begin_write()?;
-                txn.open_table(HEALTH)?.insert("probe", crate::store::now_ms())?;
-                txn.commit()?;
-                Ok(())
-            };
-            probe().map_err(|e| Unavailable(e.to_string()))
+            let fail = |e: &dyn std::fmt::Display| Unavailable(e.to_string());
+            for value in [Some(vec![0u8; PROBE_BYTES]), None] {
+                let txn = db.begin_write().map_err(|e| fail(&e))?;
+                {
+                    let mut table = txn.open_table(HEALTH).map_err(|e| fail(&e))?;
+                    match &value {
+                        Some(bytes) => table.insert("probe", bytes.as_slice()).map(drop),
+                        None => table.remove("probe").map(drop),
+                    }
+                    .map_err(|e| fail(&e))?;
+                }
+                txn.commit().map_err(|e| fail(&e))?;
+            }
+            Ok(())
         })
-        .map_err(|Unavailable(e)| Unavailable(format!("{}: {e}", self.path.display())))
+        .map_err(|Unavailable(e)| Unavailable(format!("{}: storage fault, writes refused: {e}", self.path.display())))
     }
 }

@@ -54,10 +54,10 @@ pub fn parse_webhook(headers: &[Header], body: &[u8]) -> Result<CrmEvent, ParseE
 
     let currency =
         optional_string(details, "currency", "data.dealDetails.currency")?.map(|c| c.trim().to_ascii_uppercase());
-    if let Some(c) = &currency {
-        if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(invalid("data.dealDetails.currency", "a three-letter ISO 4217 code"));
-        }
+    if let Some(c) = &currency
+        && (c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()))
+    {
+        return Err(invalid("data.dealDetails.currency", "a three-letter ISO 4217 code"));
     }
     let deal = Deal {
         name: optional_string(details, "dealName", "data.dealDetails.dealName")?,
