@@ -55,17 +55,18 @@ fn per_call(total: Duration, n: u32) -> String {
 async fn plugin_call_cost() {
     let engine = PluginEngine::new(EngineOptions::default()).unwrap();
     let plugin = engine.load(&repo().join("plugins/crm"), &PluginEnv::default(), None).unwrap();
-    let headers = vec![("x-event".to_string(), "deal_updated".to_string())];
     let body = demo();
+    let mut request = support::webhook_request(&String::from_utf8_lossy(&body));
+    request.headers.push(("x-event".to_string(), "deal_updated".to_string()));
     for _ in 0..100 {
-        plugin.parse(&headers, &body).await.unwrap().unwrap();
+        plugin.parse(&request).await.unwrap().unwrap();
     }
     let start = Instant::now();
     for _ in 0..CALLS {
-        plugin.parse(&headers, &body).await.unwrap().unwrap();
+        plugin.parse(&request).await.unwrap().unwrap();
     }
     let fresh = start.elapsed();
-    let warm = plugin.time_warm_parse(&headers, &body, CALLS).await.unwrap();
+    let warm = plugin.time_warm_parse(&request, CALLS).await.unwrap();
     let wit_headers =
         vec![crm_plugin::crm::plugin::types::Header { name: "x-event".into(), value: "deal_updated".into() }];
     let start = Instant::now();

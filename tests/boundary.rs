@@ -14,7 +14,8 @@ use std::time::Duration;
 use crm_event_handler::event::{Customer, Deal, Event};
 use crm_event_handler::plugins::world::RecordedRequest;
 use crm_event_handler::plugins::{
-    DeliveryRequest, EngineOptions, LoadError, LoadedPlugin, Outcome, PluginEngine, PluginError, PoolShares,
+    DeliveryRequest, EngineOptions, IncomingRequest, LoadError, LoadedPlugin, Outcome, PluginEngine, PluginError,
+    PoolShares,
 };
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,7 +28,7 @@ fn event() -> Event {
         customer: Customer::default(),
         deal: Deal::default(),
         property: None,
-        received_at: 0,
+        ..Event::default()
     }
 }
 
@@ -299,11 +300,17 @@ async fn a_burst_of_parses_cannot_take_the_instances_deliveries_need() {
     let env = plugin_env(&[], None);
     let source = Arc::new(engine.load(&plugins.join("slow-source"), &env, None).unwrap());
     let destination = engine.load(&plugins.join("misbehave"), &env, None).unwrap();
-    let slow = vec![("x-spin-ms".to_string(), "3000".to_string()), ("x-deal".to_string(), "S".to_string())];
+    let slow = IncomingRequest {
+        method: "POST".into(),
+        url: "http://localhost/api/v1/webhook/slow-source".into(),
+        headers: vec![("x-spin-ms".to_string(), "3000".to_string()), ("x-deal".to_string(), "S".to_string())],
+        body: b"{}".to_vec(),
+        received_at_ms: 0,
+    };
     let burst: Vec<_> = (0..4)
         .map(|_| {
             let (source, slow) = (source.clone(), slow.clone());
-            tokio::spawn(async move { source.parse(&slow, b"{}").await })
+            tokio::spawn(async move { source.parse(&slow).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -313,7 +320,7 @@ async fn a_burst_of_parses_cannot_take_the_instances_deliveries_need() {
     let mut parsed = 0;
     for task in burst {
         match task.await.unwrap() {
-            Ok(Ok(event)) if event.reference == "S" => parsed += 1,
+            Ok(Ok(events)) if events.len() == 1 && events[0].reference == "S" => parsed += 1,
             Err(PluginError::Busy { share: "parse instances", .. }) => busy += 1,
             other => panic!("{other:?}"),
         }

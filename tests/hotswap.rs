@@ -145,7 +145,11 @@ async fn a_broken_replacement_is_refused_and_the_running_version_keeps_working()
     })
     .await;
     assert!(errors[0].1.contains("not a valid WebAssembly component"), "{errors:?}");
-    assert!(r.app.metrics.render().contains("crm_plugin_load_failures_total 1"));
+    // Counted once the reload pass that refused it has reported.
+    eventually("the refusal to be counted", WAIT, async || {
+        r.app.metrics.render().contains("crm_plugin_load_failures_total 1").then_some(())
+    })
+    .await;
     let (status, _) = post_webhook(&r.base, "/api/v1/webhook/crm", "deal_updated", &payload("B-1", "Qualified")).await;
     assert_eq!(status, 200);
     eventually("delivery by the old version", WAIT, async || (r.meta.events().len() == 1).then_some(())).await;
@@ -237,15 +241,13 @@ fn cached_engine(dir: &Path) -> PluginEngine {
     PluginEngine::new(EngineOptions { cache: Some(cache), ..EngineOptions::default() }).unwrap()
 }
 
-/// The cache entry (`.cwasm` and `.mac`) a plugin was compiled into: the
-/// files that appeared while it loaded.
-fn new_entry(cache: &Path, before: &[PathBuf]) -> (PathBuf, PathBuf) {
+/// The cache entry a plugin was compiled into: the file that appeared
+/// while it loaded.
+fn new_entry(cache: &Path, before: &[PathBuf]) -> PathBuf {
     let now: Vec<PathBuf> =
         std::fs::read_dir(cache).unwrap().flatten().map(|e| e.path()).filter(|p| !before.contains(p)).collect();
-    let find = |ext: &str| {
-        now.iter().find(|p| p.extension().is_some_and(|x| x == ext)).cloned().unwrap_or_else(|| panic!("no new .{ext}"))
-    };
-    (find("cwasm"), find("mac"))
+    assert_eq!(now.len(), 1, "one entry per component: {now:?}");
+    now[0].clone()
 }
 
 fn listing(cache: &Path) -> Vec<PathBuf> {
@@ -259,7 +261,7 @@ async fn compiled_components_are_cached_and_a_corrupt_entry_is_rebuilt() {
     let plugins = plugins_dir(dir.path(), &["crm"]);
     let env = plugin_env(&[], None);
     cached_engine(dir.path()).load(&plugins.join("crm"), &env, None).unwrap();
-    let (artifact, mac) = new_entry(&cache, &[]);
+    let artifact = new_entry(&cache, &[]);
     let written = std::fs::metadata(&artifact).unwrap().modified().unwrap();
     let good = std::fs::read(&artifact).unwrap();
 
@@ -271,7 +273,7 @@ async fn compiled_components_are_cached_and_a_corrupt_entry_is_rebuilt() {
         written,
         "read from the cache, not rewritten"
     );
-    assert!(p.parse(&[], payload("C-1", "Qualified").as_bytes()).await.unwrap().is_ok());
+    assert!(p.parse(&webhook_request(&payload("C-1", "Qualified"))).await.unwrap().is_ok());
 
     // Corrupt it: the MAC no longer verifies, so it is rebuilt, not run.
     let mut bad = good.clone();
@@ -279,14 +281,13 @@ async fn compiled_components_are_cached_and_a_corrupt_entry_is_rebuilt() {
     bad[mid] ^= 0xff;
     std::fs::write(&artifact, &bad).unwrap();
     let p = cached_engine(dir.path()).load(&plugins.join("crm"), &env, None).unwrap();
-    assert!(p.parse(&[], payload("C-2", "Qualified").as_bytes()).await.unwrap().is_ok());
+    assert!(p.parse(&webhook_request(&payload("C-2", "Qualified"))).await.unwrap().is_ok());
     assert_eq!(std::fs::read(&artifact).unwrap(), good, "rebuilt as the host compiles it");
-    assert_eq!(std::fs::read_to_string(&mac).unwrap().len(), 64);
 }
 
 /// The attacker can write PLUGIN_CACHE_DIR but not the key file: they put
 /// native code the host compiled for another component (their own source
-/// plugin) where the crm source's entry goes, with its MAC, and a checksum
+/// plugin), MAC and all, where the crm source's entry goes, with a checksum
 /// as the old cache layout used. The host must not run it as crm.
 #[tokio::test]
 async fn a_file_placed_in_the_cache_cannot_make_the_host_run_code_it_did_not_compile() {
@@ -296,18 +297,21 @@ async fn a_file_placed_in_the_cache_cannot_make_the_host_run_code_it_did_not_com
     let env = plugin_env(&[], None);
     let engine = cached_engine(dir.path());
     engine.load(&plugins.join("crm"), &env, None).unwrap();
-    let (crm_artifact, crm_mac) = new_entry(&cache, &[]);
+    let crm_artifact = new_entry(&cache, &[]);
     let before = listing(&cache);
     engine.load(&plugins.join("slow-source"), &env, None).unwrap();
-    let (evil_artifact, evil_mac) = new_entry(&cache, &before);
+    let evil_artifact = new_entry(&cache, &before);
     std::fs::copy(&evil_artifact, &crm_artifact).unwrap();
-    std::fs::copy(&evil_mac, &crm_mac).unwrap();
     let sum: String = sha2_hex(&std::fs::read(&crm_artifact).unwrap());
     std::fs::write(crm_artifact.with_extension("sha256"), sum).unwrap();
 
     let crm = cached_engine(dir.path()).load(&plugins.join("crm"), &env, None).unwrap();
-    let event = crm.parse(&[], payload("C-9", "Qualified").as_bytes()).await.unwrap().unwrap();
-    assert_eq!((event.reference.as_str(), event.event_type.as_str()), ("C-9", "unspecified"), "crm's own code ran");
+    let events = crm.parse(&webhook_request(&payload("C-9", "Qualified"))).await.unwrap().unwrap();
+    assert_eq!(
+        (events[0].reference.as_str(), events[0].event_type.as_str()),
+        ("C-9", "unspecified"),
+        "crm's own code ran"
+    );
     assert_ne!(
         std::fs::read(&crm_artifact).unwrap(),
         std::fs::read(&evil_artifact).unwrap(),
@@ -328,13 +332,14 @@ fn sha2_hex(bytes: &[u8]) -> String {
 }
 
 #[tokio::test]
-async fn a_plugin_built_for_another_contract_version_is_refused_with_the_reason() {
+async fn a_plugin_built_for_the_old_contract_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = plugins_dir(dir.path(), &["meta-capi"]);
     let wasm = plugins.join("meta-capi/meta-capi.wasm");
     let mut bytes = std::fs::read(&wasm).unwrap();
-    // Rewrite "crm:plugin/<interface>@0.1.0" to "@0.9.0" in place: same
-    // length, so the binary stays well-formed and only the version changes.
+    // Rewrite "crm:plugin/<interface>@0.2.0" to "@0.1.0" (a plugin built for
+    // the old contract) in place: same length, so the binary stays
+    // well-formed and only the version changes.
     let prefix = b"crm:plugin/";
     let mut patched = 0;
     for i in 0..bytes.len().saturating_sub(prefix.len() + 30) {
@@ -342,8 +347,8 @@ async fn a_plugin_built_for_another_contract_version_is_refused_with_the_reason(
             let rest = i + prefix.len();
             if let Some(at) = bytes[rest..rest + 20].iter().position(|b| *b == b'@') {
                 let v = rest + at + 1;
-                if &bytes[v..v + 5] == b"0.1.0" {
-                    bytes[v..v + 5].copy_from_slice(b"0.9.0");
+                if &bytes[v..v + 5] == b"0.2.0" {
+                    bytes[v..v + 5].copy_from_slice(b"0.1.0");
                     patched += 1;
                 }
             }
@@ -357,7 +362,7 @@ async fn a_plugin_built_for_another_contract_version_is_refused_with_the_reason(
         .err()
         .unwrap();
     assert!(matches!(err, LoadError::Contract { .. }), "{err}");
-    assert!(err.to_string().contains("targets crm:plugin contract version 0.9.0; this host supports 0.1.0"), "{err}");
+    assert!(err.to_string().contains("targets crm:plugin contract version 0.1.0; this host supports 0.2.0"), "{err}");
 }
 
 #[tokio::test]

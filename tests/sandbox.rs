@@ -24,7 +24,7 @@ fn event() -> Event {
         customer: Customer::default(),
         deal: Deal::default(),
         property: None,
-        received_at: 0,
+        ..Event::default()
     }
 }
 

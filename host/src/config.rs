@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::plugins::grants::{Grants, PluginEnv};
+use crate::plugins::grants::PluginEnv;
 use crate::worker::retry::RetryPolicy;
 
 /// A value that must never reach a log.
@@ -81,6 +81,8 @@ pub struct Config {
     pub header_timeout: Duration,
     /// A whole request (head, body and answer) must be done within this.
     pub request_timeout: Duration,
+    /// Connections open at once; more are closed as they arrive.
+    pub max_connections: usize,
     /// Inbound requests per client address per window; `None` turns the
     /// limit off.
     pub rate_limit: Option<RateLimit>,
@@ -181,6 +183,7 @@ pub const HOST_VARS: &[&str] = &[
     "DB_URI",
     "HOST",
     "HTTP_HEADER_TIMEOUT_MS",
+    "HTTP_MAX_CONNECTIONS",
     "HTTP_REQUEST_TIMEOUT_MS",
     "LOG",
     "LOG_FORMAT",
@@ -247,6 +250,10 @@ impl Config {
         if header_ms == 0 || request_ms == 0 {
             bail!("HTTP_HEADER_TIMEOUT_MS and HTTP_REQUEST_TIMEOUT_MS must be at least 1");
         }
+        let max_connections = parse(&get, "HTTP_MAX_CONNECTIONS", 10_000usize, "a number of connections, at least 1")?;
+        if max_connections == 0 {
+            bail!("HTTP_MAX_CONNECTIONS must be at least 1");
+        }
         let rate_max = parse(&get, "RATE_LIMIT_MAX", 60_000u32, "a number of requests (0 turns the limit off)")?;
         let rate_window_ms = parse(&get, "RATE_LIMIT_WINDOW_MS", 60_000u64, "a duration in milliseconds, at least 1")?;
         if rate_window_ms == 0 {
@@ -281,10 +288,8 @@ impl Config {
         if (plugin_instances as usize) <= workers || plugin_instances > 10_000 {
             bail!("PLUGIN_INSTANCES must be more than WORKERS ({workers}) and at most 10000, got {plugin_instances}");
         }
-        let grants = match get("PLUGIN_GRANTS") {
-            Some(spec) => Grants::with_overrides(&spec).map_err(|e| anyhow::anyhow!("PLUGIN_GRANTS: {e}"))?,
-            None => Grants::default(),
-        };
+        debug_assert!(is_host_var("PLUGIN_GRANTS"));
+        let plugin_env = PluginEnv::from_environment(&Environment(env.clone())).map_err(|e| anyhow::anyhow!(e))?;
 
         let log_format = match get("LOG_FORMAT").as_deref() {
             None | Some("auto") => LogFormat::Auto,
@@ -319,6 +324,7 @@ impl Config {
             max_body_bytes,
             header_timeout: Duration::from_millis(header_ms),
             request_timeout: Duration::from_millis(request_ms),
+            max_connections,
             rate_limit,
             store,
             queue,
@@ -329,7 +335,7 @@ impl Config {
             workers,
             plugin_instances,
             log_format,
-            plugin_env: PluginEnv::new(&Environment(env), grants),
+            plugin_env,
         })
     }
 }

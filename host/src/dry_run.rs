@@ -16,10 +16,13 @@ use anyhow::{Context, bail};
 
 use crate::config::Environment;
 use crate::event::Event;
-use crate::plugins::grants::{Grants, PluginEnv};
+use crate::plugins::grants::PluginEnv;
 use crate::plugins::manifest::Manifest;
 use crate::plugins::world::{HttpMode, RecordedRequest};
-use crate::plugins::{DeliveryRequest, EngineOptions, Kind, LoadedPlugin, Outcome, PluginEngine, plugin_folders};
+use crate::plugins::{
+    DeliveryRequest, EngineOptions, IncomingRequest, Kind, LoadedPlugin, Outcome, ParseFailure, PluginEngine,
+    plugin_folders,
+};
 use crate::queue::idempotency_key;
 use crate::routing::Routes;
 
@@ -31,6 +34,8 @@ pub struct DryRun {
     pub plugin: String,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, String)>,
+    /// What the service's `BASE_URL` would be: the request's URL starts so.
+    pub base_url: String,
     /// The source plugin that parses the payload for a destination.
     pub source: String,
     /// Run this action instead of the routed ones.
@@ -54,16 +59,6 @@ pub fn find_plugin(plugins_dir: &Path, plugin: &str) -> anyhow::Result<PathBuf> 
         }
     }
     bail!("no plugin named {plugin:?} in {} (and no plugin.toml in a folder of that name)", plugins_dir.display())
-}
-
-/// What plugins may read here, as the service would grant it: the
-/// environment and `PLUGIN_GRANTS`.
-pub fn plugin_env(env: &Environment) -> anyhow::Result<PluginEnv> {
-    let grants = match env.get("PLUGIN_GRANTS") {
-        Some(spec) => Grants::with_overrides(spec).map_err(|e| anyhow::anyhow!("PLUGIN_GRANTS: {e}"))?,
-        None => Grants::default(),
-    };
-    Ok(PluginEnv::new(env, grants))
 }
 
 /// The environment with a placeholder for every required, unset variable,
@@ -91,7 +86,7 @@ fn load(
 
 /// Run it and return the report to print.
 pub async fn run(opts: &DryRun, env: &Environment) -> anyhow::Result<String> {
-    let env = &plugin_env(env)?;
+    let env = &PluginEnv::from_environment(env).map_err(|e| anyhow::anyhow!(e))?;
     let engine = PluginEngine::new(EngineOptions::default())?;
     let mode = HttpMode::Record { status: opts.respond_status, body: opts.respond_body.clone().into_bytes() };
     let mut notes = Vec::new();
@@ -106,47 +101,75 @@ pub async fn run(opts: &DryRun, env: &Environment) -> anyhow::Result<String> {
             &load(&engine, &source_dir, env, mode, &mut notes)?
         }
     };
-    let mut event = match source.parse(&opts.headers, &opts.payload).await? {
-        Ok(event) => event,
+    let received_at_ms = crate::store::now_ms();
+    let request = IncomingRequest {
+        method: "POST".into(),
+        url: format!("{}/api/v1/webhook/{}", opts.base_url.trim_end_matches('/'), source.name()),
+        headers: opts.headers.clone(),
+        body: opts.payload.clone(),
+        received_at_ms,
+    };
+    let events = match source.parse(&request).await? {
+        Ok(events) => events,
         Err(failure) => {
+            let status = match failure {
+                ParseFailure::Unauthenticated(_) => 401,
+                ParseFailure::Unavailable(_) => 503,
+                _ => 400,
+            };
             writeln!(
                 out,
-                "{} rejected the payload (the API would answer 400): {}: {failure}",
+                "{} rejected the payload (the API would answer {status}): {}: {failure}",
                 source.name(),
                 failure.code()
             )?;
             return Ok(out);
         }
     };
-    event.received_at = crate::store::now_ms() / 1000;
+    let events: Vec<Event> = events.into_iter().map(|e| Event { received_at: received_at_ms / 1000, ..e }).collect();
 
     if plugin.manifest.kind == Kind::Source {
-        writeln!(out, "{} parsed the payload into this event:", plugin.name())?;
-        writeln!(out, "{}", serde_json::to_string_pretty(&event)?)?;
+        match events.as_slice() {
+            [one] => writeln!(
+                out,
+                "{} parsed the payload into this event:\n{}",
+                plugin.name(),
+                serde_json::to_string_pretty(one)?
+            )?,
+            all => writeln!(
+                out,
+                "{} parsed the payload into {} events:\n{}",
+                plugin.name(),
+                all.len(),
+                serde_json::to_string_pretty(all)?
+            )?,
+        }
         return Ok(with_notes(out, &notes));
     }
 
-    let actions: Vec<(String, Vec<(String, String)>)> = match &opts.action {
-        Some(a) => vec![(a.clone(), Vec::new())],
-        None => opts
-            .routes
-            .actions_for(source.name(), &event.status)
-            .into_iter()
-            .filter(|a| a.destination == plugin.name())
-            .map(|a| (a.action, a.params.into_iter().collect()))
-            .collect(),
-    };
-    if actions.is_empty() {
-        writeln!(
-            out,
-            "The routing table sends nothing to {} for status {:?}; pass --action NAME to run one anyway.",
-            plugin.name(),
-            event.status
-        )?;
-        return Ok(with_notes(out, &notes));
-    }
-    for (action, params) in actions {
-        describe_delivery(&mut out, &plugin, source.name(), &event, &action, &params, opts).await?;
+    for event in &events {
+        let actions: Vec<(String, Vec<(String, String)>)> = match &opts.action {
+            Some(a) => vec![(a.clone(), Vec::new())],
+            None => opts
+                .routes
+                .actions_for(source.name(), &event.status)
+                .into_iter()
+                .filter(|a| a.destination == plugin.name())
+                .map(|a| (a.action, a.params.into_iter().collect()))
+                .collect(),
+        };
+        if actions.is_empty() {
+            writeln!(
+                out,
+                "The routing table sends nothing to {} for status {:?} (deal {}); pass --action NAME to run one anyway.",
+                plugin.name(),
+                event.status,
+                event.reference
+            )?;
+        }
+        for (action, params) in actions {
+            describe_delivery(&mut out, &plugin, source.name(), event, &action, &params, opts).await?;
+        }
     }
     Ok(with_notes(out, &notes))
 }

@@ -12,6 +12,14 @@ pub struct Customer {
     pub last_name: Option<String>,
     pub email: Option<String>,
     pub phone: Option<String>,
+    #[serde(default)]
+    pub city: Option<String>,
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub zip_code: Option<String>,
+    #[serde(default)]
+    pub country: Option<String>,
 }
 
 /// The commercial side of the deal.
@@ -36,7 +44,7 @@ pub struct Property {
 }
 
 /// A CRM deal change, normalized by a source plugin.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub event_type: String,
     pub reference: String,
@@ -44,6 +52,12 @@ pub struct Event {
     pub customer: Customer,
     pub deal: Deal,
     pub property: Option<Property>,
+    /// When the CRM says the deal reached `status`, unix seconds.
+    #[serde(default)]
+    pub occurred_at: Option<u64>,
+    /// The Meta Lead Ads lead id, when the CRM carries one.
+    #[serde(default)]
+    pub lead_id: Option<String>,
     /// When the host accepted the webhook, unix seconds.
     pub received_at: u64,
 }

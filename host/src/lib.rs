@@ -2,15 +2,16 @@
 //! they trigger (Meta Conversions API events, Brevo e-mails) through
 //! sandboxed WebAssembly plugins.
 //!
-//! An event flows: `api` (auth, source plugin parse) → `store` (receipt,
-//! dedupe) → `queue` (one job per action) → `worker` (destination plugin,
-//! retry policy, dead letters) → delivery recorded on the receipt. This file
-//! wires those parts together.
+//! An event flows: `api` (HTTP) → `intake` (auth, source plugin parse,
+//! receipts) → `store` (receipt, dedupe) → `queue` (one job per action) →
+//! `worker` (destination plugin, retry policy, dead letters) → delivery
+//! recorded on the receipt. This file wires those parts together.
 
 pub mod api;
 pub mod config;
 pub mod dry_run;
 pub mod event;
+pub mod intake;
 pub mod plugins;
 pub mod queue;
 pub mod routing;
@@ -234,7 +235,7 @@ pub async fn serve_as(
     role: Role,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    worker::recover_unqueued(&app).await;
+    intake::recover_unqueued(&app).await;
     let workers = if role.workers { worker::spawn(app.clone(), shutdown.clone()) } else { Vec::new() };
     if let Some(every) = app.config.reload_interval {
         tokio::spawn(watch(app.clone(), every, shutdown.clone()));
@@ -243,8 +244,12 @@ pub async fn serve_as(
     let addr = listener.local_addr()?;
     let workers_running = if role.workers { app.config.workers } else { 0 };
     tracing::info!(%addr, api = role.api, workers = workers_running, "crm-event-handler listening");
-    let timeouts = api::server::Timeouts { header: app.config.header_timeout, request: app.config.request_timeout };
-    api::server::run(listener, router, timeouts, shutdown.clone()).await;
+    let limits = api::server::Limits {
+        header_timeout: app.config.header_timeout,
+        request_timeout: app.config.request_timeout,
+        max_connections: app.config.max_connections,
+    };
+    api::server::run(listener, router, limits, shutdown.clone()).await;
     for w in workers {
         let _ = w.await;
     }

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crm_event_handler::config::{Config, Environment};
 use crm_event_handler::dry_run::{self, DryRun};
+use crm_event_handler::plugins::grants::PluginEnv;
 use crm_event_handler::plugins::{EngineOptions, PluginEngine};
 use crm_event_handler::routing::Routes;
 use crm_event_handler::{App, Role, serve_as, telemetry};
@@ -172,6 +173,10 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
                     plugin,
                     payload,
                     headers,
+                    base_url: env
+                        .get("BASE_URL")
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("http://localhost:{}", env.get("PORT").unwrap_or("3000"))),
                     source,
                     action,
                     routes,
@@ -232,7 +237,7 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::Check { dir } => {
             let engine = PluginEngine::new(EngineOptions::default())?;
-            let plugin_env = dry_run::plugin_env(&env)?;
+            let plugin_env = PluginEnv::from_environment(&env).map_err(|e| anyhow::anyhow!(e))?;
             let p = engine.load(&dir, &plugin_env, None)?;
             println!("ok: {} {} ({}), component sha256 {}", p.name(), p.manifest.version, p.manifest.kind, p.digest);
             let allowed = p.allow.describe();

@@ -56,7 +56,16 @@ pub async fn qualified_then_committed_for_the_same_deal_each_deliver_once(f: &Fl
     .await;
     let purchase = &f.meta.events()[1];
     assert_eq!(purchase["event_name"], "Purchase");
-    assert_eq!(purchase["custom_data"], json!({ "value": 12_500_000.0, "currency": "USD", "deal_id": "D-1" }));
+    assert_eq!(
+        purchase["custom_data"],
+        json!({
+            "value": 12_500_000.0,
+            "currency": "USD",
+            "deal_id": "D-1",
+            "event_source": "crm",
+            "lead_event_source": "crm",
+        })
+    );
     assert_ne!(purchase["event_id"], f.meta.events()[0]["event_id"]);
     let email = &f.brevo.received()[0];
     assert_eq!(email.headers["api-key"], "xkeysib-test");

@@ -356,6 +356,17 @@ pub fn payload(deal: &str, status: &str) -> String {
         .replace("\"status\": \"Qualified\"", &format!("\"status\": \"{status}\""))
 }
 
+/// A webhook request carrying `body`, as the host hands it to a source plugin.
+pub fn webhook_request(body: &str) -> crm_event_handler::plugins::IncomingRequest {
+    crm_event_handler::plugins::IncomingRequest {
+        method: "POST".into(),
+        url: "http://localhost:3000/api/v1/webhook/crm".into(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: body.as_bytes().to_vec(),
+        received_at_ms: 0,
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -6,8 +6,9 @@
 //!   added under `operator_routes`): `ADMIN_API_KEY`, in `x-api-key` or
 //!   `Authorization: Bearer`. The webhook keys never open them. Without
 //!   `ADMIN_API_KEY`, the webhook key opens them from loopback addresses
-//!   only, so the first-run demo works on the machine itself and nowhere
-//!   else.
+//!   only, and not through a proxy (a request carrying `Forwarded`,
+//!   `X-Forwarded-For` or `X-Real-IP` came from elsewhere), so the first-run
+//!   demo works on the machine itself and nowhere else.
 //!
 //! Keys are compared as SHA-256 digests in constant time, every accepted key
 //! each time: how long a check takes says nothing about the keys, whatever
@@ -48,9 +49,10 @@ impl Keys {
         Keys { webhook: config.webhook_keys.iter().map(d).collect(), admin: config.admin_key.as_ref().map(d) }
     }
 
-    /// Whether a webhook's `x-api-key` is one of the webhook keys.
-    pub fn webhook(&self, headers: &HeaderMap) -> bool {
-        let given = headers.get("x-api-key").map(|v| v.as_bytes()).unwrap_or_default();
+    /// Whether a webhook's `x-api-key` (among these headers, names
+    /// lower-case) is one of the webhook keys.
+    pub fn webhook_pairs(&self, headers: &[(String, String)]) -> bool {
+        let given = headers.iter().find(|(n, _)| n == "x-api-key").map(|(_, v)| v.as_bytes()).unwrap_or_default();
         any_matches(given, &self.webhook)
     }
 
@@ -64,7 +66,7 @@ impl Keys {
                 "unauthorized",
                 "this route needs the operator key (ADMIN_API_KEY) in x-api-key or Authorization: Bearer",
             )),
-            None if !peer.is_some_and(|p| p.ip().is_loopback()) => Err(ApiError::new(
+            None if !peer.is_some_and(|p| p.ip().is_loopback()) || proxied(headers) => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "admin_key_not_set",
                 "operator routes answer only on this machine until ADMIN_API_KEY is set",
@@ -77,6 +79,11 @@ impl Keys {
             )),
         }
     }
+}
+
+/// Whether a proxy forwarded the request (its client is not the peer).
+fn proxied(headers: &HeaderMap) -> bool {
+    ["forwarded", "x-forwarded-for", "x-real-ip"].iter().any(|h| headers.contains_key(*h))
 }
 
 /// The key in `x-api-key`, else in `Authorization: Bearer …`.
@@ -110,6 +117,10 @@ mod tests {
         Keys::new(&Config::from_vars(vars).unwrap())
     }
 
+    fn pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+    }
+
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (n, v) in pairs {
@@ -125,12 +136,12 @@ mod tests {
     #[test]
     fn both_keys_are_accepted_during_a_rotation_and_nothing_else() {
         let k = keys(&[("API_KEY", "new-key"), ("API_KEY_PREVIOUS", "old-key")]);
-        assert!(k.webhook(&headers(&[("x-api-key", "new-key")])));
-        assert!(k.webhook(&headers(&[("x-api-key", "old-key")])));
+        assert!(k.webhook_pairs(&pairs(&[("x-api-key", "new-key")])));
+        assert!(k.webhook_pairs(&pairs(&[("x-api-key", "old-key")])));
         for wrong in ["new-ke", "new-key2", "", "NEW-KEY", &"x".repeat(10_000)] {
-            assert!(!k.webhook(&headers(&[("x-api-key", wrong)])), "{wrong}");
+            assert!(!k.webhook_pairs(&pairs(&[("x-api-key", wrong)])), "{wrong}");
         }
-        assert!(!k.webhook(&headers(&[])));
+        assert!(!k.webhook_pairs(&pairs(&[])));
     }
 
     #[test]
@@ -149,6 +160,9 @@ mod tests {
         assert!(k.operator(&headers(&[("x-api-key", "hook")]), LOCAL).is_ok());
         assert_eq!(k.operator(&headers(&[("x-api-key", "hook")]), REMOTE).unwrap_err().status, StatusCode::FORBIDDEN);
         assert_eq!(k.operator(&headers(&[("x-api-key", "hook")]), None).unwrap_err().status, StatusCode::FORBIDDEN);
+        // A local reverse proxy makes every client look local: not enough.
+        let proxied = headers(&[("x-api-key", "hook"), ("x-forwarded-for", "203.0.113.9")]);
+        assert_eq!(k.operator(&proxied, LOCAL).unwrap_err().status, StatusCode::FORBIDDEN);
         assert_eq!(k.operator(&headers(&[("x-api-key", "nope")]), LOCAL).unwrap_err().status, StatusCode::UNAUTHORIZED);
     }
 }

@@ -5,8 +5,10 @@
 //!
 //! The defaults (60,000 a minute: bursts of 60,000, then 1,000 a second)
 //! sit far above what a CRM sends, so only a runaway or abusive client is
-//! held back. Behind a reverse proxy every request comes from the proxy's
-//! address: limit at the proxy instead, or raise the limit.
+//! held back. An IPv6 client is one /64 network (one host can use a whole
+//! /64). Behind a reverse proxy every request comes from the proxy's
+//! address: limit at the proxy instead, or raise the limit. A refused
+//! request's connection is closed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -43,6 +45,7 @@ impl Limiter {
 
     /// Count one request from `ip`; `Err(seconds to wait)` when over.
     fn check(&self, ip: IpAddr) -> Result<(), u64> {
+        let ip = client_key(ip);
         if self.seen.fetch_add(1, Ordering::Relaxed) % FORGET_EVERY == FORGET_EVERY - 1 {
             self.limiter.retain_recent();
         }
@@ -50,6 +53,17 @@ impl Limiter {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
         })
+    }
+}
+
+/// The client a request counts against: an IPv4 address, or an IPv6 /64.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
     }
 }
 
@@ -69,6 +83,7 @@ pub async fn limit(State(limiter): State<Arc<Limiter>>, request: Request, next: 
             );
             let mut response = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", detail).into_response();
             response.headers_mut().insert("retry-after", wait.max(1).into());
+            response.headers_mut().insert("connection", axum::http::HeaderValue::from_static("close"));
             response
         }
     }
@@ -88,5 +103,14 @@ mod tests {
         let wait = l.check(a).unwrap_err();
         assert!((1..=20).contains(&wait), "{wait}");
         assert!(l.check(b).is_ok(), "other clients are not held back");
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_network() {
+        let l = Limiter::new(RateLimit { max: 2, window: Duration::from_secs(60) });
+        assert!(l.check("2001:db8:1:2::1".parse().unwrap()).is_ok());
+        assert!(l.check("2001:db8:1:2:ffff::9".parse().unwrap()).is_ok());
+        assert!(l.check("2001:db8:1:2:abcd::7".parse().unwrap()).is_err(), "the same /64");
+        assert!(l.check("2001:db8:1:3::1".parse().unwrap()).is_ok(), "another /64");
     }
 }

@@ -8,7 +8,9 @@
 //!   `HTTP_REQUEST_TIMEOUT_MS` (30 s), or it is answered 408 and the
 //!   connection closed.
 //! - Each connection is a small task; thousands of half-open ones cost
-//!   memory, not workers, and the timeouts reap them.
+//!   memory, not workers, and the timeouts reap them. Past
+//!   `HTTP_MAX_CONNECTIONS` open at once, a new connection is closed as soon
+//!   as it is accepted, so file descriptors never run out.
 //! - The peer address goes to the router as `ConnectInfo`, for the rate
 //!   limit and the operator routes' loopback rule.
 
@@ -30,15 +32,17 @@ use super::ApiError;
 
 /// How the server bounds its clients.
 #[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    pub header: Duration,
-    pub request: Duration,
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_connections: usize,
 }
 
 /// Serve `router` on `listener` until `shutdown` turns true, then let
 /// requests in progress finish (up to the request timeout).
-pub async fn run(listener: TcpListener, router: Router, timeouts: Timeouts, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(listener: TcpListener, router: Router, limits: Limits, mut shutdown: watch::Receiver<bool>) {
     let graceful = GracefulShutdown::new();
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut stop = std::pin::pin!(async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     });
@@ -55,6 +59,11 @@ pub async fn run(listener: TcpListener, router: Router, timeouts: Timeouts, mut 
             },
             _ = &mut stop => break,
         };
+        let Ok(slot) = open.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = limits.max_connections, "too many open connections; closing a new one");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -62,12 +71,12 @@ pub async fn run(listener: TcpListener, router: Router, timeouts: Timeouts, mut 
             async move {
                 let mut request = request.map(axum::body::Body::new);
                 request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                let response = match tokio::time::timeout(timeouts.request, router.oneshot(request)).await {
+                let response = match tokio::time::timeout(limits.request_timeout, router.oneshot(request)).await {
                     Ok(response) => response.unwrap_or_else(|never| match never {}),
                     Err(_) => {
                         let detail = format!(
                             "the request took longer than {} ms (HTTP_REQUEST_TIMEOUT_MS)",
-                            timeouts.request.as_millis()
+                            limits.request_timeout.as_millis()
                         );
                         let mut r =
                             ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", detail).into_response();
@@ -80,17 +89,18 @@ pub async fn run(listener: TcpListener, router: Router, timeouts: Timeouts, mut 
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(timeouts.header)
+            .header_read_timeout(limits.header_timeout)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);
-    if tokio::time::timeout(timeouts.request, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(limits.request_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!("requests still running at shutdown were cut off");
     }
 }

@@ -8,9 +8,10 @@
 //!
 //! Entries are the plugin author's (literal in the manifest, or a manifest
 //! default) or the operator's (a `{key}` entry whose value the operator set).
-//! Only the operator's exact entries may lead to loopback, private,
-//! link-local or cloud-metadata addresses; `outbound` enforces that on the
-//! addresses a name resolves to.
+//! Only a request to exactly an operator's origin (scheme, host and port)
+//! may reach loopback, private, link-local or cloud-metadata addresses;
+//! `outbound` enforces that on literal addresses and on the addresses a
+//! name resolves to.
 
 use url::{Host, Url};
 
@@ -81,17 +82,18 @@ impl AllowList {
         })
     }
 
-    /// Hosts (names or addresses, as URLs spell them) the operator listed
-    /// exactly: only these may resolve to private or local addresses.
-    pub fn operator_hosts(&self) -> Vec<String> {
-        self.origins
-            .iter()
-            .filter(|o| o.operator)
-            .filter_map(|o| match &o.host {
-                HostPattern::Exact(h) => Some(h.clone()),
-                HostPattern::Subdomains(_) => None,
-            })
-            .collect()
+    /// Whether `url` is exactly an origin the operator set (scheme, host and
+    /// port): only such a request may reach an internal address.
+    pub fn is_operator_origin(&self, url: &Url) -> bool {
+        let Some(host) = url.host_str() else { return false };
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.origins.iter().any(|o| {
+            o.operator
+                && o.scheme == url.scheme()
+                && o.port.is_some()
+                && o.port == url.port_or_known_default()
+                && o.host == HostPattern::Exact(host.clone())
+        })
     }
 
     /// The entries as written back, for listings.
@@ -201,14 +203,19 @@ mod tests {
     }
 
     #[test]
-    fn only_operator_entries_are_operator_hosts() {
+    fn only_exactly_an_operator_origin_is_one() {
         let list = AllowList::parse_entries([
             ("http://127.0.0.1:9", true),
+            ("http://127.0.0.1:*", false),
             ("http://localhost:9", false),
             ("https://*.x.com", true),
         ])
         .unwrap();
-        assert_eq!(list.operator_hosts(), ["127.0.0.1"]);
+        let is = |u: &str| list.is_operator_origin(&Url::parse(u).unwrap());
+        assert!(is("http://127.0.0.1:9/events"));
+        // The same host on another port or scheme is the plugin's entry, not the operator's.
+        assert!(!is("http://127.0.0.1:6379/") && !is("https://127.0.0.1:9/"));
+        assert!(!is("http://localhost:9/") && !is("https://a.x.com/"));
     }
 
     #[test]

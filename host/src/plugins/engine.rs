@@ -30,6 +30,11 @@ use crate::event::Event;
 
 /// How often the epoch advances; time limits are enforced to this grain.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// What one plugin instance may hold (a componentize-py component, the
+/// heaviest here, has a CPython, a libc and WASI adapters).
+const MAX_CORE_INSTANCES: u32 = 16;
+const MAX_MEMORIES: u32 = 2;
+const MAX_TABLES: u32 = 8;
 /// How long a parse waits for a free instance of its share before the
 /// webhook is answered 503.
 const PARSE_SLOT_WAIT: Duration = Duration::from_secs(1);
@@ -92,12 +97,19 @@ impl PluginError {
     }
 }
 
-/// A source plugin's verdict on a webhook.
+/// A source plugin's verdict against a webhook.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParseFailure {
     Malformed(String),
     MissingField(String),
-    InvalidField { field: String, expected: String },
+    InvalidField {
+        field: String,
+        expected: String,
+    },
+    /// Not from who it claims (the reason is logged, not answered).
+    Unauthenticated(String),
+    /// Something the plugin needs is down: the CRM should retry.
+    Unavailable(String),
 }
 
 impl ParseFailure {
@@ -107,14 +119,16 @@ impl ParseFailure {
             ParseFailure::Malformed(_) => "malformed_body",
             ParseFailure::MissingField(_) => "missing_field",
             ParseFailure::InvalidField { .. } => "invalid_field",
+            ParseFailure::Unauthenticated(_) => "unauthorized",
+            ParseFailure::Unavailable(_) => "source_unavailable",
         }
     }
 
     /// The field at fault, if the failure names one.
     pub fn field(&self) -> Option<&str> {
         match self {
-            ParseFailure::Malformed(_) => None,
             ParseFailure::MissingField(f) | ParseFailure::InvalidField { field: f, .. } => Some(f),
+            _ => None,
         }
     }
 }
@@ -124,11 +138,34 @@ impl std::fmt::Display for ParseFailure {
         match self {
             ParseFailure::Malformed(detail) => f.write_str(detail),
             ParseFailure::MissingField(field) => write!(f, "required field {field} is missing"),
-            ParseFailure::InvalidField { field, expected } => {
-                write!(f, "field {field} must be {expected}")
-            }
+            ParseFailure::InvalidField { field, expected } => write!(f, "field {field} must be {expected}"),
+            ParseFailure::Unauthenticated(why) => write!(f, "not authenticated: {why}"),
+            ParseFailure::Unavailable(why) => write!(f, "the source cannot take it now: {why}"),
         }
     }
+}
+
+impl From<wit::ParseError> for ParseFailure {
+    fn from(e: wit::ParseError) -> Self {
+        match e {
+            wit::ParseError::Malformed(m) => ParseFailure::Malformed(m),
+            wit::ParseError::MissingField(f) => ParseFailure::MissingField(f),
+            wit::ParseError::InvalidField(f) => ParseFailure::InvalidField { field: f.field, expected: f.expected },
+            wit::ParseError::Unauthenticated(why) => ParseFailure::Unauthenticated(why),
+            wit::ParseError::Unavailable(why) => ParseFailure::Unavailable(why),
+        }
+    }
+}
+
+/// A webhook request as a source plugin sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingRequest {
+    pub method: String,
+    /// As the sender called (and signed) it: `BASE_URL` + path and query.
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub received_at_ms: u64,
 }
 
 /// A destination plugin's report on one attempt.
@@ -189,23 +226,18 @@ struct Slots {
 /// The shared engine, its linkers and the epoch ticker.
 pub struct PluginEngine {
     engine: Engine,
-    source_linker: wasmtime::component::Linker<PluginState>,
-    destination_linker: wasmtime::component::Linker<PluginState>,
+    linker: wasmtime::component::Linker<PluginState>,
     ticker: Arc<EpochTicker>,
     slots: Arc<Slots>,
     cache: Option<CompileCache>,
 }
 
-/// The wasmtime this host is built with (pinned in Cargo.toml); part of the
-/// compile cache key.
-const WASMTIME_VERSION: &str = "48.0.8";
-
 /// Compiled components on disk, so a restart does not recompile.
 ///
-/// Layout of the cache folder: `<key>.cwasm` (the serialized component) and
-/// `<key>.mac` (hex HMAC-SHA256 of the key and that file). The key hashes
-/// the component's bytes, the wasmtime version and the engine's
-/// compatibility hash (its settings and target), so a changed component or
+/// Layout of the cache folder: `<key>.cwasm`, the serialized component
+/// followed by the HMAC-SHA256 of the key and those bytes. The key hashes
+/// the component's bytes and the engine's compatibility hash (wasmtime's
+/// version, the engine's settings and target), so a changed component or
 /// engine never matches a stale entry. The MAC is keyed by a secret kept in
 /// `CacheSettings::key_file`, outside the folder: whoever can write the
 /// folder but not that file cannot make an entry the host will run. An
@@ -237,9 +269,11 @@ impl CompileCache {
             );
         }
         let mac_key = load_or_create_key(&settings.key_file)?;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+        // The compatibility hash covers wasmtime's version and the engine's
+        // settings and target.
+        let mut h = Sha256Hasher(Sha256::new());
         std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
-        let engine_key = format!("{WASMTIME_VERSION}-{:016x}", std::hash::Hasher::finish(&h));
+        let engine_key = hex(&h.0.finalize());
         Ok(CompileCache { dir: dir.clone(), engine_key, mac_key })
     }
 
@@ -250,12 +284,49 @@ impl CompileCache {
         mac.update(artifact);
         mac
     }
+
+    /// The artifact in an entry (`artifact ‖ MAC`), if its MAC verifies.
+    fn open_entry<'a>(&self, key: &str, entry: &'a [u8]) -> Option<&'a [u8]> {
+        let (artifact, tag) = entry.split_at_checked(entry.len().checked_sub(MAC_BYTES)?)?;
+        self.mac(key, artifact).verify_slice(tag).is_ok().then_some(artifact)
+    }
+
+    /// Write an entry: a fresh private file (random name, created
+    /// exclusively, so nothing planted in the folder is followed), renamed
+    /// into place.
+    fn write_entry(&self, key: &str, path: &Path, mut artifact: Vec<u8>) -> std::io::Result<()> {
+        let tag = self.mac(key, &artifact).finalize().into_bytes();
+        artifact.extend_from_slice(&tag);
+        let mut file = tempfile::NamedTempFile::new_in(&self.dir)?;
+        std::io::Write::write_all(&mut file, &artifact)?;
+        file.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
 }
+
+/// Bytes of an entry's MAC (HMAC-SHA256).
+const MAC_BYTES: usize = 32;
+
+/// Feeds `Hash` output into SHA-256, for a cache key that stays the same
+/// across Rust versions (unlike `DefaultHasher`).
+struct Sha256Hasher(Sha256);
+
+impl std::hash::Hasher for Sha256Hasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    fn finish(&self) -> u64 {
+        0
+    }
+}
+
+/// How a cache key file starts: it can never be mistaken for a MAC.
+const KEY_FILE_PREFIX: &str = "crm-event-handler plugin cache key v1: ";
 
 /// Read the cache key, or create it (32 random bytes, hex, owner-only).
 fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
     let parse = |text: &str| -> Option<[u8; 32]> {
-        let text = text.trim();
+        let text = text.trim().strip_prefix(KEY_FILE_PREFIX)?;
         let mut key = [0u8; 32];
         if text.len() != 64 {
             return None;
@@ -267,7 +338,7 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
     };
     match std::fs::read_to_string(path) {
         Ok(text) => parse(&text).ok_or_else(|| {
-            anyhow::anyhow!("{} is not a plugin cache key (64 hex digits); delete it to make a new one", path.display())
+            anyhow::anyhow!("{} is not a plugin cache key; delete it to make a new one", path.display())
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut key = [0u8; 32];
@@ -278,7 +349,7 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             match options.open(path) {
                 Ok(mut file) => {
-                    std::io::Write::write_all(&mut file, hex(&key).as_bytes())
+                    std::io::Write::write_all(&mut file, format!("{KEY_FILE_PREFIX}{}\n", hex(&key)).as_bytes())
                         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
                     Ok(key)
                 }
@@ -312,13 +383,15 @@ impl PluginEngine {
         let instances = shares.parses + shares.deliveries;
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(instances)
-            .total_core_instances(instances * 8)
-            .total_memories(instances * 2)
-            .total_tables(instances * 4)
+            // Totals are the per-component maxima times the instances, so a
+            // heavy component cannot use up another share's slots.
+            .total_core_instances(instances * MAX_CORE_INSTANCES)
+            .total_memories(instances * MAX_MEMORIES)
+            .total_tables(instances * MAX_TABLES)
             .total_stacks(instances)
-            .max_memories_per_component(8)
-            .max_tables_per_component(16)
-            .max_core_instances_per_component(64)
+            .max_memories_per_component(MAX_MEMORIES)
+            .max_tables_per_component(MAX_TABLES)
+            .max_core_instances_per_component(MAX_CORE_INSTANCES)
             .max_memory_size((MAX_MEMORY_MB as usize) << 20);
         let mut config = wasmtime::Config::new();
         config
@@ -326,8 +399,7 @@ impl PluginEngine {
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot create the plugin engine: {e}"))?;
-        let source_linker = world::source_linker(&engine).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let destination_linker = world::destination_linker(&engine).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let linker = world::linker(&engine).map_err(|e| anyhow::anyhow!("{e}"))?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let ticker = Arc::new(EpochTicker { stop: stop.clone() });
@@ -343,7 +415,7 @@ impl PluginEngine {
             parses: Semaphore::new(shares.parses as usize),
             deliveries: Semaphore::new(shares.deliveries as usize),
         });
-        Ok(PluginEngine { engine, source_linker, destination_linker, ticker, slots, cache })
+        Ok(PluginEngine { engine, linker, ticker, slots, cache })
     }
 
     /// Compile a component, through the on-disk cache when there is one.
@@ -356,44 +428,37 @@ impl PluginEngine {
             return compile();
         };
         let key = hex(&Sha256::digest(format!("{}:{digest}", cache.engine_key)));
-        let artifact_path = cache.dir.join(format!("{key}.cwasm"));
-        let mac_path = cache.dir.join(format!("{key}.mac"));
-        if let (Ok(artifact), Ok(mac)) = (std::fs::read(&artifact_path), std::fs::read_to_string(&mac_path)) {
-            let authentic =
-                decode_hex(mac.trim()).is_some_and(|tag| cache.mac(&key, &artifact).verify_slice(&tag).is_ok());
-            if authentic {
-                // SAFETY: `deserialize` runs the native code in `artifact`, so
-                // it must be code this host compiled. The trust assumption:
-                // only this service's user can read the key file (created
-                // 0600 outside PLUGIN_CACHE_DIR). The MAC, keyed by it, over
-                // the entry's key (component digest, wasmtime version and
-                // engine compatibility hash) and the bytes, proves that
-                // `Component::serialize` on an engine like this one wrote
-                // exactly these bytes for exactly this component; a file
-                // merely placed in the cache folder cannot carry it.
-                // wasmtime also re-checks the header against this engine.
-                match unsafe { Component::deserialize(&self.engine, &artifact) } {
-                    Ok(c) => return Ok(c),
-                    Err(e) => {
-                        tracing::warn!(path = %artifact_path.display(), error = %e, "unusable compile cache entry; rebuilding")
+        let entry_path = cache.dir.join(format!("{key}.cwasm"));
+        if let Ok(entry) = std::fs::read(&entry_path) {
+            match cache.open_entry(&key, &entry) {
+                Some(artifact) => {
+                    // SAFETY: `deserialize` runs the native code in `artifact`,
+                    // so it must be code this host compiled. The trust
+                    // assumption: only this service's user can read the key
+                    // file (created 0600, outside PLUGIN_CACHE_DIR). The MAC
+                    // checked just above, keyed by it, over the entry's key
+                    // (component digest and engine compatibility hash) and
+                    // these very bytes, shows that this host's
+                    // `Component::serialize` wrote them for exactly this
+                    // component on an engine like this one; a file merely
+                    // placed in the cache folder cannot carry it. wasmtime
+                    // also re-checks the header against this engine.
+                    match unsafe { Component::deserialize(&self.engine, artifact) } {
+                        Ok(c) => return Ok(c),
+                        Err(e) => {
+                            tracing::warn!(path = %entry_path.display(), error = %e, "unusable compile cache entry; rebuilding")
+                        }
                     }
                 }
-            } else {
-                tracing::warn!(path = %artifact_path.display(), "compile cache entry fails authentication; rebuilding");
+                None => {
+                    tracing::warn!(path = %entry_path.display(), "compile cache entry fails authentication; rebuilding")
+                }
             }
         }
         let component = compile()?;
         match component.serialize() {
             Ok(artifact) => {
-                let write = |p: &Path, data: &[u8]| -> std::io::Result<()> {
-                    // Per-process temporary name: hosts may share the folder.
-                    let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-                    std::fs::write(&tmp, data)?;
-                    std::fs::rename(&tmp, p)
-                };
-                let tag = hex(&cache.mac(&key, &artifact).finalize().into_bytes());
-                let written = write(&artifact_path, &artifact).and_then(|()| write(&mac_path, tag.as_bytes()));
-                if let Err(e) = written {
+                if let Err(e) = cache.write_entry(&key, &entry_path, artifact) {
                     tracing::warn!(dir = %cache.dir.display(), error = %e, "could not write the compile cache");
                 }
             }
@@ -419,12 +484,12 @@ impl PluginEngine {
 
         let allow = manifest
             .allow_list(&config)
-            .map_err(|e| LoadError::Config { path: dir.join("plugin.toml"), message: e.to_string() })?;
+            .map_err(|e| LoadError::Config { path: dir.join("plugin.toml"), message: config.redact(&e.to_string()) })?;
         let http = match http {
             Some(mode) => mode,
-            None => HttpMode::Live(outbound::client_for(&allow).map_err(|e| LoadError::Config {
+            None => HttpMode::Live(outbound::Clients::new().map_err(|e| LoadError::Config {
                 path: dir.join("plugin.toml"),
-                message: format!("cannot build its HTTP client: {e}"),
+                message: format!("cannot build its HTTP clients: {e}"),
             })?),
         };
         let contract = |e: wasmtime::Error| LoadError::Contract {
@@ -436,11 +501,11 @@ impl PluginEngine {
         };
         let compiled = match manifest.kind {
             Kind::Source => {
-                let pre = self.source_linker.instantiate_pre(&component).map_err(contract)?;
+                let pre = self.linker.instantiate_pre(&component).map_err(contract)?;
                 Compiled::Source(SourcePre::new(pre).map_err(contract)?)
             }
             Kind::Destination => {
-                let pre = self.destination_linker.instantiate_pre(&component).map_err(contract)?;
+                let pre = self.linker.instantiate_pre(&component).map_err(contract)?;
                 Compiled::Destination(DestinationPre::new(pre).map_err(contract)?)
             }
         };
@@ -448,7 +513,6 @@ impl PluginEngine {
             name: manifest.name.clone(),
             config: config.clone(),
             declared_keys: manifest.config.keys().cloned().collect(),
-            operator_hosts: allow.operator_hosts(),
             allow: allow.clone(),
             http,
             limits: manifest.limits,
@@ -487,15 +551,18 @@ fn check_contract_version(engine: &Engine, component: &Component) -> Result<(), 
     Ok(())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+fn wit_request(r: &IncomingRequest) -> wit::IncomingRequest {
+    wit::IncomingRequest {
+        method: r.method.clone(),
+        url: r.url.clone(),
+        headers: r.headers.iter().map(|(n, v)| wit::Header { name: n.clone(), value: v.clone() }).collect(),
+        body: r.body.clone(),
+        received_at_ms: r.received_at_ms,
+    }
 }
 
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How a call failed before the plugin could answer.
@@ -590,52 +657,51 @@ impl LoadedPlugin {
         (result, std::mem::take(&mut store.data_mut().requests))
     }
 
-    /// Run the source plugin on one webhook.
-    pub async fn parse(
-        &self,
-        headers: &[(String, String)],
-        body: &[u8],
-    ) -> Result<Result<Event, ParseFailure>, PluginError> {
+    /// Run the source plugin on one webhook request: the events it carries,
+    /// or why it was refused.
+    pub async fn parse(&self, request: &IncomingRequest) -> Result<Result<Vec<Event>, ParseFailure>, PluginError> {
         let Compiled::Source(pre) = &self.compiled else {
             return Err(self.wrong_kind(Kind::Source));
         };
-        let headers: Vec<wit::Header> =
-            headers.iter().map(|(n, v)| wit::Header { name: n.clone(), value: v.clone() }).collect();
+        let request = wit_request(request);
         let (result, _) = self
             .call(&self.slots.parses, PARSE_SLOT_WAIT, "parse instances", async |store| {
                 let instance = pre.instantiate_async(&mut *store).await.map_err(CallError::Start)?;
-                instance.call_parse(&mut *store, &headers, body).await.map_err(CallError::Trap)
+                instance.call_parse(&mut *store, &request).await.map_err(CallError::Trap)
             })
             .await;
-        Ok(result?.map(Event::from).map_err(|e| match e {
-            wit::ParseError::Malformed(m) => ParseFailure::Malformed(m),
-            wit::ParseError::MissingField(f) => ParseFailure::MissingField(f),
-            wit::ParseError::InvalidField(f) => ParseFailure::InvalidField { field: f.field, expected: f.expected },
-        }))
+        Ok(result?
+            .map(|events| events.into_iter().map(Event::from).collect())
+            // Failures are answered, logged and stored: no secret goes with
+            // them, and none is longer than 2 KiB.
+            .map_err(|e| match ParseFailure::from(e) {
+                ParseFailure::Malformed(m) => ParseFailure::Malformed(self.outcome_text(&m)),
+                ParseFailure::MissingField(f) => ParseFailure::MissingField(self.outcome_text(&f)),
+                ParseFailure::InvalidField { field, expected } => ParseFailure::InvalidField {
+                    field: self.outcome_text(&field),
+                    expected: self.outcome_text(&expected),
+                },
+                ParseFailure::Unauthenticated(why) => ParseFailure::Unauthenticated(self.outcome_text(&why)),
+                ParseFailure::Unavailable(why) => ParseFailure::Unavailable(self.outcome_text(&why)),
+            }))
     }
 
     /// Time `n` parses on one live instance. For benchmarks only: the service
     /// always takes a fresh instance per call, so no state leaks between
     /// webhooks.
-    pub async fn time_warm_parse(
-        &self,
-        headers: &[(String, String)],
-        body: &[u8],
-        n: u32,
-    ) -> Result<Duration, PluginError> {
+    pub async fn time_warm_parse(&self, request: &IncomingRequest, n: u32) -> Result<Duration, PluginError> {
         let Compiled::Source(pre) = &self.compiled else {
             return Err(self.wrong_kind(Kind::Source));
         };
         let (mut store, _) = self.store();
-        let headers: Vec<wit::Header> =
-            headers.iter().map(|(n, v)| wit::Header { name: n.clone(), value: v.clone() }).collect();
+        let request = wit_request(request);
         let instance = pre
             .instantiate_async(&mut store)
             .await
             .map_err(|e| PluginError::Instantiate { plugin: self.name().to_string(), message: format!("{e:#}") })?;
         let started = Instant::now();
         for _ in 0..n {
-            let parsed = instance.call_parse(&mut store, &headers, body).await;
+            let parsed = instance.call_parse(&mut store, &request).await;
             if let Err(trap) = parsed {
                 return Err(self.classify(&store, trap));
             }
@@ -679,7 +745,7 @@ impl LoadedPlugin {
     /// Outcome text as stored on receipts and logged: secrets redacted,
     /// at most 2 KiB.
     fn outcome_text(&self, text: &str) -> String {
-        world::clip(&self.config.redact(text), 2048)
+        world::clip(&self.config.redact(&world::clip(text, 8192)), 2048)
     }
 
     fn time_limit(&self) -> PluginError {

@@ -3,7 +3,9 @@
 //!
 //! A plugin may read
 //! - variables prefixed with its own name in upper snake case (`HUBSPOT_*`
-//!   for `hubspot`, `META_CAPI_*` for `meta-capi`), without any grant;
+//!   for `hubspot`, `META_CAPI_*` for `meta-capi`), without any grant, but
+//!   never one that `PLUGIN_GRANTS` (or the defaults) grant another plugin
+//!   (a plugin named `meta` does not get meta-capi's `META_ACCESS_TOKEN`);
 //! - what `PLUGIN_GRANTS` grants it: `name=PATTERN[,PATTERN…][;name=…]`,
 //!   where a pattern is a variable name or a prefix ending in `*`
 //!   (`meta-capi=META_*`). Without the variable, the defaults keep the
@@ -134,6 +136,13 @@ impl Grants {
         }
         let own = own_prefix(plugin);
         if var.starts_with(&own) {
+            let granted_elsewhere = self
+                .by_plugin
+                .iter()
+                .find(|(name, patterns)| *name != plugin && patterns.iter().any(|p| p.matches(var)));
+            if let Some((other, _)) = granted_elsewhere {
+                return Err(NotGranted::OthersGrant { var: var.to_string(), other: other.clone() });
+            }
             return Ok(format!("{own}* (own name)"));
         }
         match self.by_plugin.get(plugin).into_iter().flatten().find(|p| p.matches(var)) {
@@ -148,6 +157,8 @@ impl Grants {
 pub enum NotGranted {
     #[error("{var} is one of the host's own settings and is never given to a plugin")]
     HostSetting { var: String },
+    #[error("{var} is granted to plugin {other:?}; a plugin's own name does not reach another plugin's grant")]
+    OthersGrant { var: String, other: String },
     #[error(
         "{var} is not granted to plugin {plugin:?}: it may read {own}* by its name, or what the operator grants \
          with PLUGIN_GRANTS=\"{plugin}={var}\""
@@ -166,6 +177,16 @@ pub struct PluginEnv {
 impl PluginEnv {
     pub fn new(env: &Environment, grants: Grants) -> PluginEnv {
         PluginEnv { env: env.without(HOST_VARS), grants }
+    }
+
+    /// What plugins may read of `env`, with the grants its `PLUGIN_GRANTS`
+    /// says (the defaults without it). The error names the variable.
+    pub fn from_environment(env: &Environment) -> Result<PluginEnv, String> {
+        let grants = match env.get("PLUGIN_GRANTS") {
+            Some(spec) => Grants::with_overrides(spec).map_err(|e| format!("PLUGIN_GRANTS: {e}"))?,
+            None => Grants::default(),
+        };
+        Ok(PluginEnv::new(env, grants))
     }
 
     pub fn grants(&self) -> &Grants {
@@ -196,6 +217,19 @@ mod tests {
         assert_eq!(g.check("pipedrive", "PIPEDRIVE_WEBHOOK_USER").unwrap(), "PIPEDRIVE_* (own name)");
         assert_eq!(g.check("meta-capi", "META_CAPI_X").unwrap(), "META_CAPI_* (own name)");
         assert!(matches!(g.check("hubspot", "BREVO_API_KEY"), Err(NotGranted::NoGrant { .. })));
+    }
+
+    #[test]
+    fn a_plugins_own_name_does_not_reach_another_plugins_grant() {
+        let g = Grants::default();
+        // "meta" squats on meta-capi's META_* grant: refused.
+        let err = g.check("meta", "META_ACCESS_TOKEN").unwrap_err();
+        assert_eq!(err, NotGranted::OthersGrant { var: "META_ACCESS_TOKEN".into(), other: "meta-capi".into() });
+        // What no one was granted, its own name still covers.
+        assert_eq!(
+            Grants::with_overrides("meta-capi=META_ACCESS_TOKEN").unwrap().check("meta", "META_X").unwrap(),
+            "META_* (own name)"
+        );
     }
 
     #[test]

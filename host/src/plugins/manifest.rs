@@ -39,6 +39,19 @@ use serde::Deserialize;
 use super::allow::{AllowList, AllowListError};
 use super::grants::{NotGranted, PluginEnv};
 
+/// Who authenticates a source's webhooks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Auth {
+    /// The host, with `x-api-key` (the default); the plugin never sees the
+    /// credential headers.
+    #[default]
+    Host,
+    /// The plugin itself (signatures, Basic auth…): no `x-api-key` is
+    /// needed, and the plugin gets every header.
+    Plugin,
+}
+
 /// Which world a plugin implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -141,6 +154,9 @@ pub struct Manifest {
     pub description: Option<String>,
     #[serde(default)]
     pub allowed_outbound_hosts: Vec<String>,
+    /// Sources only: who authenticates their webhooks.
+    #[serde(default)]
+    pub auth: Option<Auth>,
     #[serde(default)]
     pub config: BTreeMap<String, ConfigKey>,
     #[serde(default)]
@@ -218,15 +234,15 @@ impl Manifest {
         if l.max_request_bytes_per_call > MAX_REQUEST_BYTES_PER_CALL {
             return Err(format!("limits.max_request_bytes_per_call must be at most {MAX_REQUEST_BYTES_PER_CALL}"));
         }
-        if self.kind == Kind::Source && !self.allowed_outbound_hosts.is_empty() {
-            return Err("allowed_outbound_hosts: source plugins make no outbound calls".into());
+        if self.kind == Kind::Destination && self.auth.is_some() {
+            return Err("auth: only a source's webhooks are authenticated".into());
         }
         for (key, c) in &self.config {
             if c.env.is_none() && c.default.is_none() {
                 return Err(format!("config.{key} needs `env`, `default` or both"));
             }
             if let (Some(default), Some(format)) = (&c.default, c.format) {
-                format.check(default).map_err(|e| format!("config.{key}: the default {e}"))?;
+                format.check(default, default).map_err(|e| format!("config.{key}: the default {e}"))?;
             }
         }
         // Check the allow-list's shape now; `{key}` entries resolve later.
@@ -240,6 +256,11 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// Who authenticates this source's webhooks.
+    pub fn auth(&self) -> Auth {
+        self.auth.unwrap_or_default()
     }
 
     /// Resolve config values for this plugin from what it is granted
@@ -261,7 +282,9 @@ impl Manifest {
             };
             let set = from_env.is_some();
             if let (Some(v), Some(format)) = (&from_env, c.format) {
-                format.check(v).map_err(|e| ManifestError::Invalid {
+                // A secret's value is never echoed, even when it is wrong.
+                let shown = if c.secret { "«redacted»" } else { v.as_str() };
+                format.check(v, shown).map_err(|e| ManifestError::Invalid {
                     path: PathBuf::new(),
                     message: format!("config.{key}: {} {e}", c.env.as_deref().unwrap_or(key)),
                 })?;
@@ -328,11 +351,12 @@ impl ManifestError {
 }
 
 impl Format {
-    fn check(self, value: &str) -> Result<(), String> {
+    /// Check `value`; the error quotes `shown` (the value, or a redaction).
+    fn check(self, value: &str, shown: &str) -> Result<(), String> {
         match self {
             Format::Url => match url::Url::parse(value) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(()),
-                _ => Err(format!("must be an absolute http(s) URL, got {value:?}")),
+                _ => Err(format!("must be an absolute http(s) URL, got {shown:?}")),
             },
         }
     }

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 pub use engine::{
-    CacheSettings, DeliveryRequest, EngineOptions, LoadError, LoadedPlugin, Outcome, ParseFailure, PluginEngine,
-    PluginError, PoolShares,
+    CacheSettings, DeliveryRequest, EngineOptions, IncomingRequest, LoadError, LoadedPlugin, Outcome, ParseFailure,
+    PluginEngine, PluginError, PoolShares,
 };
 pub use manifest::Kind;
 

@@ -2,11 +2,14 @@
 //! decides which addresses a plugin's request may reach and which headers
 //! it may set.
 //!
-//! - Every plugin gets its own client, whose resolver drops loopback,
-//!   private, link-local, cloud-metadata and other special addresses unless
-//!   the operator listed that exact name (see `allow`); a name that resolves
-//!   only to such addresses fails to connect. Literal addresses get the same
-//!   check before the request is made.
+//! - Every plugin gets two clients. The guarded one, for every request but
+//!   those to exactly an origin the operator set, has a resolver that drops
+//!   loopback, private, link-local, cloud-metadata and other internal
+//!   addresses; a name that resolves only to such addresses fails to
+//!   connect, and a literal one is refused before the request is made. The
+//!   trusted one, for the operator's own origins (a stand-in on 127.0.0.1,
+//!   an internal gateway), resolves as the system does: the operator's
+//!   settings are trusted, whatever their names resolve to.
 //! - No proxy from the host's environment, no redirects followed.
 //! - Hop-by-hop headers (`Host`, `Connection`, `Content-Length`,
 //!   `Transfer-Encoding`, … and whatever `Connection` names) are dropped:
@@ -104,42 +107,38 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     }
 }
 
-/// Refuse a literal internal address in `url` unless the operator listed it
-/// (names are checked by the resolver, when they are looked up).
-pub fn check_literal_address(url: &Url, operator_hosts: &[String]) -> Result<(), String> {
+/// How a request that is not to one of the operator's origins may not go.
+const OPERATOR_ONLY: &str =
+    "only the operator can allow it, by setting that origin as the URL the plugin's {key} entry names";
+
+/// Refuse a literal internal address in a request that is not to one of
+/// the operator's origins (names are checked by the resolver, when they are
+/// looked up).
+pub fn check_literal_address(url: &Url) -> Result<(), String> {
     let ip = match url.host() {
         Some(Host::Ipv4(v4)) => IpAddr::V4(v4),
         Some(Host::Ipv6(v6)) => IpAddr::V6(v6),
         _ => return Ok(()),
     };
-    let listed = url.host_str().is_some_and(|h| operator_hosts.iter().any(|o| o == h));
-    if is_internal(ip) && !listed {
-        return Err(format!(
-            "{ip} is an internal address; only the operator can allow it, by setting it as the URL the plugin's {{key}} entry names"
-        ));
+    if is_internal(ip) {
+        return Err(format!("{ip} is an internal address; {OPERATOR_ONLY}"));
     }
     Ok(())
 }
 
-/// A resolver that keeps internal addresses away from names the operator
-/// did not list.
-struct GuardedResolver {
-    operator_hosts: Vec<String>,
-}
+/// A resolver that keeps internal addresses out of what names resolve to.
+struct GuardedResolver;
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let host = name.as_str().trim_end_matches('.').to_ascii_lowercase();
-        let trusted = self.operator_hosts.contains(&host);
         Box::pin(async move {
             let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let usable: Vec<SocketAddr> = found.iter().copied().filter(|a| trusted || !is_internal(a.ip())).collect();
+            let usable: Vec<SocketAddr> = found.iter().copied().filter(|a| !is_internal(a.ip())).collect();
             if usable.is_empty() && !found.is_empty() {
-                let err: Box<dyn std::error::Error + Send + Sync> = format!(
-                    "{host} resolves only to internal addresses ({}); only the operator can allow that, by setting it as the URL the plugin's {{key}} entry names",
-                    found.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>().join(", ")
-                )
-                .into();
+                let addresses = found.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>().join(", ");
+                let err: Box<dyn std::error::Error + Send + Sync> =
+                    format!("{host} resolves only to internal addresses ({addresses}); {OPERATOR_ONLY}").into();
                 return Err(err);
             }
             let addrs: Addrs = Box::new(usable.into_iter());
@@ -148,16 +147,55 @@ impl Resolve for GuardedResolver {
     }
 }
 
-/// The HTTP client for one plugin.
-pub fn client_for(allow: &AllowList) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(30))
-        .dns_resolver(Arc::new(GuardedResolver { operator_hosts: allow.operator_hosts() }))
-        .user_agent(concat!("crm-event-handler/", env!("CARGO_PKG_VERSION")))
-        .build()
+/// A plugin's two HTTP clients.
+#[derive(Clone)]
+pub struct Clients {
+    /// For every request but those to an operator's origin.
+    guarded: reqwest::Client,
+    /// For requests to exactly an origin the operator set.
+    trusted: reqwest::Client,
+}
+
+impl Clients {
+    /// The clients for one plugin.
+    pub fn new() -> reqwest::Result<Clients> {
+        let builder = || {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .connect_timeout(Duration::from_secs(5))
+                .pool_idle_timeout(Duration::from_secs(30))
+                .user_agent(concat!("crm-event-handler/", env!("CARGO_PKG_VERSION")))
+        };
+        Ok(Clients { guarded: builder().dns_resolver(Arc::new(GuardedResolver)).build()?, trusted: builder().build()? })
+    }
+
+    /// The client a request goes out with.
+    pub fn get(&self, route: Route) -> &reqwest::Client {
+        match route {
+            Route::Operator => &self.trusted,
+            Route::Guarded => &self.guarded,
+        }
+    }
+}
+
+/// How an allowed request goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// To exactly an origin the operator set: resolved as the system does.
+    Operator,
+    /// Anywhere else: internal addresses refused.
+    Guarded,
+}
+
+/// How a request to `url` (already allowed by the allow-list) may go out:
+/// refuses a literal internal address that is not the operator's origin.
+pub fn route(url: &Url, allow: &AllowList) -> Result<Route, String> {
+    if allow.is_operator_origin(url) {
+        return Ok(Route::Operator);
+    }
+    check_literal_address(url)?;
+    Ok(Route::Guarded)
 }
 
 #[cfg(test)]
@@ -198,13 +236,16 @@ mod tests {
     }
 
     #[test]
-    fn a_literal_internal_address_needs_the_operator() {
+    fn a_literal_internal_address_needs_exactly_the_operators_origin() {
         let url = |u: &str| Url::parse(u).unwrap();
-        assert!(check_literal_address(&url("http://169.254.169.254/latest"), &[]).is_err());
-        assert!(check_literal_address(&url("http://[::1]:8080/"), &[]).is_err());
-        assert!(check_literal_address(&url("http://127.0.0.1:8080/"), &["127.0.0.1".into()]).is_ok());
-        assert!(check_literal_address(&url("http://[::1]:8080/"), &["[::1]".into()]).is_ok());
-        assert!(check_literal_address(&url("https://graph.facebook.com/"), &[]).is_ok());
+        assert!(check_literal_address(&url("http://169.254.169.254/latest")).is_err());
+        assert!(check_literal_address(&url("http://[::1]:8080/")).is_err());
+        assert!(check_literal_address(&url("https://graph.facebook.com/")).is_ok());
+        let allow = AllowList::parse_entries([("http://127.0.0.1:8080", true), ("http://127.0.0.1:*", false)]).unwrap();
+        assert_eq!(route(&url("http://127.0.0.1:8080/x"), &allow), Ok(Route::Operator));
+        let other_port = route(&url("http://127.0.0.1:6379/x"), &allow);
+        assert!(other_port.is_err(), "another port on the operator's host is not the operator's origin");
+        assert_eq!(route(&url("https://graph.facebook.com/x"), &allow), Ok(Route::Guarded));
     }
 
     #[test]

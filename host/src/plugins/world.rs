@@ -33,6 +33,7 @@ mod destination {
         exports: { default: async },
         with: {
             "crm:plugin/types": super::source::crm::plugin::types,
+            "crm:plugin/http": super::source::crm::plugin::http,
             "crm:plugin/config": super::source::crm::plugin::config,
             "crm:plugin/log": super::source::crm::plugin::log,
         },
@@ -40,27 +41,30 @@ mod destination {
 }
 
 pub use destination::DestinationPre;
-pub use destination::crm::plugin::http as wit_http;
 pub use source::SourcePre;
+pub use source::crm::plugin::http as wit_http;
 pub use source::crm::plugin::types as wit;
 use source::crm::plugin::{config as wit_config, log as wit_log};
 
 /// The contract version this host implements (the WIT package version).
 pub const CONTRACT_PACKAGE: &str = "crm:plugin";
-pub const CONTRACT_VERSION: &str = "0.1.0";
+pub const CONTRACT_VERSION: &str = "0.2.0";
 
 /// Largest response body handed back to a plugin.
 pub const MAX_RESPONSE_BYTES: u64 = 1 << 20;
 /// How much of a request body a live call keeps for the attempt log; the
 /// rest is dropped as soon as the request is sent.
 pub const BODY_EXCERPT_BYTES: usize = 2048;
+/// Headers a plugin may set on one request, and their bytes together.
+const MAX_REQUEST_HEADERS: usize = 64;
+const MAX_REQUEST_HEADER_BYTES: usize = 16 * 1024;
 
 /// How a plugin's outbound HTTP is carried out.
 #[derive(Clone)]
 pub enum HttpMode {
-    /// Really send (allow-listed), with the plugin's own client (see
+    /// Really send (allow-listed), with the plugin's own clients (see
     /// `outbound`).
-    Live(reqwest::Client),
+    Live(outbound::Clients),
     /// Record the request and answer with this canned response (dry-run).
     Record { status: u16, body: Vec<u8> },
 }
@@ -72,8 +76,6 @@ pub struct PluginContext {
     /// Keys the manifest declares (set or not).
     pub declared_keys: Vec<String>,
     pub allow: AllowList,
-    /// Hosts the operator listed exactly (may be internal addresses).
-    pub operator_hosts: Vec<String>,
     pub http: HttpMode,
     pub limits: Limits,
     pub max_response_bytes: u64,
@@ -184,19 +186,13 @@ impl WasiView for PluginState {
     }
 }
 
-/// A linker for source plugins: WASI (nothing granted) + config + log.
-pub fn source_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<PluginState>> {
+/// The linker for every plugin: WASI (nothing granted) + http + config +
+/// log. Both worlds import the same interfaces; a component that imports
+/// anything else does not link.
+pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<PluginState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     source::Source::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)?;
-    Ok(linker)
-}
-
-/// A linker for destination plugins: WASI (nothing granted) + http + config + log.
-pub fn destination_linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<PluginState>> {
-    let mut linker = Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    destination::Destination::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)?;
     Ok(linker)
 }
 
@@ -215,20 +211,22 @@ impl wit_config::Host for PluginState {
 
 impl wit_log::Host for PluginState {
     async fn log(&mut self, level: wit_log::Level, message: String) {
-        let plugin = self.plugin.name.as_str();
-        match self.log_budget {
-            0 => return,
-            1 => {
-                self.log_budget = 0;
-                tracing::warn!(
-                    plugin,
-                    "plugin log limit reached: {LOG_LINES_PER_CALL} lines per call; the rest of this call's lines are dropped"
-                );
-                return;
-            }
-            _ => self.log_budget -= 1,
+        // The last line of the budget says the budget is spent.
+        if self.log_budget == 1 {
+            self.log_budget = 0;
+            let plugin = self.plugin.name.as_str();
+            tracing::warn!(
+                plugin,
+                "plugin log limit reached: {LOG_LINES_PER_CALL} lines per call; the rest are dropped"
+            );
         }
-        let message = clip(&self.plugin.config.redact(&message), 2048);
+        if !self.may_log() {
+            return;
+        }
+        let plugin = self.plugin.name.as_str();
+        // Clip before redacting (a huge message costs nothing), with room for
+        // a secret cut at the edge to be redacted whole.
+        let message = clip(&self.plugin.config.redact(&clip(&message, 8192)), 2048);
         match level {
             wit_log::Level::Debug => tracing::debug!(plugin, "{message}"),
             wit_log::Level::Info => tracing::info!(plugin, "{message}"),
@@ -262,6 +260,12 @@ impl wit_http::Host for PluginState {
         }
         let headers =
             outbound::forwardable_headers(&request.headers.into_iter().map(|h| (h.name, h.value)).collect::<Vec<_>>());
+        let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+        if headers.len() > MAX_REQUEST_HEADERS || header_bytes > MAX_REQUEST_HEADER_BYTES {
+            return Err(HttpError::InvalidRequest(format!(
+                "at most {MAX_REQUEST_HEADERS} headers and {MAX_REQUEST_HEADER_BYTES} bytes of them per request"
+            )));
+        }
         let live = matches!(plugin.http, HttpMode::Live(_));
         let body_text = if live {
             clip(&String::from_utf8_lossy(&request.body[..body_bytes.min(BODY_EXCERPT_BYTES + 4)]), BODY_EXCERPT_BYTES)
@@ -278,32 +282,27 @@ impl wit_http::Host for PluginState {
         };
         let url = match url::Url::parse(&request.url) {
             Ok(u) => u,
-            Err(e) => {
-                return Err(HttpError::InvalidRequest(format!("bad URL {:?}: {e}", record.url)));
-            }
+            Err(e) => return Err(HttpError::InvalidRequest(format!("bad URL {:?}: {e}", record.url))),
         };
-        let refusal = if !plugin.allow.allows(&url) {
-            Some(format!(
-                "{} is not in allowed_outbound_hosts of plugin {}",
-                url.origin().ascii_serialization(),
-                plugin.name
-            ))
+        let route = if plugin.allow.allows(&url) {
+            outbound::route(&url, &plugin.allow)
         } else {
-            outbound::check_literal_address(&url, &plugin.operator_hosts).err()
+            let origin = url.origin().ascii_serialization();
+            Err(format!("{origin} is not in allowed_outbound_hosts of plugin {}", plugin.name))
         };
-        if let Some(why) = refusal {
-            if self.may_log() {
-                tracing::warn!(plugin = %plugin.name, origin = %url.origin().ascii_serialization(), reason = %why, "outbound request denied");
+        let route = match route {
+            Ok(route) => route,
+            Err(why) => {
+                if self.may_log() {
+                    tracing::warn!(plugin = %plugin.name, origin = %url.origin().ascii_serialization(), reason = %why, "outbound request denied");
+                }
+                record.denied = Some(why.clone());
+                self.requests.push(record);
+                return Err(HttpError::Denied(why));
             }
-            record.denied = Some(why.clone());
-            self.requests.push(record);
-            return Err(HttpError::Denied(why));
-        }
-        let method = match reqwest::Method::from_bytes(request.method.as_bytes()) {
-            Ok(m) => m,
-            Err(_) => {
-                return Err(HttpError::InvalidRequest(format!("bad method {:?}", record.method)));
-            }
+        };
+        let Ok(method) = reqwest::Method::from_bytes(request.method.as_bytes()) else {
+            return Err(HttpError::InvalidRequest(format!("bad method {:?}", record.method)));
         };
         self.requests.push(record);
 
@@ -311,7 +310,7 @@ impl wit_http::Host for PluginState {
             HttpMode::Record { status, body } => {
                 return Ok(wit_http::Response { status: *status, headers: vec![], body: body.clone() });
             }
-            HttpMode::Live(client) => client,
+            HttpMode::Live(clients) => clients.get(route),
         };
         // Leave the plugin a tenth of what is left (at most 500 ms) to turn a
         // timeout into its own outcome before the call's deadline.
@@ -387,6 +386,10 @@ impl From<wit::CrmEvent> for event::Event {
                 last_name: c.last_name,
                 email: c.email,
                 phone: c.phone,
+                city: c.city,
+                state: c.state,
+                zip_code: c.zip_code,
+                country: c.country,
             },
             deal: event::Deal { name: d.name, value: d.value, currency: d.currency, closing_date: d.closing_date },
             property: e.property.map(|p| event::Property {
@@ -398,6 +401,8 @@ impl From<wit::CrmEvent> for event::Event {
                 property_type: p.property_type,
                 square_footage: p.square_footage,
             }),
+            occurred_at: e.occurred_at,
+            lead_id: e.lead_id,
             received_at: e.received_at,
         }
     }
@@ -417,6 +422,10 @@ impl From<&event::Event> for wit::CrmEvent {
                 last_name: c.last_name,
                 email: c.email,
                 phone: c.phone,
+                city: c.city,
+                state: c.state,
+                zip_code: c.zip_code,
+                country: c.country,
             },
             deal: wit::Deal { name: d.name, value: d.value, currency: d.currency, closing_date: d.closing_date },
             property: e.property.clone().map(|p| wit::Property {
@@ -428,6 +437,8 @@ impl From<&event::Event> for wit::CrmEvent {
                 property_type: p.property_type,
                 square_footage: p.square_footage,
             }),
+            occurred_at: e.occurred_at,
+            lead_id: e.lead_id.clone(),
             received_at: e.received_at,
         }
     }

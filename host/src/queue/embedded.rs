@@ -416,7 +416,7 @@ mod tests {
                 customer: Customer::default(),
                 deal: Deal::default(),
                 property: None,
-                received_at: 0,
+                ..Event::default()
             },
             idempotency_key: "k".into(),
             attempts: 0,

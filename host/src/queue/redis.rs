@@ -9,6 +9,9 @@
 //! - `{p}:delayed`       sorted set: job id → due time (unix ms) of retries
 //! - `{p}:dead`          hash: job id → dead letter as JSON
 //! - `{p}:dead:index`    sorted set: job id → time it died (unix ms)
+//! - `{p}:ready`         string written by `/ready` (expires after a minute): a
+//!   Redis that answers but refuses writes (out of memory, MISCONF, a
+//!   read-only replica) is not ready
 //!
 //! Every multi-key change is one Lua script, so it is atomic; settling a job
 //! (ack, retry, dead-letter) first checks that this consumer still holds
@@ -454,7 +457,7 @@ impl JobQueue for RedisQueue {
 
     async fn ping(&self) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(unavailable)?;
+        let _: () = c.set_ex(self.key("ready"), now_ms(), 60).await.map_err(unavailable)?;
         Ok(())
     }
 }

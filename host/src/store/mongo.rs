@@ -20,6 +20,9 @@
 //! (find-then-insert would race). Attempts are recorded with an optimistic
 //! compare-and-set on `rev`, so the Meta and Brevo jobs of one receipt can
 //! record concurrently without losing each other's update.
+//!
+//! `/ready` upserts `{ _id: "ready", at_ms }` in `<DB_COLLECTION>_health`: a
+//! server that answers but refuses writes is not ready.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -194,8 +197,15 @@ impl ReceiptStore for MongoStore {
         self.many(doc! { "jobs_enqueued": false }, None).await
     }
 
+    /// A small write, not a `ping` command: a server that answers but
+    /// refuses writes (disk full, a secondary) is not ready.
     async fn ping(&self) -> Result<(), StoreError> {
-        self.db.run_command(doc! { "ping": 1 }).await.map_err(unavailable)?;
+        let health = self.db.collection::<Document>(&format!("{}_health", self.coll.name()));
+        health
+            .update_one(doc! { "_id": "ready" }, doc! { "$set": { "at_ms": now_ms() as i64 } })
+            .upsert(true)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

@@ -25,9 +25,9 @@ const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// Where a probe write goes.
 const HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("health");
-/// How much a probe writes: room for hundreds of receipts, so a fault that
-/// leaves only a sliver of space free is still reported.
-const PROBE_BYTES: usize = 1 << 20;
+/// How much a probe writes: room for about a hundred receipts, so a fault
+/// that leaves only a sliver of space free is still reported.
+const PROBE_BYTES: usize = 256 << 10;
 
 /// A redb file and its fault state.
 pub struct RedbFile {
@@ -38,8 +38,11 @@ pub struct RedbFile {
 
 #[derive(Default)]
 struct Fault {
-    /// Why writes are refused, while they are.
+    /// Why writes were refused; reported until a probe write of
+    /// `PROBE_BYTES` goes through.
     error: Option<String>,
+    /// redb refuses every transaction until the file is reopened.
+    needs_reopen: bool,
     last_reopen: Option<Instant>,
 }
 
@@ -72,31 +75,24 @@ impl RedbFile {
 
     /// Run a read transaction's work. Blocking.
     pub fn read<T, E: From<Unavailable>>(&self, f: impl FnOnce(&Database) -> Result<T, E>) -> Result<T, E> {
-        self.run(f, false)
+        self.run(f)
     }
 
-    /// Run work that writes (and commits). Blocking. A success clears a
-    /// fault.
+    /// Run work that writes (and commits). Blocking.
     pub fn write<T, E: From<Unavailable>>(&self, f: impl FnOnce(&Database) -> Result<T, E>) -> Result<T, E> {
-        self.run(f, true)
+        self.run(f)
     }
 
-    fn run<T, E: From<Unavailable>>(&self, f: impl FnOnce(&Database) -> Result<T, E>, writes: bool) -> Result<T, E> {
-        self.reopen_if_faulted();
-        let result = {
-            let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
-            let Some(db) = guard.as_ref() else {
-                let why = self.fault_reason().unwrap_or_else(|| "closed".into());
-                return Err(Unavailable(format!("{}: {why}", self.path.display())).into());
-            };
-            let result = f(db);
-            if result.is_err() {
-                self.check(db);
-            }
-            result
+    fn run<T, E: From<Unavailable>>(&self, f: impl FnOnce(&Database) -> Result<T, E>) -> Result<T, E> {
+        self.reopen_if_needed();
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let Some(db) = guard.as_ref() else {
+            let why = self.fault_reason().unwrap_or_else(|| "closed".into());
+            return Err(Unavailable(format!("{}: {why}", self.path.display())).into());
         };
-        if writes && result.is_ok() {
-            self.fault().error = None;
+        let result = f(db);
+        if result.is_err() {
+            self.check(db);
         }
         result
     }
@@ -110,14 +106,16 @@ impl RedbFile {
                 tracing::error!(path = %self.path.display(), error = %e, "storage fault: writes are refused until it clears");
             }
             fault.error = Some(format!("storage fault: {e}"));
+            fault.needs_reopen = true;
         }
     }
 
-    /// Reopen a faulted file (repairing it), at most once per REOPEN_EVERY.
-    fn reopen_if_faulted(&self) {
+    /// Reopen a file redb refuses to use (repairing it), at most once per
+    /// REOPEN_EVERY.
+    fn reopen_if_needed(&self) {
         {
             let mut fault = self.fault();
-            if fault.error.is_none() || fault.last_reopen.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+            if !fault.needs_reopen || fault.last_reopen.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
                 return;
             }
             fault.last_reopen = Some(Instant::now());
@@ -129,6 +127,7 @@ impl RedbFile {
             Ok(db) => {
                 tracing::info!(path = %self.path.display(), "reopened the file after a storage fault");
                 *guard = Some(db);
+                self.fault().needs_reopen = false;
             }
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot reopen the file yet");
@@ -137,8 +136,9 @@ impl RedbFile {
         }
     }
 
-    /// For `/ready`: Ok only if the file takes writes. While faulted, a tiny
-    /// probe write tells whether the fault has cleared.
+    /// For `/ready`: Ok only if the file takes writes. While faulted, a probe
+    /// write of `PROBE_BYTES` tells whether the fault has cleared; only it
+    /// clears the fault.
     pub fn ping(&self) -> Result<(), Unavailable> {
         if self.fault_reason().is_none() {
             return self.read(|db| db.begin_read().map(drop).map_err(|e| Unavailable(e.to_string())));
@@ -158,6 +158,11 @@ impl RedbFile {
                 txn.commit().map_err(|e| fail(&e))?;
             }
             Ok(())
+        })
+        .map(|()| {
+            if self.fault().error.take().is_some() {
+                tracing::info!(path = %self.path.display(), "storage fault cleared: writes go through again");
+            }
         })
         .map_err(|Unavailable(e)| Unavailable(format!("{}: storage fault, writes refused: {e}", self.path.display())))
     }

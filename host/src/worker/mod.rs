@@ -86,31 +86,6 @@ pub fn jobs_for(receipt: &Receipt) -> Vec<Job> {
         .collect()
 }
 
-/// Queue the jobs of receipts accepted but never confirmed queued (a crash
-/// or queue outage between the two writes). Enqueueing is idempotent.
-pub async fn recover_unqueued(app: &App) {
-    let receipts = match app.store.unqueued().await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "could not look for receipts with unqueued jobs");
-            return;
-        }
-    };
-    for receipt in receipts {
-        match app.queue.enqueue(jobs_for(&receipt)).await {
-            Ok(()) => {
-                if let Err(e) = app.store.mark_enqueued(&receipt.id).await {
-                    tracing::warn!(receipt_id = %receipt.id, error = %e, "jobs queued but receipt not marked");
-                }
-                tracing::info!(receipt_id = %receipt.id, "queued the jobs of a receipt accepted before a restart");
-            }
-            Err(e) => {
-                tracing::error!(receipt_id = %receipt.id, error = %e, "could not queue recovered jobs")
-            }
-        }
-    }
-}
-
 /// Start `config.workers` workers; they stop when `shutdown` turns true,
 /// finishing the job in hand.
 pub fn spawn(app: Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {

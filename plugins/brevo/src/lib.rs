@@ -3,16 +3,24 @@
 //! Action `property-details-email`: sends the customer the details of the
 //! property on a committed deal through `POST {api_url}/v3/smtp/email`.
 //! Every customer-supplied value is HTML-escaped before it enters
-//! `htmlContent`. `headers.idempotencyKey` is the host's idempotency key, so
-//! a retry after a lost answer is not sent twice; Brevo's
+//! `htmlContent`. `headers.idempotencyKey` is a UUID derived from the
+//! host's idempotency key (Brevo requires the UUID form), the same on every
+//! retry, so a retry after a lost answer is not sent twice; Brevo's
 //! `duplicate_parameter` answer to a reused key means "already sent".
+//!
+//! With `BREVO_TEMPLATE_ID` set, the e-mail is a Brevo template that
+//! marketers edit in Brevo: the request names the template and passes the
+//! deal's values as `params` (Brevo's template language escapes them).
+
+// The generated export glue takes a parameter per flattened field.
+#![allow(clippy::too_many_arguments)]
 
 wit_bindgen::generate!({ world: "destination", path: "../../wit" });
 
 use crm::plugin::http::{self, HttpError, Request, Response};
 use crm::plugin::types::{Delivered, Failure, Header, Retryable};
 use crm::plugin::{config, log};
-use plugin_support::{StatusClass, classify_status, excerpt, header_seconds, retry_after_ms};
+use plugin_support::{StatusClass, classify_status, excerpt, header_seconds, retry_after_ms, sha256_hex};
 use serde_json::{Value, json};
 
 struct Brevo;
@@ -50,6 +58,8 @@ pub struct Settings {
     pub api_url: String,
     pub sender_email: String,
     pub sender_name: String,
+    /// Send this Brevo template instead of the inline HTML.
+    pub template_id: Option<u64>,
 }
 
 impl Settings {
@@ -68,8 +78,19 @@ impl Settings {
         if !missing.is_empty() {
             return Err(format!("Brevo is not configured: set {}", missing.join(" and ")));
         }
+        let template_id = match get("template_id") {
+            None => None,
+            Some(id) => Some(
+                id.trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("BREVO_TEMPLATE_ID must be a template's number, got {id:?}"))?,
+            ),
+        };
         Ok(Settings {
             api_key,
+            template_id,
             sender_email,
             api_url: get("api_url").unwrap_or_else(|| "https://api.brevo.com".into()),
             sender_name: get("sender_name").unwrap_or_else(|| "Property Team".into()),
@@ -170,6 +191,43 @@ pub fn render_email(event: &CrmEvent) -> Email {
     Email { subject: single_line(&format!("Property details: {deal_name}")), html, text }
 }
 
+/// The idempotency key as Brevo wants it: a UUID, derived from the host's
+/// key so every retry of the action carries the same one.
+pub fn idempotency_uuid(key: &str) -> String {
+    let h = sha256_hex(key);
+    let variant = ["8", "9", "a", "b"][usize::from(h.as_bytes()[16] % 4)];
+    // Version-4 layout (the bits are a hash, as random as a v4's).
+    format!("{}-{}-4{}-{variant}{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+}
+
+/// The deal's values for a Brevo template, as `params`.
+pub fn template_params(event: &CrmEvent) -> Value {
+    let c = &event.customer;
+    let mut params = json!({
+        "deal_reference": event.reference,
+        "deal_status": event.status,
+        "first_name": c.first_name,
+        "last_name": c.last_name,
+        "email": c.email,
+        "deal_name": event.deal.name,
+        "deal_value": event.deal.value.map(format_amount),
+        "currency": event.deal.currency,
+        "closing_date": event.deal.closing_date,
+    });
+    if let Some(p) = &event.property {
+        params["property"] = json!({
+            "id": p.id,
+            "address": p.address,
+            "city": p.city,
+            "state": p.state,
+            "zip_code": p.zip_code,
+            "property_type": p.property_type,
+            "square_footage": p.square_footage,
+        });
+    }
+    params
+}
+
 /// Build the Brevo request for one event.
 pub fn build_request(settings: &Settings, event: &CrmEvent, context: &DeliveryContext) -> Result<Request, String> {
     let to_email = event
@@ -183,20 +241,28 @@ pub fn build_request(settings: &Settings, event: &CrmEvent, context: &DeliveryCo
     let to_name = single_line(
         &[c.first_name.as_deref(), c.last_name.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" "),
     );
-    let email = render_email(event);
     let mut to = json!({ "email": to_email });
     if !to_name.is_empty() {
         to["name"] = json!(to_name);
     }
-    let body = json!({
+    let mut body = json!({
         "sender": { "name": settings.sender_name, "email": settings.sender_email },
         "to": [to],
-        "subject": email.subject,
-        "htmlContent": email.html,
-        "textContent": email.text,
         "tags": ["property-details"],
-        "headers": { "idempotencyKey": context.idempotency_key },
+        "headers": { "idempotencyKey": idempotency_uuid(&context.idempotency_key) },
     });
+    match settings.template_id {
+        Some(id) => {
+            body["templateId"] = json!(id);
+            body["params"] = template_params(event);
+        }
+        None => {
+            let email = render_email(event);
+            body["subject"] = json!(email.subject);
+            body["htmlContent"] = json!(email.html);
+            body["textContent"] = json!(email.text);
+        }
+    }
     Ok(Request {
         method: "POST".into(),
         url: format!("{}/v3/smtp/email", settings.api_url.trim_end_matches('/')),
@@ -272,6 +338,10 @@ mod tests {
                 last_name: Some("<b>Doe</b>".into()),
                 email: Some("john.doe@example.com".into()),
                 phone: None,
+                city: None,
+                state: None,
+                zip_code: None,
+                country: None,
             },
             deal: Deal {
                 name: Some("Grand \"Cypress\" & Co\r\nBcc: x@evil".into()),
@@ -288,17 +358,23 @@ mod tests {
                 property_type: Some("Commercial Office".into()),
                 square_footage: Some(15000.0),
             }),
+            occurred_at: None,
+            lead_id: None,
             received_at: 0,
         }
     }
 
-    fn settings() -> Settings {
-        Settings::from_config(|k| match k {
+    fn settings_with(template_id: Option<&'static str>) -> Result<Settings, String> {
+        Settings::from_config(move |k| match k {
             "api_key" => Some("xkeysib-1".into()),
             "sender_email" => Some("deals@example.com".into()),
+            "template_id" => template_id.map(str::to_string),
             _ => None,
         })
-        .unwrap()
+    }
+
+    fn settings() -> Settings {
+        settings_with(None).unwrap()
     }
 
     fn ctx() -> DeliveryContext {
@@ -334,10 +410,35 @@ mod tests {
         assert_eq!(r.url, "https://api.brevo.com/v3/smtp/email");
         assert!(r.headers.iter().any(|h| h.name == "api-key" && h.value == "xkeysib-1"));
         let b: Value = serde_json::from_slice(&r.body).unwrap();
-        assert_eq!(b["headers"]["idempotencyKey"], "idem-1");
+        assert_eq!(b["headers"]["idempotencyKey"], idempotency_uuid("idem-1"));
         assert_eq!(b["to"][0]["email"], "john.doe@example.com");
         assert_eq!(b["sender"]["email"], "deals@example.com");
         assert_eq!(b["sender"]["name"], "Property Team");
+    }
+
+    #[test]
+    fn the_idempotency_key_is_a_stable_uuid() {
+        let k = idempotency_uuid("3f2a9c0b4d5e6f708192a3b4c5d6e7f8");
+        assert_eq!(k, idempotency_uuid("3f2a9c0b4d5e6f708192a3b4c5d6e7f8"), "the same on every retry");
+        assert_ne!(k, idempotency_uuid("3f2a9c0b4d5e6f708192a3b4c5d6e7f9"));
+        let parts: Vec<&str> = k.split('-').collect();
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [8, 4, 4, 4, 12], "{k}");
+        assert!(k.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{k}");
+        assert!(parts[2].starts_with('4') && "89ab".contains(&parts[3][..1]), "{k}");
+    }
+
+    #[test]
+    fn template_mode_names_the_template_and_passes_the_values() {
+        let s = settings_with(Some("42")).unwrap();
+        let b: Value = serde_json::from_slice(&build_request(&s, &event(), &ctx()).unwrap().body).unwrap();
+        assert_eq!(b["templateId"], 42);
+        assert_eq!(b["params"]["deal_reference"], "D-927483-XYZ");
+        assert_eq!(b["params"]["deal_value"], "12,500,000.00");
+        assert_eq!(b["params"]["property"]["address"], "<script>alert('x')</script>", "Brevo escapes params itself");
+        assert!(b.get("htmlContent").is_none() && b.get("subject").is_none());
+        assert_eq!(b["headers"]["idempotencyKey"], idempotency_uuid("idem-1"));
+        let err = settings_with(Some("welcome")).err().unwrap();
+        assert_eq!(err, "BREVO_TEMPLATE_ID must be a template's number, got \"welcome\"");
     }
 
     #[test]

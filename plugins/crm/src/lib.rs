@@ -1,19 +1,26 @@
 //! Source plugin for the reference CRM (the seed system's payload).
 //!
 //! Reads `data.dealId`, `data.customer`, `data.dealDetails` and
-//! `data.propertyInformation` from the JSON body and the `x-event` header.
-//! Every problem is reported with the path of the field at fault.
+//! `data.propertyInformation` from the JSON body and the `x-event` header;
+//! optionally the customer's address (`data.customer.city`, `state`,
+//! `zipCode`, `country`), a Meta lead id (`data.leadId`) and when the deal
+//! reached its status (`data.dealDetails.statusChangedAt`, unix seconds or
+//! RFC 3339). Every problem is reported with the path of the field at
+//! fault. One webhook, one event; the host authenticates it (`x-api-key`).
+
+// The generated export glue takes a parameter per flattened field.
+#![allow(clippy::too_many_arguments)]
 
 wit_bindgen::generate!({ world: "source", path: "../../wit" });
 
-use crm::plugin::types::{Customer, Deal, FieldError, Property};
+use crm::plugin::types::{Customer, Deal, FieldError, Header, Property};
 use serde_json::{Map, Value};
 
 struct CrmSource;
 
 impl Guest for CrmSource {
-    fn parse(headers: Vec<Header>, body: Vec<u8>) -> Result<CrmEvent, ParseError> {
-        parse_webhook(&headers, &body)
+    fn parse(request: IncomingRequest) -> Result<Vec<CrmEvent>, ParseError> {
+        parse_webhook(&request.headers, &request.body).map(|event| vec![event])
     }
 }
 
@@ -37,17 +44,30 @@ pub fn parse_webhook(headers: &[Header], body: &[u8]) -> Result<CrmEvent, ParseE
     let status = required_string(details, "status", "data.dealDetails.status")?;
 
     let customer = match data.get("customer") {
-        None | Some(Value::Null) => {
-            Customer { contact_id: None, first_name: None, last_name: None, email: None, phone: None }
-        }
+        None | Some(Value::Null) => Customer {
+            contact_id: None,
+            first_name: None,
+            last_name: None,
+            email: None,
+            phone: None,
+            city: None,
+            state: None,
+            zip_code: None,
+            country: None,
+        },
         Some(v) => {
             let c = as_object(v, "data.customer")?;
+            let f = |key: &str| optional_string(c, key, &format!("data.customer.{key}"));
             Customer {
-                contact_id: optional_string(c, "contactId", "data.customer.contactId")?,
-                first_name: optional_string(c, "firstName", "data.customer.firstName")?,
-                last_name: optional_string(c, "lastName", "data.customer.lastName")?,
-                email: optional_string(c, "email", "data.customer.email")?,
-                phone: optional_string(c, "phoneNumber", "data.customer.phoneNumber")?,
+                contact_id: f("contactId")?,
+                first_name: f("firstName")?,
+                last_name: f("lastName")?,
+                email: f("email")?,
+                phone: f("phoneNumber")?,
+                city: f("city")?,
+                state: f("state")?,
+                zip_code: f("zipCode")?,
+                country: f("country")?,
             }
         }
     };
@@ -90,7 +110,62 @@ pub fn parse_webhook(headers: &[Header], body: &[u8]) -> Result<CrmEvent, ParseE
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| UNSPECIFIED_EVENT.to_string());
 
-    Ok(CrmEvent { event_type, reference, status, customer, deal, property, received_at: 0 })
+    let occurred_at = match details.get("statusChangedAt") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(timestamp(v).ok_or_else(|| {
+            invalid("data.dealDetails.statusChangedAt", "unix seconds or an RFC 3339 time such as 2026-03-15T09:30:00Z")
+        })?),
+    };
+    let lead_id = optional_string(data, "leadId", "data.leadId")?;
+
+    Ok(CrmEvent { event_type, reference, status, customer, deal, property, occurred_at, lead_id, received_at: 0 })
+}
+
+/// Unix seconds from a number (seconds, or milliseconds if that large) or
+/// an RFC 3339 string (`Z` or a `±hh:mm` offset).
+pub fn timestamp(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => {
+            let n = n.as_u64()?;
+            Some(if n > 100_000_000_000 { n / 1000 } else { n })
+        }
+        Value::String(s) => rfc3339(s.trim()),
+        _ => None,
+    }
+}
+
+fn rfc3339(s: &str) -> Option<u64> {
+    let num = |from: usize, to: usize| s.get(from..to)?.parse::<i64>().ok();
+    let bytes = s.as_bytes();
+    if s.len() < 20 || bytes[4] != b'-' || bytes[7] != b'-' || !matches!(bytes[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    // Skip fractional seconds, then read the offset.
+    let rest = s[19..].trim_start_matches(|c: char| c == '.' || c.is_ascii_digit());
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) => {
+            let h: i64 = rest.get(1..3)?.parse().ok()?;
+            let m: i64 = rest.get(4..6)?.parse().ok()?;
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            sign * (h * 3600 + m * 60)
+        }
+        _ => return None,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hour * 3600 + minute * 60 + second - offset).ok()
 }
 
 fn invalid(field: &str, expected: &str) -> ParseError {
@@ -164,6 +239,47 @@ mod tests {
         let p = e.property.unwrap();
         assert_eq!(p.zip_code.as_deref(), Some("90210"));
         assert_eq!(p.square_footage, Some(15000.0));
+    }
+
+    #[test]
+    fn optional_crm_fields_reach_the_event() {
+        let body = DEMO
+            .replace(
+                "\"phoneNumber\": \"+1234567890\"",
+                "\"phoneNumber\": \"+1234567890\", \"city\": \"Austin\", \"country\": \"US\"",
+            )
+            .replace(
+                "\"closingDate\": \"2026-03-15\"",
+                "\"closingDate\": \"2026-03-15\", \"statusChangedAt\": \"2026-03-01T12:00:00+01:00\"",
+            )
+            .replace(
+                "\"dealId\": \"D-927483-XYZ\",",
+                "\"dealId\": \"D-927483-XYZ\", \"leadId\": \"1234567890123456\",",
+            );
+        let e = parse_webhook(&[], body.as_bytes()).unwrap();
+        assert_eq!((e.customer.city.as_deref(), e.customer.country.as_deref()), (Some("Austin"), Some("US")));
+        assert_eq!(e.lead_id.as_deref(), Some("1234567890123456"));
+        assert_eq!(e.occurred_at, Some(1_772_362_800));
+        let e = parse_webhook(&[], DEMO.as_bytes()).unwrap();
+        assert_eq!((e.occurred_at, e.lead_id), (None, None));
+    }
+
+    #[test]
+    fn change_times_are_read_as_seconds_or_rfc3339() {
+        assert_eq!(timestamp(&serde_json::json!(1_700_000_000)), Some(1_700_000_000));
+        assert_eq!(timestamp(&serde_json::json!(1_700_000_000_123u64)), Some(1_700_000_000));
+        assert_eq!(timestamp(&serde_json::json!("1970-01-01T00:00:00Z")), Some(0));
+        assert_eq!(timestamp(&serde_json::json!("2000-02-29T23:59:59.5Z")), Some(951_868_799));
+        assert_eq!(timestamp(&serde_json::json!("2026-03-01T12:00:00-05:30")), Some(1_772_386_200));
+        for bad in ["2026-13-01T00:00:00Z", "yesterday", "2026-03-01", "2026-03-01T12:00:00"] {
+            assert_eq!(timestamp(&serde_json::json!(bad)), None, "{bad}");
+        }
+        let body = DEMO.replace(
+            "\"closingDate\": \"2026-03-15\"",
+            "\"closingDate\": \"2026-03-15\", \"statusChangedAt\": \"soon\"",
+        );
+        let err = parse_webhook(&[], body.as_bytes()).unwrap_err();
+        assert!(matches!(err, ParseError::InvalidField(f) if f.field == "data.dealDetails.statusChangedAt"));
     }
 
     #[test]

@@ -1,0 +1,233 @@
+//! Intake: one webhook request in, its events' receipts stored and their
+//! jobs queued. The HTTP handler only translates HTTP around `accept`;
+//! start-up recovery and replays queue jobs through `queue_jobs`, the one
+//! place that does "enqueue, then mark queued".
+//!
+//! The flow: find the provider's source plugin → authenticate (the host's
+//! `x-api-key` check, unless the source authenticates itself) → the plugin
+//! parses the request into zero or more events → every event is checked →
+//! per event: receipt stored (dedupe on provider, reference, status) and
+//! its jobs queued. Success means every event's receipt and jobs are
+//! durable; any storage failure is a 503, and the CRM's retry finishes the
+//! batch (events already stored come back as duplicates).
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::App;
+use crate::plugins::manifest::Auth;
+use crate::plugins::{IncomingRequest, LoadedPlugin, ParseFailure, PluginError, SourceLookup};
+use crate::queue::QueueError;
+use crate::routing::ActionSpec;
+use crate::store::{ActionRecord, DeliveryState, Inserted, Receipt, StoreError, StoredRequest};
+use crate::worker::jobs_for;
+
+/// Headers never stored, nor shown to a source the host authenticates.
+pub const CREDENTIAL_HEADERS: [&str; 4] = ["x-api-key", "authorization", "cookie", "proxy-authorization"];
+
+/// A batch's request body is stored with each of its receipts up to this
+/// size, clipped beyond it (a single event keeps it whole).
+const BATCH_BODY_KEPT: usize = 16 * 1024;
+
+/// One event of an accepted webhook.
+#[derive(Debug, Clone, Serialize)]
+pub struct AcceptedEvent {
+    pub receipt_id: String,
+    /// True when this (provider, deal, status) was already received: nothing
+    /// new is queued.
+    pub duplicate: bool,
+    pub reference: String,
+    pub status: String,
+    pub actions: Vec<ActionView>,
+}
+
+/// An action of an accepted event, as answered.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionView {
+    pub destination: String,
+    pub action: String,
+    pub state: DeliveryState,
+}
+
+/// Why a webhook was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    /// The host's key check failed (`x-api-key`).
+    #[error("missing or invalid x-api-key")]
+    KeyRefused,
+    #[error("no source plugin named {provider:?} is loaded (known: {})", known.join(", "))]
+    UnknownProvider { provider: String, known: Vec<String> },
+    /// Loaded recently, or refused: the CRM should retry.
+    #[error("{0}")]
+    ProviderUnavailable(String),
+    /// The source plugin refused the request (400, 401 or 503 by kind).
+    #[error("{0}")]
+    Refused(ParseFailure),
+    /// An event the plugin produced lacks what dedupe needs.
+    #[error("the {provider} plugin found no deal {field} in event {index} of the payload")]
+    EmptyField { provider: String, field: &'static str, index: usize },
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// Accept one webhook request for `provider`. `request.headers` are all
+/// the headers as received; credentials are removed here for sources the
+/// host authenticates.
+pub async fn accept(
+    app: &App,
+    provider: &str,
+    mut request: IncomingRequest,
+) -> Result<Vec<AcceptedEvent>, IntakeError> {
+    let source: Arc<LoadedPlugin> = match app.plugins.lookup_source(provider) {
+        SourceLookup::Loaded(source) => source,
+        SourceLookup::Unavailable(why) => return Err(IntakeError::ProviderUnavailable(why)),
+        // Without the key, an unknown provider looks like any refusal.
+        SourceLookup::Unknown if !app.keys.webhook_pairs(&request.headers) => return Err(IntakeError::KeyRefused),
+        SourceLookup::Unknown => {
+            let known = app.plugins.snapshot().sources.keys().cloned().collect();
+            return Err(IntakeError::UnknownProvider { provider: provider.to_string(), known });
+        }
+    };
+    // Stored as received (credentials redacted), whoever authenticates.
+    let stored_headers = redacted(&request.headers);
+    if source.manifest.auth() == Auth::Host {
+        if !app.keys.webhook_pairs(&request.headers) {
+            return Err(IntakeError::KeyRefused);
+        }
+        request.headers.retain(|(name, _)| !CREDENTIAL_HEADERS.contains(&name.as_str()));
+    }
+
+    let started = std::time::Instant::now();
+    let parsed = source.parse(&request).await;
+    app.metrics.plugin_call(source.name(), started.elapsed());
+    let mut events = parsed?.map_err(IntakeError::Refused)?;
+    // A source plugin's bug must not create receipts that cannot be deduped.
+    for (index, event) in events.iter().enumerate() {
+        for (field, value) in [("reference", &event.reference), ("status", &event.status)] {
+            if value.trim().is_empty() {
+                return Err(IntakeError::EmptyField { provider: provider.to_string(), field, index });
+            }
+        }
+    }
+
+    let stored = stored_request(stored_headers, &request.body, events.len());
+    let routes = app.routes();
+    let mut accepted = Vec::with_capacity(events.len());
+    for event in events.iter_mut() {
+        // Every event of one request gets the same clock reading.
+        event.received_at = request.received_at_ms / 1000;
+        let actions = routes.actions_for(provider, &event.status);
+        let receipt = Receipt {
+            id: uuid::Uuid::now_v7().to_string(),
+            provider: provider.to_string(),
+            event_type: event.event_type.clone(),
+            reference: event.reference.clone(),
+            status: event.status.clone(),
+            request: stored.clone(),
+            event: event.clone(),
+            received_at_ms: request.received_at_ms,
+            updated_at_ms: request.received_at_ms,
+            jobs_enqueued: actions.is_empty(),
+            actions: actions.iter().map(|a| pending(a, request.received_at_ms)).collect(),
+        };
+        let (receipt, duplicate) = match app.store.insert(receipt).await? {
+            Inserted::New(r) => (r, false),
+            Inserted::Duplicate(r) => (r, true),
+        };
+        if !receipt.jobs_enqueued {
+            // New, or a duplicate whose first delivery never got its jobs
+            // queued (we answered 503 then, and the CRM retried).
+            queue_jobs(app, &receipt).await?;
+        }
+        accepted.push(AcceptedEvent {
+            receipt_id: receipt.id,
+            duplicate,
+            reference: receipt.reference,
+            status: receipt.status,
+            actions: receipt
+                .actions
+                .into_iter()
+                .map(|a| ActionView { destination: a.destination, action: a.action, state: a.state })
+                .collect(),
+        });
+    }
+    Ok(accepted)
+}
+
+/// Queue a receipt's jobs not yet attempted, then note them queued. Safe to
+/// repeat: enqueueing is idempotent per job id.
+pub async fn queue_jobs(app: &App, receipt: &Receipt) -> Result<(), QueueError> {
+    app.queue.enqueue(jobs_for(receipt)).await?;
+    if let Err(e) = app.store.mark_enqueued(&receipt.id).await {
+        // The jobs are durable; the flag only spares a re-enqueue.
+        tracing::warn!(receipt_id = %receipt.id, error = %e, "jobs queued but receipt not marked");
+    }
+    Ok(())
+}
+
+/// Queue the jobs of receipts accepted but never confirmed queued (a crash
+/// or queue outage between the two writes).
+pub async fn recover_unqueued(app: &App) {
+    let receipts = match app.store.unqueued().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "could not look for receipts with unqueued jobs");
+            return;
+        }
+    };
+    for receipt in receipts {
+        match queue_jobs(app, &receipt).await {
+            Ok(()) => {
+                tracing::info!(receipt_id = %receipt.id, "queued the jobs of a receipt accepted before a restart")
+            }
+            Err(e) => tracing::error!(receipt_id = %receipt.id, error = %e, "could not queue recovered jobs"),
+        }
+    }
+}
+
+/// Headers with credentials redacted, for storing.
+fn redacted(headers: &[(String, String)]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(n, v)| {
+            let value = if CREDENTIAL_HEADERS.contains(&n.as_str()) { "«redacted»".to_string() } else { v.clone() };
+            (n.clone(), value)
+        })
+        .collect()
+}
+
+/// The request as stored with a receipt: a batch's body clipped.
+fn stored_request(headers: Vec<(String, String)>, body: &[u8], events: usize) -> StoredRequest {
+    let length = body.len();
+    let body = String::from_utf8_lossy(body);
+    let body = if events > 1 && body.len() > BATCH_BODY_KEPT {
+        format!(
+            "{} («clipped»: {} bytes in all, a batch of {events} events)",
+            crate::plugins::world::clip(&body, BATCH_BODY_KEPT),
+            length
+        )
+    } else {
+        body.into_owned()
+    };
+    StoredRequest { headers, body }
+}
+
+fn pending(a: &ActionSpec, now: u64) -> ActionRecord {
+    ActionRecord {
+        destination: a.destination.clone(),
+        action: a.action.clone(),
+        params: a.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        state: DeliveryState::Pending,
+        attempts: 0,
+        last_error: None,
+        last_status: None,
+        detail: None,
+        delivered_at_ms: None,
+        updated_at_ms: now,
+    }
+}
