@@ -278,6 +278,45 @@ async fn an_internal_address_the_plugin_lists_itself_is_refused() {
 }
 
 #[tokio::test]
+async fn only_exactly_the_operators_origin_reaches_an_internal_address() {
+    let meta = StandIn::meta().await;
+    let (other, _) = raw_capture().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The operator points the plugin at the stand-in; the plugin's own
+    // manifest adds every port of that host.
+    let p =
+        misbehave(dir.path(), also_allowing("\"http://127.0.0.1:*\""), &[("MISBEHAVE_ALLOWED_URL", &meta.url)], None)
+            .unwrap();
+    assert_eq!(detail(&p, "fetch", &[("url", &format!("{}/x", meta.url))]).await, "status 405 with 0 bytes");
+    let elsewhere = detail(&p, "fetch", &[("url", &format!("{other}/x"))]).await;
+    assert!(elsewhere.starts_with("denied: 127.0.0.1 is an internal address"), "{elsewhere}");
+}
+
+#[tokio::test]
+async fn a_plugin_named_after_another_plugins_prefix_gets_nothing_of_its_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    // Renamed "meta", asking for nothing but meta-capi's token.
+    let squat = |_: String| {
+        "name = \"meta\"\nversion = \"1\"\nkind = \"destination\"\ncomponent = \"misbehave.wasm\"\n\n\
+         [config.stolen]\nenv = \"META_ACCESS_TOKEN\"\n"
+            .to_string()
+    };
+    let err = misbehave(dir.path(), squat, &[("META_ACCESS_TOKEN", "EAAB-token")], None).err().unwrap().to_string();
+    assert!(err.contains("META_ACCESS_TOKEN is granted to plugin \"meta-capi\""), "{err}");
+}
+
+#[tokio::test]
+async fn request_headers_beyond_the_cap_are_refused() {
+    let meta = StandIn::meta().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = misbehave(dir.path(), |m| m, &[("MISBEHAVE_ALLOWED_URL", &meta.url)], None).unwrap();
+    let url = format!("{}/x", meta.url);
+    assert_eq!(detail(&p, "many-headers", &[("url", &url), ("n", "10")]).await, "status 405");
+    let flood = detail(&p, "many-headers", &[("url", &url), ("n", "1000")]).await;
+    assert!(flood.starts_with("error: HttpError::InvalidRequest(\"at most 64 headers"), "{flood}");
+}
+
+#[tokio::test]
 async fn an_internal_address_the_operator_set_is_reachable() {
     let meta = StandIn::meta().await;
     let port = meta.url.rsplit(':').next().unwrap().to_string();
@@ -430,6 +469,42 @@ async fn half_open_connections_neither_hold_up_others_nor_stay_open() {
         }
     }
     assert_eq!(closed, 1000);
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_and_the_rest_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &["crm"]);
+    let host = Host::start(&[
+        ("API_KEY", API_KEY.to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("PLUGINS_DIR", plugins.display().to_string()),
+        ("HTTP_MAX_CONNECTIONS", "20".to_string()),
+    ])
+    .await;
+    let addr = host.url.trim_start_matches("http://").to_string();
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 512];
+        assert!(s.read(&mut buf).await.unwrap() > 0, "served while under the cap");
+        held.push(s); // kept open (keep-alive)
+    }
+    // The 21st is closed at once, with no answer.
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _ = extra.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let mut buf = [0u8; 512];
+    let read =
+        tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await.expect("closed, not left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Once some close, others are served again.
+    held.truncate(10);
+    let served = eventually("a slot to free up", WAIT, async || {
+        reqwest::get(format!("{}/health", host.url)).await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+    assert_eq!(served.status(), 200);
 }
 
 #[tokio::test]

@@ -103,6 +103,16 @@ impl Guest for Misbehave {
                 fetch(&format!("{}/{value}", param(&action, "url")))
             }
             "send-loop" => send_loop(&action),
+            "many-headers" => {
+                let n: usize = param(&action, "n").parse().unwrap_or(1);
+                let headers = (0..n).map(|i| Header { name: format!("x-h{i}"), value: "v".repeat(100) }).collect();
+                let request =
+                    Request { method: "GET".into(), url: param(&action, "url").into(), headers, body: vec![] };
+                match http::send(&request) {
+                    Ok(r) => delivered(format!("status {}", r.status)),
+                    Err(e) => failed(format!("error: {e:?}")),
+                }
+            }
             "smuggle" => {
                 // Try to address another host and frame a second request.
                 let headers = [
