@@ -70,6 +70,11 @@ async fn a_job_that_keeps_killing_its_host_is_dead_lettered_once_its_budget_is_s
 }
 
 #[tokio::test]
+async fn a_later_stage_waits_for_a_retried_earlier_one() {
+    flows::a_later_stage_waits_for_a_retried_earlier_one(&setup("order").await.flow).await;
+}
+
+#[tokio::test]
 async fn a_restart_between_accept_and_delivery_still_delivers_once() {
     flows::a_restart_between_accept_and_delivery_still_delivers_once(&setup("restart").await.flow).await;
 }

@@ -18,10 +18,9 @@ use serde::Serialize;
 use crate::App;
 use crate::plugins::manifest::Auth;
 use crate::plugins::{IncomingRequest, LoadedPlugin, ParseFailure, PluginError, SourceLookup};
-use crate::queue::QueueError;
+use crate::queue::{Job, QueueError, idempotency_key, order_key};
 use crate::routing::ActionSpec;
 use crate::store::{ActionRecord, DeliveryState, Inserted, Receipt, StoreError, StoredRequest};
-use crate::worker::jobs_for;
 
 /// Headers never stored, nor shown to a source the host authenticates.
 pub const CREDENTIAL_HEADERS: [&str; 4] = ["x-api-key", "authorization", "cookie", "proxy-authorization"];
@@ -157,6 +156,39 @@ pub async fn accept(
         });
     }
     Ok(accepted)
+}
+
+/// The jobs for a receipt's actions not yet attempted (a re-enqueue after a
+/// lost `mark_enqueued` must not resend what was delivered meanwhile).
+pub fn jobs_for(receipt: &Receipt) -> Vec<Job> {
+    let status_key = receipt.event.status_key();
+    receipt
+        .actions
+        .iter()
+        .filter(|a| a.state == DeliveryState::Pending && a.attempts == 0)
+        .map(|a| Job {
+            id: Job::id_for(&receipt.id, &a.destination, &a.action),
+            receipt_id: receipt.id.clone(),
+            provider: receipt.provider.clone(),
+            destination: a.destination.clone(),
+            action: a.action.clone(),
+            params: a.params.clone(),
+            event: receipt.event.clone(),
+            idempotency_key: idempotency_key(
+                &receipt.provider,
+                &receipt.reference,
+                &status_key,
+                &a.destination,
+                &a.action,
+            ),
+            order_key: order_key(&receipt.provider, &receipt.reference, &a.destination),
+            attempts: 0,
+            budget_start: 0,
+            interrupted: 0,
+            deferrals: 0,
+            enqueued_at_ms: receipt.received_at_ms,
+        })
+        .collect()
 }
 
 /// Queue a receipt's jobs not yet attempted, then note them queued. Safe to

@@ -210,3 +210,42 @@ pub async fn a_job_that_keeps_killing_its_host_is_dead_lettered_once_its_budget_
     assert_eq!(f.meta.received().len(), 2, "the job did not run a third time");
     f.meta.release();
 }
+
+/// For one deal and destination, a later status waits while an earlier one
+/// is being retried (Meta wants a deal's stages in order); other deals and
+/// other destinations are not held back.
+pub async fn a_later_stage_waits_for_a_retried_earlier_one(f: &Flow) {
+    let down = json!({ "error": { "message": "Service temporarily unavailable", "code": 2, "is_transient": true } });
+    let mut busy = Scripted::new(503, down);
+    busy.headers.push(("retry-after".into(), "2".into()));
+    f.meta.script([busy]);
+    let host = Host::start(&f.vars).await;
+    let post = async |deal: &str, status: &str| {
+        let (code, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload(deal, status)).await;
+        assert_eq!(code, 200, "{body}");
+    };
+    post("O-1", "Qualified").await;
+    eventually("the Lead's first attempt", WAIT, async || (!f.meta.received().is_empty()).then_some(())).await;
+    // While the Lead waits out Meta's Retry-After, the deal moves on, and
+    // another deal comes in.
+    post("O-1", "Committed").await;
+    post("O-2", "Qualified").await;
+    eventually("everything delivered", WAIT, async || {
+        (f.meta.unique_events().len() == 3 && f.brevo.sent_emails() == 1).then_some(())
+    })
+    .await;
+    let sent: Vec<(String, String)> = f
+        .meta
+        .received()
+        .iter()
+        .flat_map(|r| r.body["data"].as_array().cloned().unwrap_or_default())
+        .map(|e| {
+            (e["custom_data"]["deal_id"].as_str().unwrap().to_string(), e["event_name"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let at = |deal: &str, name: &str| sent.iter().rposition(|(d, n)| d == deal && n == name).unwrap();
+    let lead = at("O-1", "Lead");
+    assert_eq!(sent.iter().filter(|(d, n)| d == "O-1" && n == "Lead").count(), 2, "{sent:?}");
+    assert!(at("O-1", "Purchase") > lead, "the Purchase went out only after the Lead: {sent:?}");
+    assert!(at("O-2", "Lead") < lead, "another deal was not held back: {sent:?}");
+}

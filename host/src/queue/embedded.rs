@@ -14,6 +14,11 @@
 //! the restart. If settling a job fails (a storage fault), the job is due
 //! again shortly, as the file says it is. One process owns the file (redb
 //! locks it).
+//!
+//! Order per deal: jobs with the same `order_key` (one deal, one
+//! destination) run in the order their receipts were accepted. A due job
+//! whose group has a live job from an earlier receipt is held (in memory,
+//! spending nothing) until that job is acknowledged or dead-lettered.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -53,14 +58,55 @@ struct Schedule {
     jobs: HashMap<String, Job>,
     reserved: HashSet<String>,
     dead: u64,
+    /// Live job ids of each order group; ids start with their receipt's
+    /// id (UUID v7), so they sort in acceptance order.
+    groups: HashMap<String, BTreeSet<String>>,
+    /// Due jobs waiting for an earlier job of their group.
+    held: HashMap<String, Vec<String>>,
+}
+
+/// The receipt part of a job id (`{receipt}/{destination}/{action}`).
+fn receipt_of(job_id: &str) -> &str {
+    job_id.split('/').next().unwrap_or(job_id)
 }
 
 impl Schedule {
+    /// A job that is live (waiting, delayed or reserved), due at `due`.
+    fn add(&mut self, job: Job, due: u64) {
+        if !job.order_key.is_empty() {
+            self.groups.entry(job.order_key.clone()).or_default().insert(job.id.clone());
+        }
+        self.waiting.insert((due, job.id.clone()));
+        self.jobs.insert(job.id.clone(), job);
+    }
+
     /// Make a reserved job due again at `due`, as `job`.
     fn put_back(&mut self, job: Job, due: u64) {
         self.reserved.remove(&job.id);
         self.waiting.insert((due, job.id.clone()));
         self.jobs.insert(job.id.clone(), job);
+    }
+
+    /// A job that is no longer live (acknowledged or dead): the jobs its
+    /// group held for it are due again.
+    fn forget(&mut self, id: &str, now: u64) {
+        self.reserved.remove(id);
+        let Some(job) = self.jobs.remove(id) else { return };
+        if let Some(group) = self.groups.get_mut(&job.order_key) {
+            group.remove(id);
+            if group.is_empty() {
+                self.groups.remove(&job.order_key);
+            }
+        }
+        for held in self.held.remove(&job.order_key).unwrap_or_default() {
+            self.waiting.insert((now, held));
+        }
+    }
+
+    /// Whether an earlier receipt's job of `job`'s group is still live.
+    fn held_back(&self, job: &Job) -> bool {
+        let first = self.groups.get(&job.order_key).and_then(|g| g.first());
+        first.is_some_and(|first| receipt_of(first) < job.receipt_id.as_str())
     }
 }
 
@@ -117,13 +163,12 @@ impl EmbeddedQueue {
             let txn = db.begin_read().map_err(unavailable)?;
             let jobs = txn.open_table(JOBS).map_err(unavailable)?;
             for entry in jobs.iter().map_err(unavailable)? {
-                let (id, bytes) = entry.map_err(unavailable)?;
+                let (_, bytes) = entry.map_err(unavailable)?;
                 let mut stored: StoredJob = from_json(bytes.value())?;
                 if stored.running {
                     stored.job.interrupted += 1;
                 }
-                schedule.waiting.insert((stored.due_ms, id.value().to_string()));
-                schedule.jobs.insert(id.value().to_string(), stored.job);
+                schedule.add(stored.job, stored.due_ms);
             }
             schedule.dead = txn.open_table(DEAD).map_err(unavailable)?.len().map_err(unavailable)?;
             Ok::<_, QueueError>(())
@@ -149,18 +194,26 @@ impl EmbeddedQueue {
             .map_err(|e| QueueError::Unavailable(format!("queue task failed: {e}")))?
     }
 
-    /// Take the first due job, or say when the next one is due.
+    /// Take the first due job not held back by an earlier one of its deal,
+    /// or say when the next one is due.
     fn take_due(&self, now: u64) -> Result<Job, Option<u64>> {
         let mut s = self.schedule();
-        let Some((due, id)) = s.waiting.first().cloned() else {
-            return Err(None);
-        };
-        if due > now {
-            return Err(Some(due));
+        loop {
+            let Some((due, id)) = s.waiting.first().cloned() else {
+                return Err(None);
+            };
+            if due > now {
+                return Err(Some(due));
+            }
+            s.waiting.pop_first();
+            let Some(job) = s.jobs.get(&id).cloned() else { continue };
+            if s.held_back(&job) {
+                s.held.entry(job.order_key.clone()).or_default().push(id);
+                continue;
+            }
+            s.reserved.insert(id);
+            return Ok(job);
         }
-        s.waiting.pop_first();
-        s.reserved.insert(id.clone());
-        s.jobs.get(&id).cloned().ok_or(None)
     }
 
     /// Count the attempt a taken job is for, on disk, before handing it out.
@@ -222,8 +275,7 @@ impl JobQueue for EmbeddedQueue {
         {
             let mut s = self.schedule();
             for job in added {
-                s.waiting.insert((now, job.id.clone()));
-                s.jobs.insert(job.id.clone(), job);
+                s.add(job, now);
             }
         }
         self.notify.notify_waiters();
@@ -271,9 +323,8 @@ impl JobQueue for EmbeddedQueue {
             self.settle_failed(reserved);
             return Err(e);
         }
-        let mut s = self.schedule();
-        s.reserved.remove(&id);
-        s.jobs.remove(&id);
+        self.schedule().forget(&id, now_ms());
+        self.notify.notify_waiters();
         Ok(())
     }
 
@@ -311,10 +362,12 @@ impl JobQueue for EmbeddedQueue {
             self.settle_failed(&reserved);
             return Err(e);
         }
-        let mut s = self.schedule();
-        s.reserved.remove(&id);
-        s.jobs.remove(&id);
-        s.dead += 1;
+        {
+            let mut s = self.schedule();
+            s.forget(&id, now_ms());
+            s.dead += 1;
+        }
+        self.notify.notify_waiters();
         Ok(())
     }
 
@@ -368,8 +421,7 @@ impl JobQueue for EmbeddedQueue {
         if let Some(job) = &job {
             let mut s = self.schedule();
             s.dead = s.dead.saturating_sub(1);
-            s.waiting.insert((now, job.id.clone()));
-            s.jobs.insert(job.id.clone(), job.clone());
+            s.add(job.clone(), now);
         }
         self.notify.notify_waiters();
         Ok(job)
@@ -379,9 +431,10 @@ impl JobQueue for EmbeddedQueue {
         let now = now_ms();
         let s = self.schedule();
         let ready = s.waiting.iter().take_while(|(due, _)| *due <= now).count() as u64;
+        let held: usize = s.held.values().map(Vec::len).sum();
         Ok(QueueDepth {
             ready,
-            delayed: s.waiting.len() as u64 - ready,
+            delayed: s.waiting.len() as u64 - ready + held as u64,
             in_flight: s.reserved.len() as u64,
             dead: s.dead,
         })
@@ -419,6 +472,7 @@ mod tests {
                 ..Event::default()
             },
             idempotency_key: "k".into(),
+            order_key: String::new(),
             attempts: 0,
             budget_start: 0,
             interrupted: 0,
@@ -448,6 +502,42 @@ mod tests {
         assert_eq!(q.depth().await.unwrap().in_flight, 1);
         q.ack(&again).await.unwrap();
         assert_eq!(q.depth().await.unwrap(), QueueDepth::default());
+    }
+
+    /// A job of `receipt` in order group `group`.
+    fn ordered(receipt: &str, group: &str) -> Job {
+        Job { id: format!("{receipt}/meta-capi/Lead"), receipt_id: receipt.into(), order_key: group.into(), ..job("x") }
+    }
+
+    #[tokio::test]
+    async fn a_later_receipts_job_waits_for_the_earlier_one_of_its_deal() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        q.enqueue(vec![ordered("r1", "deal-a"), ordered("r2", "deal-a"), ordered("r3", "deal-b")]).await.unwrap();
+        let first = q.reserve(Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!(first.job.receipt_id, "r1");
+        // r2 waits behind r1 (in flight); r3 is another deal and goes.
+        let other = q.reserve(Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!(other.job.receipt_id, "r3");
+        assert_eq!(q.reserve(Duration::ZERO).await.unwrap(), None);
+        // r1 failed and will retry: r2 still waits, spending nothing.
+        q.retry(first, Duration::from_millis(50)).await.unwrap();
+        let again = q.reserve(Duration::from_secs(5)).await.unwrap().unwrap();
+        assert_eq!(again.job.receipt_id, "r1");
+        q.ack(&again).await.unwrap();
+        let second = q.reserve(Duration::from_secs(5)).await.unwrap().unwrap();
+        assert_eq!((second.job.receipt_id.as_str(), second.job.attempts), ("r2", 1));
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_releases_the_jobs_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        q.enqueue(vec![ordered("r1", "deal-a"), ordered("r2", "deal-a")]).await.unwrap();
+        let first = q.reserve(Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!(q.reserve(Duration::ZERO).await.unwrap(), None);
+        q.dead_letter(first, "Meta answered 400".into()).await.unwrap();
+        assert_eq!(q.reserve(Duration::from_secs(5)).await.unwrap().unwrap().job.receipt_id, "r2");
     }
 
     #[tokio::test]

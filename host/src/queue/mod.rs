@@ -31,6 +31,11 @@ pub struct Job {
     pub params: Vec<(String, String)>,
     pub event: Event,
     pub idempotency_key: String,
+    /// Jobs with the same key (one deal, one destination) go in the order
+    /// their receipts were accepted: a later one waits while an earlier one
+    /// is live. Empty: not ordered.
+    #[serde(default)]
+    pub order_key: String,
     /// Attempts started so far (all time). Counted durably when a job is
     /// reserved, before its plugin runs, so an attempt that takes the host
     /// down still counts.
@@ -75,6 +80,17 @@ pub fn idempotency_key(provider: &str, reference: &str, status_key: &str, destin
         h.update([0x1f]);
     }
     h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The ordering key of a deal's jobs for one destination (a hash: it goes
+/// into Redis key names).
+pub fn order_key(provider: &str, reference: &str, destination: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [provider, reference, destination] {
+        h.update(part.as_bytes());
+        h.update([0x1f]);
+    }
+    h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect()
 }
 
 /// A job that will not be retried, and why.

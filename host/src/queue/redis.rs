@@ -9,6 +9,12 @@
 //! - `{p}:delayed`       sorted set: job id → due time (unix ms) of retries
 //! - `{p}:dead`          hash: job id → dead letter as JSON
 //! - `{p}:dead:index`    sorted set: job id → time it died (unix ms)
+//! - `{p}:order:<key>`   sorted set (all scores 0, so by member): the live job ids
+//!   of one deal for one destination; ids start with their receipt's id (UUID
+//!   v7), so the first is the earliest accepted
+//! - `{p}:parked:<key>`  set: job ids waiting for an earlier job of their deal;
+//!   moved back into the stream when a job of the group is acknowledged or
+//!   dead-lettered
 //! - `{p}:ready`         string written by `/ready` (expires after a minute): a
 //!   Redis that answers but refuses writes (out of memory, MISCONF, a
 //!   read-only replica) is not ready
@@ -49,7 +55,30 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 const ENQUEUE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[3] == '1' then redis.call('ZADD', KEYS[4], 0, ARGV[2]) end
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[2])
+return 1";
+
+/// Park a reserved job whose deal has a live job from an earlier receipt:
+/// its entry goes (no attempt spent) and its id waits in the parked set.
+const PARK: &str = r"
+local first = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+if not first then return 0 end
+if string.match(first, '^[^/]*') >= string.match(ARGV[4], '^[^/]*') then return 0 end
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1";
+
+/// Suffix of the settling scripts that end a job: it leaves its deal's
+/// order, and the jobs parked behind it go back into the stream (each is
+/// checked again when read).
+const RELEASE: &str = r"
+redis.call('ZREM', order, job)
+for _, id in ipairs(redis.call('SMEMBERS', parked)) do
+  redis.call('XADD', stream, '*', 'id', id)
+end
+redis.call('DEL', parked)
 return 1";
 
 const PROMOTE: &str = r"
@@ -68,10 +97,10 @@ local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #held == 0 or held[1][2] ~= ARGV[3] then return 0 end";
 
 const ACK: &str = r"
+local stream, order, parked, job = KEYS[1], KEYS[3], KEYS[4], ARGV[4]
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('DEL', KEYS[2])
-return 1";
+redis.call('DEL', KEYS[2])";
 
 const RETRY: &str = r"
 redis.call('SET', KEYS[2], ARGV[4])
@@ -81,18 +110,19 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 return 1";
 
 const DEAD: &str = r"
+local stream, order, parked, job = KEYS[1], KEYS[5], KEYS[6], ARGV[5]
 redis.call('HSET', KEYS[3], ARGV[5], ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('DEL', KEYS[2])
-return 1";
+redis.call('DEL', KEYS[2])";
 
 const REPLAY: &str = r"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SET', KEYS[3], ARGV[2])
+if ARGV[3] == '1' then redis.call('ZADD', KEYS[5], 0, ARGV[1]) end
 redis.call('XADD', KEYS[4], '*', 'id', ARGV[1])
 return 1";
 
@@ -113,6 +143,7 @@ pub struct RedisQueue {
 struct Scripts {
     enqueue: Script,
     promote: Script,
+    park: Script,
     ack: Script,
     retry: Script,
     dead: Script,
@@ -125,9 +156,10 @@ impl Scripts {
         Scripts {
             enqueue: Script::new(ENQUEUE),
             promote: Script::new(PROMOTE),
-            ack: owned(ACK),
+            park: owned(PARK),
+            ack: owned(&format!("{ACK}\n{RELEASE}")),
             retry: owned(RETRY),
-            dead: owned(DEAD),
+            dead: owned(&format!("{DEAD}\n{RELEASE}")),
             replay: Script::new(REPLAY),
         }
     }
@@ -171,6 +203,35 @@ impl RedisQueue {
 
     fn job_key(&self, id: &str) -> String {
         format!("{}:job:{id}", self.prefix)
+    }
+
+    /// The order and parked keys of a job's deal (unused names when the job
+    /// is not ordered).
+    fn order_keys(&self, job: &Job) -> (String, String) {
+        (format!("{}:order:{}", self.prefix, job.order_key), format!("{}:parked:{}", self.prefix, job.order_key))
+    }
+
+    /// Park `reserved` if an earlier job of its deal is live; true if parked.
+    async fn parked(&self, reserved: &Reserved) -> Result<bool, QueueError> {
+        if reserved.job.order_key.is_empty() {
+            return Ok(false);
+        }
+        let (order, parked) = self.order_keys(&reserved.job);
+        let mut c = self.conn.clone();
+        let done: i64 = self
+            .scripts
+            .park
+            .key(self.key("jobs"))
+            .key(order)
+            .key(parked)
+            .arg(GROUP)
+            .arg(&reserved.lease)
+            .arg(&self.consumer)
+            .arg(&reserved.job.id)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(done == 1)
     }
 
     async fn ensure_group(&self) -> Result<(), QueueError> {
@@ -286,14 +347,17 @@ impl JobQueue for RedisQueue {
     async fn enqueue(&self, jobs: Vec<Job>) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
         for job in jobs {
+            let (order, _) = self.order_keys(&job);
             let _: i64 = self
                 .scripts
                 .enqueue
                 .key(self.job_key(&job.id))
                 .key(self.key("jobs"))
                 .key(self.key("dead"))
+                .key(order)
                 .arg(to_json(&job)?)
                 .arg(&job.id)
+                .arg(if job.order_key.is_empty() { "0" } else { "1" })
                 .invoke_async(&mut c)
                 .await
                 .map_err(unavailable)?;
@@ -305,7 +369,9 @@ impl JobQueue for RedisQueue {
         let give_up = Instant::now() + wait;
         loop {
             self.promote_due().await?;
-            if let Some(job) = self.reclaim().await? {
+            if let Some(job) = self.reclaim().await?
+                && !self.parked(&job).await?
+            {
                 return Ok(Some(job));
             }
             let block = BLOCK.min(give_up.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
@@ -329,7 +395,9 @@ impl JobQueue for RedisQueue {
             for key in reply.keys {
                 for entry in key.ids {
                     let job_id = Self::entry_job_id(&entry.map);
-                    if let Some(reserved) = self.job_for(&entry.id, job_id, 1).await? {
+                    if let Some(reserved) = self.job_for(&entry.id, job_id, 1).await?
+                        && !self.parked(&reserved).await?
+                    {
                         return Ok(Some(reserved));
                     }
                 }
@@ -342,14 +410,18 @@ impl JobQueue for RedisQueue {
 
     async fn ack(&self, reserved: &Reserved) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
+        let (order, parked) = self.order_keys(&reserved.job);
         let _: i64 = self
             .scripts
             .ack
             .key(self.key("jobs"))
             .key(self.job_key(&reserved.job.id))
+            .key(order)
+            .key(parked)
             .arg(GROUP)
             .arg(&reserved.lease)
             .arg(&self.consumer)
+            .arg(&reserved.job.id)
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
@@ -381,6 +453,7 @@ impl JobQueue for RedisQueue {
     async fn dead_letter(&self, reserved: Reserved, reason: String) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
         let lease = reserved.lease;
+        let (order, parked) = self.order_keys(&reserved.job);
         let letter = DeadLetter { job: reserved.job, reason, failed_at_ms: now_ms() };
         let _: i64 = self
             .scripts
@@ -389,6 +462,8 @@ impl JobQueue for RedisQueue {
             .key(self.job_key(&letter.job.id))
             .key(self.key("dead"))
             .key(self.key("dead:index"))
+            .key(order)
+            .key(parked)
             .arg(GROUP)
             .arg(lease)
             .arg(&self.consumer)
@@ -425,6 +500,7 @@ impl JobQueue for RedisQueue {
         let mut job = letter.job;
         job.budget_start = job.attempts;
         job.deferrals = 0;
+        let (order, _) = self.order_keys(&job);
         let moved: i64 = self
             .scripts
             .replay
@@ -432,8 +508,10 @@ impl JobQueue for RedisQueue {
             .key(self.key("dead:index"))
             .key(self.job_key(job_id))
             .key(self.key("jobs"))
+            .key(order)
             .arg(job_id)
             .arg(to_json(&job)?)
+            .arg(if job.order_key.is_empty() { "0" } else { "1" })
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;

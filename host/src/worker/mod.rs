@@ -24,8 +24,8 @@ use tracing::Instrument;
 
 use crate::App;
 use crate::plugins::{DeliveryRequest, Outcome};
-use crate::queue::{Job, Reserved, idempotency_key};
-use crate::store::{AttemptRecord, DeliveryState, Receipt, StoreError, now_ms};
+use crate::queue::{Job, Reserved};
+use crate::store::{AttemptRecord, DeliveryState, StoreError, now_ms};
 
 /// How long a worker waits for a job before checking for shutdown.
 const POLL: Duration = Duration::from_secs(1);
@@ -52,38 +52,6 @@ enum Verdict {
     Defer {
         reason: String,
     },
-}
-
-/// The jobs for a receipt's actions not yet attempted (a re-enqueue after a
-/// lost `mark_enqueued` must not resend what was delivered meanwhile).
-pub fn jobs_for(receipt: &Receipt) -> Vec<Job> {
-    let status_key = receipt.event.status_key();
-    receipt
-        .actions
-        .iter()
-        .filter(|a| a.state == DeliveryState::Pending && a.attempts == 0)
-        .map(|a| Job {
-            id: Job::id_for(&receipt.id, &a.destination, &a.action),
-            receipt_id: receipt.id.clone(),
-            provider: receipt.provider.clone(),
-            destination: a.destination.clone(),
-            action: a.action.clone(),
-            params: a.params.clone(),
-            event: receipt.event.clone(),
-            idempotency_key: idempotency_key(
-                &receipt.provider,
-                &receipt.reference,
-                &status_key,
-                &a.destination,
-                &a.action,
-            ),
-            attempts: 0,
-            budget_start: 0,
-            interrupted: 0,
-            deferrals: 0,
-            enqueued_at_ms: receipt.received_at_ms,
-        })
-        .collect()
 }
 
 /// Start `config.workers` workers; they stop when `shutdown` turns true,
