@@ -309,3 +309,78 @@ async fn a_full_disk_is_reported_and_writes_resume_once_it_clears() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_delivered_action_is_sent_again_only_when_forced_and_the_answer_warns_past_the_dedupe_window() {
+    let s = setup(&[]).await;
+    let plugins = std::path::PathBuf::from(&s.vars.iter().find(|(k, _)| *k == "PLUGINS_DIR").unwrap().1);
+    // Meta's real window is 48 h; a second here, so the test can pass it.
+    let manifest = plugins.join("meta-capi/plugin.toml");
+    let text =
+        std::fs::read_to_string(&manifest).unwrap().replace("dedupe_window_secs = 172800", "dedupe_window_secs = 1");
+    std::fs::write(&manifest, text).unwrap();
+    let host = Host::start(&s.vars).await;
+    let (_, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("RP-1", "Qualified")).await;
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    eventually("the Lead", WAIT, async || (s.meta.events().len() == 1).then_some(())).await;
+    eventually("the delivery recorded", WAIT, async || {
+        (action_state(&receipt(&host, &id).await, "meta-capi").0 == "delivered").then_some(())
+    })
+    .await;
+
+    let replay = async |body: &str| {
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/v1/receipts/{id}/replay", host.url))
+            .header("x-api-key", API_KEY)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+    };
+    let (status, answer) = replay("{}").await;
+    assert_eq!((status, answer["code"].as_str()), (409, Some("already_delivered")), "{answer}");
+    assert!(answer["detail"].as_str().unwrap().contains("meta-capi/Lead"), "{answer}");
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, answer) = replay(r#"{"destination": "meta-capi", "force": true}"#).await;
+    assert_eq!(status, 200, "{answer}");
+    let replayed = &answer["replayed"][0];
+    assert_eq!(replayed["action"], "Lead");
+    assert!(replayed["note"].as_str().unwrap().contains("may arrive twice"), "{answer}");
+    eventually("the Lead sent again", WAIT, async || (s.meta.events().len() == 2).then_some(())).await;
+    assert_eq!(s.meta.unique_events().len(), 1, "the same event_id, for Meta to deduplicate while it can");
+    let (status, _) = replay(r#"{"destination": "nowhere"}"#).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn metas_transient_codes_are_retried_under_400_and_brevo_keeps_one_uuid_key() {
+    let s = setup(&[]).await;
+    let meta_error =
+        |code: i64| Scripted::new(400, json!({ "error": { "message": "throttled", "code": code, "fbtrace_id": "t" } }));
+    // 613 (calls within one hour), then 80004 (ads insights rate limit): both
+    // retryable though Meta answers 400.
+    s.meta.script([meta_error(613), meta_error(80004)]);
+    s.brevo.script([Scripted::new(500, json!({ "code": "internal_error", "message": "try later" }))]);
+    let host = Host::start(&s.vars).await;
+    let (_, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("TC-1", "Committed")).await;
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    let r = eventually("both actions delivered", WAIT, async || {
+        let r = receipt(&host, &id).await;
+        (action_state(&r, "meta-capi").0 == "delivered" && action_state(&r, "brevo").0 == "delivered").then_some(r)
+    })
+    .await;
+    assert_eq!(action_state(&r, "meta-capi").1, 3);
+    assert_eq!(s.meta.unique_events().len(), 1, "one event_id over the three attempts");
+    let keys: Vec<String> =
+        s.brevo.received().iter().map(|r| r.body["headers"]["idempotencyKey"].as_str().unwrap().to_string()).collect();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0], keys[1], "the retry carries the same key");
+    let uuid = |k: &str| {
+        let parts: Vec<&str> = k.split('-').collect();
+        parts.iter().map(|p| p.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
+            && k.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
+    };
+    assert!(uuid(&keys[0]), "Brevo wants a UUID: {}", keys[0]);
+}

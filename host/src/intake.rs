@@ -20,7 +20,7 @@ use crate::plugins::manifest::Auth;
 use crate::plugins::{IncomingRequest, LoadedPlugin, ParseFailure, PluginError, SourceLookup};
 use crate::queue::{Job, QueueError, idempotency_key, order_key};
 use crate::routing::ActionSpec;
-use crate::store::{ActionRecord, DeliveryState, Inserted, Receipt, StoreError, StoredRequest};
+use crate::store::{ActionRecord, AttemptRecord, DeliveryState, Inserted, Receipt, StoreError, StoredRequest};
 
 /// Headers never stored, nor shown to a source the host authenticates.
 pub const CREDENTIAL_HEADERS: [&str; 4] = ["x-api-key", "authorization", "cookie", "proxy-authorization"];
@@ -161,34 +161,33 @@ pub async fn accept(
 /// The jobs for a receipt's actions not yet attempted (a re-enqueue after a
 /// lost `mark_enqueued` must not resend what was delivered meanwhile).
 pub fn jobs_for(receipt: &Receipt) -> Vec<Job> {
-    let status_key = receipt.event.status_key();
     receipt
         .actions
         .iter()
         .filter(|a| a.state == DeliveryState::Pending && a.attempts == 0)
-        .map(|a| Job {
-            id: Job::id_for(&receipt.id, &a.destination, &a.action),
-            receipt_id: receipt.id.clone(),
-            provider: receipt.provider.clone(),
-            destination: a.destination.clone(),
-            action: a.action.clone(),
-            params: a.params.clone(),
-            event: receipt.event.clone(),
-            idempotency_key: idempotency_key(
-                &receipt.provider,
-                &receipt.reference,
-                &status_key,
-                &a.destination,
-                &a.action,
-            ),
-            order_key: order_key(&receipt.provider, &receipt.reference, &a.destination),
-            attempts: 0,
-            budget_start: 0,
-            interrupted: 0,
-            deferrals: 0,
-            enqueued_at_ms: receipt.received_at_ms,
-        })
+        .map(|a| job_for(receipt, a))
         .collect()
+}
+
+/// The job that delivers one action of a receipt.
+fn job_for(receipt: &Receipt, a: &ActionRecord) -> Job {
+    let status_key = receipt.event.status_key();
+    Job {
+        id: Job::id_for(&receipt.id, &a.destination, &a.action),
+        receipt_id: receipt.id.clone(),
+        provider: receipt.provider.clone(),
+        destination: a.destination.clone(),
+        action: a.action.clone(),
+        params: a.params.clone(),
+        event: receipt.event.clone(),
+        idempotency_key: idempotency_key(&receipt.provider, &receipt.reference, &status_key, &a.destination, &a.action),
+        order_key: order_key(&receipt.provider, &receipt.reference, &a.destination),
+        attempts: 0,
+        budget_start: 0,
+        interrupted: 0,
+        deferrals: 0,
+        enqueued_at_ms: receipt.received_at_ms,
+    }
 }
 
 /// Queue a receipt's jobs not yet attempted, then note them queued. Safe to
@@ -231,6 +230,144 @@ fn redacted(headers: &[(String, String)]) -> Vec<(String, String)> {
             (n.clone(), value)
         })
         .collect()
+}
+
+/// One action a replay put back in the queue.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayedAction {
+    pub job_id: String,
+    pub receipt_id: String,
+    pub destination: String,
+    pub action: String,
+    /// Set when the downstream's dedupe window has passed since it may
+    /// first have been sent: it may be delivered twice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Why a receipt's actions were not replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("{0}")]
+    NotFound(String),
+    /// Replaying these would send them again: that takes `force`.
+    #[error("already delivered: {}; pass \"force\": true to send again", .0.join(", "))]
+    Delivered(Vec<String>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// Put dead letters back in the queue with a fresh retry budget.
+pub async fn replay_dead_letters(app: &App, ids: Vec<String>) -> Result<Vec<ReplayedAction>, QueueError> {
+    let mut replayed = Vec::new();
+    for id in ids {
+        if let Some(job) = app.queue.replay(&id).await? {
+            note_replayed(app, &job, "replayed").await;
+            // Its first attempt may have reached the downstream.
+            replayed.push(replayed_action(app, &job, job.enqueued_at_ms));
+        }
+    }
+    Ok(replayed)
+}
+
+/// Replay a receipt's actions (all, or those of one destination and/or
+/// action): dead-lettered ones come back with a fresh budget; delivered
+/// ones are sent again only with `force`; those still queued are left.
+pub async fn replay_receipt(
+    app: &App,
+    receipt_id: &str,
+    destination: Option<&str>,
+    action: Option<&str>,
+    force: bool,
+) -> Result<Vec<ReplayedAction>, ReplayError> {
+    let receipt =
+        app.store.get(receipt_id).await?.ok_or_else(|| ReplayError::NotFound(format!("no receipt {receipt_id}")))?;
+    let chosen: Vec<&ActionRecord> = receipt
+        .actions
+        .iter()
+        .filter(|a| destination.is_none_or(|d| a.destination == d) && action.is_none_or(|n| a.action == n))
+        .collect();
+    if chosen.is_empty() {
+        return Err(ReplayError::NotFound(format!("receipt {receipt_id} has no such action")));
+    }
+    let delivered: Vec<String> = chosen
+        .iter()
+        .filter(|a| a.state == DeliveryState::Delivered)
+        .map(|a| format!("{}/{}", a.destination, a.action))
+        .collect();
+    if !delivered.is_empty() && !force {
+        return Err(ReplayError::Delivered(delivered));
+    }
+    let mut replayed = Vec::new();
+    for a in chosen {
+        let job = job_for(&receipt, a);
+        match a.state {
+            DeliveryState::Failed => {
+                if let Some(job) = app.queue.replay(&job.id).await? {
+                    note_replayed(app, &job, "replayed").await;
+                    replayed.push(replayed_action(app, &job, receipt.received_at_ms));
+                }
+            }
+            DeliveryState::Delivered => {
+                app.queue.enqueue(vec![job.clone()]).await?;
+                note_replayed(app, &job, "replayed (forced: sent again)").await;
+                replayed.push(replayed_action(app, &job, a.delivered_at_ms.unwrap_or(receipt.received_at_ms)));
+            }
+            // Still queued: nothing to do.
+            DeliveryState::Pending | DeliveryState::Retrying => {}
+        }
+    }
+    Ok(replayed)
+}
+
+/// Show on the receipt that an action is queued again.
+async fn note_replayed(app: &App, job: &Job, detail: &str) {
+    let pending = AttemptRecord {
+        destination: job.destination.clone(),
+        action: job.action.clone(),
+        state: DeliveryState::Pending,
+        attempts: job.attempts,
+        error: None,
+        status: None,
+        detail: Some(detail.into()),
+    };
+    if let Err(e) = app.store.record_attempt(&job.receipt_id, pending).await {
+        tracing::warn!(job_id = %job.id, error = %e, "replayed, but the receipt was not updated");
+    }
+    tracing::info!(job_id = %job.id, "{detail}");
+}
+
+/// The answer for one replayed action, with a note when `first_sent_ms` is
+/// further back than the destination's dedupe window.
+fn replayed_action(app: &App, job: &Job, first_sent_ms: u64) -> ReplayedAction {
+    let window = app.plugins.destination(&job.destination).and_then(|p| p.manifest.dedupe_window_secs);
+    let age_ms = crate::store::now_ms().saturating_sub(first_sent_ms);
+    let note = window.filter(|w| age_ms > w.saturating_mul(1000)).map(|w| {
+        format!(
+            "{} deduplicates a repeated delivery for {} only; this one may first have been sent {} ago, so it may arrive twice",
+            job.destination,
+            human(w),
+            human(age_ms / 1000)
+        )
+    });
+    ReplayedAction {
+        job_id: job.id.clone(),
+        receipt_id: job.receipt_id.clone(),
+        destination: job.destination.clone(),
+        action: job.action.clone(),
+        note,
+    }
+}
+
+/// A duration for people: "30 min", "48 h", "3 days".
+fn human(secs: u64) -> String {
+    match secs {
+        s if s < 3600 => format!("{} min", s.div_ceil(60)),
+        s if s < 3 * 86_400 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
+    }
 }
 
 /// The request as stored with a receipt: a batch's body clipped.

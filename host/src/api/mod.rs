@@ -57,6 +57,7 @@ fn operations(app: &Arc<App>) -> Router<Arc<App>> {
     let operator = Router::new()
         .route("/api/v1/receipts", get(list_receipts))
         .route("/api/v1/receipts/{id}", get(get_receipt))
+        .route("/api/v1/receipts/{id}/replay", post(replay_receipt))
         .route("/api/v1/dead-letters", get(list_dead_letters))
         .route("/api/v1/dead-letters/replay", post(replay))
         .route("/api/v1/plugins", get(list_plugins))
@@ -169,28 +170,61 @@ async fn replay(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<
         }
         _ => return Err(bad("give either job_id or \"all\": true".into())),
     };
-    let mut replayed = Vec::new();
-    for id in ids {
-        if let Some(job) = app.queue.replay(&id).await.map_err(unavailable)? {
-            let pending = crate::store::AttemptRecord {
-                destination: job.destination.clone(),
-                action: job.action.clone(),
-                state: DeliveryState::Pending,
-                attempts: job.attempts,
-                error: None,
-                status: None,
-                detail: Some("replayed".into()),
-            };
-            if let Err(e) = app.store.record_attempt(&job.receipt_id, pending).await {
-                tracing::warn!(job_id = %job.id, error = %e, "replayed, but the receipt was not updated");
-            }
-            tracing::info!(job_id = %job.id, "dead letter replayed");
-            replayed.push(job.id);
-        }
-    }
+    let replayed = crate::intake::replay_dead_letters(&app, ids).await.map_err(unavailable)?;
     if one && replayed.is_empty() {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "dead_letter_not_found", "no such dead letter"));
     }
+    Ok(Json(json!({ "replayed": replayed })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReceiptReplayRequest {
+    destination: Option<String>,
+    action: Option<String>,
+    /// Send actions that were delivered again.
+    #[serde(default)]
+    force: bool,
+}
+
+/// Replay a receipt's actions: `{}` for all of them, or name a destination
+/// and/or an action; delivered actions need `"force": true`.
+async fn replay_receipt(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request: ReceiptReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReceiptReplayRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_replay_request",
+                format!("expected {{\"destination\"?, \"action\"?, \"force\"?}}: {e}"),
+            )
+        })?
+    };
+    let replayed = crate::intake::replay_receipt(
+        &app,
+        &id,
+        request.destination.as_deref(),
+        request.action.as_deref(),
+        request.force,
+    )
+    .await
+    .map_err(|e| match e {
+        crate::intake::ReplayError::NotFound(detail) => ApiError::new(StatusCode::NOT_FOUND, "not_found", detail),
+        e @ crate::intake::ReplayError::Delivered(_) => {
+            ApiError::new(StatusCode::CONFLICT, "already_delivered", e.to_string())
+        }
+        crate::intake::ReplayError::Store(e) => {
+            ApiError::unavailable("store_unavailable", "the receipt store is unavailable", e)
+        }
+        crate::intake::ReplayError::Queue(e) => {
+            ApiError::unavailable("queue_unavailable", "the job queue is unavailable", e)
+        }
+    })?;
     Ok(Json(json!({ "replayed": replayed })))
 }
 

@@ -157,6 +157,11 @@ pub struct Manifest {
     /// Sources only: who authenticates their webhooks.
     #[serde(default)]
     pub auth: Option<Auth>,
+    /// Destinations only: how long the downstream deduplicates a repeated
+    /// delivery (same event id or idempotency key); a replay after that may
+    /// be delivered twice, and its answer says so.
+    #[serde(default)]
+    pub dedupe_window_secs: Option<u64>,
     #[serde(default)]
     pub config: BTreeMap<String, ConfigKey>,
     #[serde(default)]
@@ -236,6 +241,9 @@ impl Manifest {
         }
         if self.kind == Kind::Destination && self.auth.is_some() {
             return Err("auth: only a source's webhooks are authenticated".into());
+        }
+        if self.kind == Kind::Source && self.dedupe_window_secs.is_some() {
+            return Err("dedupe_window_secs: only a destination's deliveries are deduplicated downstream".into());
         }
         for (key, c) in &self.config {
             if c.env.is_none() && c.default.is_none() {
