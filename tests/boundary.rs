@@ -11,26 +11,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crm_event_handler::event::{Customer, Deal, Event};
-use crm_event_handler::plugins::world::RecordedRequest;
 use crm_event_handler::plugins::{
-    DeliveryRequest, EngineOptions, IncomingRequest, LoadError, LoadedPlugin, Outcome, PluginEngine, PluginError,
-    PoolShares,
+    EngineOptions, IncomingRequest, LoadError, LoadedPlugin, Outcome, PluginEngine, PluginError, PoolShares,
 };
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn event() -> Event {
-    Event {
-        event_type: "deal_updated".into(),
-        reference: "D-1".into(),
-        status: "Qualified".into(),
-        customer: Customer::default(),
-        deal: Deal::default(),
-        property: None,
-        ..Event::default()
-    }
-}
 
 /// Load a copy of `misbehave` whose manifest `edit` changes, with these
 /// variables and `PLUGIN_GRANTS`.
@@ -59,28 +44,8 @@ fn also_allowing(entries: &str) -> impl FnOnce(String) -> String {
     move |manifest| manifest.replace("[\"{allowed_url}\"]", &format!("[\"{{allowed_url}}\", {entries}]"))
 }
 
-async fn run_full(
-    plugin: &LoadedPlugin,
-    action: &str,
-    params: &[(&str, &str)],
-) -> (Result<Outcome, PluginError>, Vec<RecordedRequest>) {
-    let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let event = event();
-    plugin
-        .deliver(DeliveryRequest {
-            event: &event,
-            action,
-            params: &params,
-            receipt_id: "r",
-            provider: "crm",
-            attempt: 1,
-            idempotency_key: "k",
-        })
-        .await
-}
-
 async fn detail(plugin: &LoadedPlugin, action: &str, params: &[(&str, &str)]) -> String {
-    match run_full(plugin, action, params).await.0 {
+    match run_action(plugin, action, params).await.0 {
         Ok(Outcome::Delivered { detail, .. }) => detail,
         Ok(Outcome::Permanent { reason, .. }) => reason,
         other => panic!("unexpected {other:?}"),
@@ -155,7 +120,7 @@ async fn requests_over_the_count_cap_are_refused_and_not_kept() {
     let dir = tempfile::tempdir().unwrap();
     let p = misbehave(dir.path(), |m| m, &[("MISBEHAVE_ALLOWED_URL", &meta.url)], None).unwrap();
     let url = format!("{}/x", meta.url);
-    let (outcome, records) = run_full(&p, "send-loop", &[("url", &url), ("n", "50"), ("bytes", "10000")]).await;
+    let (outcome, records) = run_action(&p, "send-loop", &[("url", &url), ("n", "50"), ("bytes", "10000")]).await;
     let Ok(Outcome::Delivered { detail, .. }) = outcome else { panic!("{outcome:?}") };
     assert!(
         detail.starts_with("sent 20, denied 30, failed 0; last denial: plugin misbehave made more than 20 requests"),
@@ -189,7 +154,7 @@ async fn a_loop_of_denied_requests_stays_within_the_caps() {
     let long = |m: String| m.replace("time_per_call_ms = 500", "time_per_call_ms = 20000");
     let p = misbehave(dir.path(), long, &[], None).unwrap();
     let (outcome, records) =
-        run_full(&p, "send-loop", &[("url", "http://example.com/"), ("n", "1000"), ("bytes", "100000")]).await;
+        run_action(&p, "send-loop", &[("url", "http://example.com/"), ("n", "1000"), ("bytes", "100000")]).await;
     let Ok(Outcome::Delivered { detail, .. }) = outcome else { panic!("{outcome:?}") };
     assert!(detail.starts_with("sent 0, denied 1000, failed 0"), "{detail}");
     assert!(records.len() <= 20, "{} requests kept", records.len());
@@ -433,17 +398,22 @@ async fn a_meta_capi_copy_reading_the_webhook_key_is_refused_and_never_sends_it(
     }
 }
 
+/// The real binary with only the crm source, and these settings on top.
+async fn crm_host(dir: &Path, extra: &[(&'static str, &str)]) -> Host {
+    let plugins = plugins_dir(dir, &["crm"]);
+    let mut vars = vec![
+        ("API_KEY", API_KEY.to_string()),
+        ("DATA_DIR", dir.join("data").display().to_string()),
+        ("PLUGINS_DIR", plugins.display().to_string()),
+    ];
+    vars.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    Host::start(&vars).await
+}
+
 #[tokio::test]
 async fn half_open_connections_neither_hold_up_others_nor_stay_open() {
     let dir = tempfile::tempdir().unwrap();
-    let plugins = plugins_dir(dir.path(), &["crm"]);
-    let host = Host::start(&[
-        ("API_KEY", API_KEY.to_string()),
-        ("DATA_DIR", dir.path().join("data").display().to_string()),
-        ("PLUGINS_DIR", plugins.display().to_string()),
-        ("HTTP_HEADER_TIMEOUT_MS", "3000".to_string()),
-    ])
-    .await;
+    let host = crm_host(dir.path(), &[("HTTP_HEADER_TIMEOUT_MS", "3000")]).await;
     let addr = host.url.trim_start_matches("http://").to_string();
     let mut idle = Vec::new();
     for _ in 0..1000 {
@@ -474,14 +444,7 @@ async fn half_open_connections_neither_hold_up_others_nor_stay_open() {
 #[tokio::test]
 async fn connections_past_the_cap_are_closed_and_the_rest_served() {
     let dir = tempfile::tempdir().unwrap();
-    let plugins = plugins_dir(dir.path(), &["crm"]);
-    let host = Host::start(&[
-        ("API_KEY", API_KEY.to_string()),
-        ("DATA_DIR", dir.path().join("data").display().to_string()),
-        ("PLUGINS_DIR", plugins.display().to_string()),
-        ("HTTP_MAX_CONNECTIONS", "20".to_string()),
-    ])
-    .await;
+    let host = crm_host(dir.path(), &[("HTTP_MAX_CONNECTIONS", "20")]).await;
     let addr = host.url.trim_start_matches("http://").to_string();
     let mut held = Vec::new();
     for _ in 0..20 {
@@ -510,14 +473,7 @@ async fn connections_past_the_cap_are_closed_and_the_rest_served() {
 #[tokio::test]
 async fn a_request_whose_body_trickles_in_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
-    let plugins = plugins_dir(dir.path(), &["crm"]);
-    let host = Host::start(&[
-        ("API_KEY", API_KEY.to_string()),
-        ("DATA_DIR", dir.path().join("data").display().to_string()),
-        ("PLUGINS_DIR", plugins.display().to_string()),
-        ("HTTP_REQUEST_TIMEOUT_MS", "2000".to_string()),
-    ])
-    .await;
+    let host = crm_host(dir.path(), &[("HTTP_REQUEST_TIMEOUT_MS", "2000")]).await;
     let addr = host.url.trim_start_matches("http://").to_string();
     let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let (mut reader, mut writer) = stream.into_split();

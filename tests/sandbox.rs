@@ -10,23 +10,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crm_event_handler::config::Config;
-use crm_event_handler::event::{Customer, Deal, Event};
-use crm_event_handler::plugins::{DeliveryRequest, EngineOptions, LoadedPlugin, Outcome, PluginEngine, PluginError};
+use crm_event_handler::plugins::{EngineOptions, LoadedPlugin, Outcome, PluginEngine, PluginError};
 use crm_event_handler::{App, serve};
 use serde_json::Value;
 use support::*;
-
-fn event() -> Event {
-    Event {
-        event_type: "deal_updated".into(),
-        reference: "D-1".into(),
-        status: "Qualified".into(),
-        customer: Customer::default(),
-        deal: Deal::default(),
-        property: None,
-        ..Event::default()
-    }
-}
 
 fn load(dir: &std::path::Path, allowed_url: &str) -> LoadedPlugin {
     let plugins = plugins_dir(dir, &["misbehave"]);
@@ -36,20 +23,7 @@ fn load(dir: &std::path::Path, allowed_url: &str) -> LoadedPlugin {
 }
 
 async fn run(plugin: &LoadedPlugin, action: &str, params: &[(&str, &str)]) -> Result<Outcome, PluginError> {
-    let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let event = event();
-    plugin
-        .deliver(DeliveryRequest {
-            event: &event,
-            action,
-            params: &params,
-            receipt_id: "r",
-            provider: "crm",
-            attempt: 1,
-            idempotency_key: "k",
-        })
-        .await
-        .0
+    run_action(plugin, action, params).await.0
 }
 
 fn delivered(r: &Result<Outcome, PluginError>) -> String {

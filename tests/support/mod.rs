@@ -356,6 +356,41 @@ pub fn payload(deal: &str, status: &str) -> String {
         .replace("\"status\": \"Qualified\"", &format!("\"status\": \"{status}\""))
 }
 
+/// A minimal event for calling a destination plugin directly.
+pub fn test_event() -> crm_event_handler::event::Event {
+    crm_event_handler::event::Event {
+        event_type: "deal_updated".into(),
+        reference: "D-1".into(),
+        status: "Qualified".into(),
+        ..Default::default()
+    }
+}
+
+/// Call a destination plugin for `action` with `params` on `test_event()`;
+/// its outcome and the requests it made.
+pub async fn run_action(
+    plugin: &crm_event_handler::plugins::LoadedPlugin,
+    action: &str,
+    params: &[(&str, &str)],
+) -> (
+    Result<crm_event_handler::plugins::Outcome, crm_event_handler::plugins::PluginError>,
+    Vec<crm_event_handler::plugins::world::RecordedRequest>,
+) {
+    let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let event = test_event();
+    plugin
+        .deliver(crm_event_handler::plugins::DeliveryRequest {
+            event: &event,
+            action,
+            params: &params,
+            receipt_id: "r",
+            provider: "crm",
+            attempt: 1,
+            idempotency_key: "k",
+        })
+        .await
+}
+
 /// A webhook request carrying `body`, as the host hands it to a source plugin.
 pub fn webhook_request(body: &str) -> crm_event_handler::plugins::IncomingRequest {
     crm_event_handler::plugins::IncomingRequest {
