@@ -350,6 +350,12 @@ async fn a_delivered_action_is_sent_again_only_when_forced_and_the_answer_warns_
     assert!(replayed["note"].as_str().unwrap().contains("may arrive twice"), "{answer}");
     eventually("the Lead sent again", WAIT, async || (s.meta.events().len() == 2).then_some(())).await;
     assert_eq!(s.meta.unique_events().len(), 1, "the same event_id, for Meta to deduplicate while it can");
+    // The receipt shows the resend as the action's second attempt.
+    eventually("the resend recorded", WAIT, async || {
+        let state = action_state(&receipt(&host, &id).await, "meta-capi");
+        (state == ("delivered".to_string(), 2)).then_some(())
+    })
+    .await;
     let (status, _) = replay(r#"{"destination": "nowhere"}"#).await;
     assert_eq!(status, 404);
 }

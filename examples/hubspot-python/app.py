@@ -66,7 +66,9 @@ def enriched_events(request):
     deal_ids = [c["deal_id"] for c in changes]
     deals = mapping.objects_by_id(_call(api_url, token, *mapping.deals_request(deal_ids)), "deals")
     contacts_by_deal = mapping.contacts_of(_call(api_url, token, *mapping.associations_request(deal_ids)))
-    contact_ids = [c for ids in contacts_by_deal.values() for c in ids]
+    # The first contact of each deal: at most one per deal, so at most 100,
+    # HubSpot's limit for one batch read.
+    contact_ids = [ids[0] for ids in contacts_by_deal.values() if ids]
     contacts = {}
     if contact_ids:
         extra = [lead_id_property] if lead_id_property else []

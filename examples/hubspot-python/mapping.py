@@ -223,6 +223,9 @@ def deal_changes(body):
             "stage": stage,
             "occurred_at_ms": occurred,
         })
+    # HubSpot does not promise to send events in the order they happened:
+    # events are accepted (and a deal's stages sent on) in occurredAt order.
+    changes.sort(key=lambda c: (c["occurred_at_ms"] is None, c["occurred_at_ms"] or 0))
     return changes
 
 
@@ -258,7 +261,8 @@ def objects_by_id(answer, what):
 
 
 def contacts_of(answer):
-    """Deal id -> its associated contact ids, from the associations answer."""
+    """Deal id -> its associated contact ids (the first is the one used),
+    from the associations answer."""
     results = answer.get("results") if isinstance(answer, dict) else None
     if not isinstance(results, list):
         raise Unavailable("HubSpot's answer for the associations has no results list")

@@ -98,6 +98,12 @@ class Batch(unittest.TestCase):
             {"deal_id": "1246978", "event_type": "deal.creation", "stage": None, "occurred_at_ms": 1699999995000},
         ])
 
+    def test_events_come_out_in_the_order_they_happened(self):
+        later = dict(BATCH[0], propertyValue="closedwon", occurredAt=2000)
+        earlier = dict(BATCH[0], propertyValue="qualifiedtobuy", occurredAt=1000)
+        changes = mapping.deal_changes(json.dumps([later, earlier]).encode())
+        self.assertEqual([c["stage"] for c in changes], ["qualifiedtobuy", "closedwon"])
+
     def test_bad_batches_name_the_field(self):
         with self.assertRaises(Malformed):
             mapping.deal_changes(b"deals")

@@ -239,8 +239,8 @@ pub struct ReplayedAction {
     pub receipt_id: String,
     pub destination: String,
     pub action: String,
-    /// Set when the downstream's dedupe window has passed since it may
-    /// first have been sent: it may be delivered twice.
+    /// Whether the downstream will deduplicate it (within its dedupe
+    /// window since it may first have been sent) or may count it twice.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
@@ -300,20 +300,35 @@ pub async fn replay_receipt(
     if !delivered.is_empty() && !force {
         return Err(ReplayError::Delivered(delivered));
     }
+    if !receipt.jobs_enqueued {
+        // Accepted, but its jobs never made it to the queue: queue them now.
+        queue_jobs(app, &receipt).await?;
+    }
     let mut replayed = Vec::new();
     for a in chosen {
-        let job = job_for(&receipt, a);
         match a.state {
             DeliveryState::Failed => {
-                if let Some(job) = app.queue.replay(&job.id).await? {
+                if let Some(job) = app.queue.replay(&Job::id_for(&receipt.id, &a.destination, &a.action)).await? {
                     note_replayed(app, &job, "replayed").await;
                     replayed.push(replayed_action(app, &job, receipt.received_at_ms));
                 }
             }
             DeliveryState::Delivered => {
-                app.queue.enqueue(vec![job.clone()]).await?;
-                note_replayed(app, &job, "replayed (forced: sent again)").await;
-                replayed.push(replayed_action(app, &job, a.delivered_at_ms.unwrap_or(receipt.received_at_ms)));
+                // A fresh budget; attempt numbers go on from the last one.
+                let mut job = job_for(&receipt, a);
+                job.attempts = a.attempts;
+                job.budget_start = a.attempts;
+                job.enqueued_at_ms = crate::store::now_ms();
+                // Dead-lettered after an earlier forced replay: back from there.
+                let queued = match app.queue.replay(&job.id).await? {
+                    Some(_) => true,
+                    None => app.queue.enqueue(vec![job.clone()]).await? == 1,
+                };
+                // Not queued: it is already running again.
+                if queued {
+                    note_replayed(app, &job, "replayed (forced: sent again)").await;
+                    replayed.push(replayed_action(app, &job, a.delivered_at_ms.unwrap_or(receipt.received_at_ms)));
+                }
             }
             // Still queued: nothing to do.
             DeliveryState::Pending | DeliveryState::Retrying => {}
@@ -332,6 +347,7 @@ async fn note_replayed(app: &App, job: &Job, detail: &str) {
         error: None,
         status: None,
         detail: Some(detail.into()),
+        replay: true,
     };
     if let Err(e) = app.store.record_attempt(&job.receipt_id, pending).await {
         tracing::warn!(job_id = %job.id, error = %e, "replayed, but the receipt was not updated");
@@ -344,13 +360,22 @@ async fn note_replayed(app: &App, job: &Job, detail: &str) {
 fn replayed_action(app: &App, job: &Job, first_sent_ms: u64) -> ReplayedAction {
     let window = app.plugins.destination(&job.destination).and_then(|p| p.manifest.dedupe_window_secs);
     let age_ms = crate::store::now_ms().saturating_sub(first_sent_ms);
-    let note = window.filter(|w| age_ms > w.saturating_mul(1000)).map(|w| {
-        format!(
-            "{} deduplicates a repeated delivery for {} only; this one may first have been sent {} ago, so it may arrive twice",
-            job.destination,
-            human(w),
-            human(age_ms / 1000)
-        )
+    let note = window.map(|w| {
+        if age_ms > w.saturating_mul(1000) {
+            format!(
+                "{} deduplicates a repeated delivery for {} only; this one may first have been sent {} ago, so it may arrive twice",
+                job.destination,
+                human(w),
+                human(age_ms / 1000)
+            )
+        } else {
+            format!(
+                "{} deduplicates a repeated delivery for {}; this one may first have been sent {} ago, so it will count once",
+                job.destination,
+                human(w),
+                human(age_ms / 1000)
+            )
+        }
     });
     ReplayedAction {
         job_id: job.id.clone(),

@@ -248,7 +248,7 @@ impl EmbeddedQueue {
 
 #[async_trait]
 impl JobQueue for EmbeddedQueue {
-    async fn enqueue(&self, jobs: Vec<Job>) -> Result<(), QueueError> {
+    async fn enqueue(&self, jobs: Vec<Job>) -> Result<usize, QueueError> {
         let now = now_ms();
         let added = self
             .blocking(move |db| {
@@ -272,6 +272,7 @@ impl JobQueue for EmbeddedQueue {
                 Ok(added)
             })
             .await?;
+        let count = added.len();
         {
             let mut s = self.schedule();
             for job in added {
@@ -279,7 +280,7 @@ impl JobQueue for EmbeddedQueue {
             }
         }
         self.notify.notify_waiters();
-        Ok(())
+        Ok(count)
     }
 
     async fn reserve(&self, wait: Duration) -> Result<Option<Reserved>, QueueError> {

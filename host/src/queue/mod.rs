@@ -126,8 +126,8 @@ pub enum QueueError {
 #[async_trait]
 pub trait JobQueue: Send + Sync {
     /// Queue jobs, due now. A job whose id is already queued (live or dead)
-    /// is left as it is.
-    async fn enqueue(&self, jobs: Vec<Job>) -> Result<(), QueueError>;
+    /// is left as it is. Returns how many were added.
+    async fn enqueue(&self, jobs: Vec<Job>) -> Result<usize, QueueError>;
     /// Take the next due job, waiting up to `wait` for one, and count the
     /// attempt it is for, durably, before handing it out. Attempts a host
     /// stopped during are added to `attempts` and `interrupted`.

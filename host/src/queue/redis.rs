@@ -15,6 +15,7 @@
 //! - `{p}:parked:<key>`  set: job ids waiting for an earlier job of their deal;
 //!   moved back into the stream when a job of the group is acknowledged or
 //!   dead-lettered
+//! - `{p}:parked:count`  integer: parked jobs in all, for the queue depth
 //! - `{p}:ready`         string written by `/ready` (expires after a minute): a
 //!   Redis that answers but refuses writes (out of memory, MISCONF, a
 //!   read-only replica) is not ready
@@ -65,7 +66,7 @@ const PARK: &str = r"
 local first = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
 if not first then return 0 end
 if string.match(first, '^[^/]*') >= string.match(ARGV[4], '^[^/]*') then return 0 end
-redis.call('SADD', KEYS[3], ARGV[4])
+if redis.call('SADD', KEYS[3], ARGV[4]) == 1 then redis.call('INCR', KEYS[4]) end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return 1";
@@ -75,10 +76,14 @@ return 1";
 /// checked again when read).
 const RELEASE: &str = r"
 redis.call('ZREM', order, job)
-for _, id in ipairs(redis.call('SMEMBERS', parked)) do
+local waiting = redis.call('SMEMBERS', parked)
+for _, id in ipairs(waiting) do
   redis.call('XADD', stream, '*', 'id', id)
 end
-redis.call('DEL', parked)
+if #waiting > 0 then
+  redis.call('DEL', parked)
+  redis.call('DECRBY', count, #waiting)
+end
 return 1";
 
 const PROMOTE: &str = r"
@@ -97,7 +102,7 @@ local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #held == 0 or held[1][2] ~= ARGV[3] then return 0 end";
 
 const ACK: &str = r"
-local stream, order, parked, job = KEYS[1], KEYS[3], KEYS[4], ARGV[4]
+local stream, order, parked, count, job = KEYS[1], KEYS[3], KEYS[4], KEYS[5], ARGV[4]
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[2])";
@@ -110,7 +115,7 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 return 1";
 
 const DEAD: &str = r"
-local stream, order, parked, job = KEYS[1], KEYS[5], KEYS[6], ARGV[5]
+local stream, order, parked, count, job = KEYS[1], KEYS[5], KEYS[6], KEYS[7], ARGV[5]
 redis.call('HSET', KEYS[3], ARGV[5], ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -224,6 +229,7 @@ impl RedisQueue {
             .key(self.key("jobs"))
             .key(order)
             .key(parked)
+            .key(self.key("parked:count"))
             .arg(GROUP)
             .arg(&reserved.lease)
             .arg(&self.consumer)
@@ -344,11 +350,12 @@ impl RedisQueue {
 
 #[async_trait]
 impl JobQueue for RedisQueue {
-    async fn enqueue(&self, jobs: Vec<Job>) -> Result<(), QueueError> {
+    async fn enqueue(&self, jobs: Vec<Job>) -> Result<usize, QueueError> {
         let mut c = self.conn.clone();
+        let mut added = 0;
         for job in jobs {
             let (order, _) = self.order_keys(&job);
-            let _: i64 = self
+            let one: i64 = self
                 .scripts
                 .enqueue
                 .key(self.job_key(&job.id))
@@ -361,8 +368,9 @@ impl JobQueue for RedisQueue {
                 .invoke_async(&mut c)
                 .await
                 .map_err(unavailable)?;
+            added += one as usize;
         }
-        Ok(())
+        Ok(added)
     }
 
     async fn reserve(&self, wait: Duration) -> Result<Option<Reserved>, QueueError> {
@@ -418,6 +426,7 @@ impl JobQueue for RedisQueue {
             .key(self.job_key(&reserved.job.id))
             .key(order)
             .key(parked)
+            .key(self.key("parked:count"))
             .arg(GROUP)
             .arg(&reserved.lease)
             .arg(&self.consumer)
@@ -464,6 +473,7 @@ impl JobQueue for RedisQueue {
             .key(self.key("dead:index"))
             .key(order)
             .key(parked)
+            .key(self.key("parked:count"))
             .arg(GROUP)
             .arg(lease)
             .arg(&self.consumer)
@@ -524,10 +534,12 @@ impl JobQueue for RedisQueue {
             c.xinfo_groups(self.key("jobs")).await.map_err(unavailable)?;
         let group = groups.groups.into_iter().find(|g| g.name == GROUP);
         let delayed: u64 = c.zcard(self.key("delayed")).await.map_err(unavailable)?;
+        let parked: Option<i64> = c.get(self.key("parked:count")).await.map_err(unavailable)?;
         let dead: u64 = c.hlen(self.key("dead")).await.map_err(unavailable)?;
         Ok(QueueDepth {
             ready: group.as_ref().and_then(|g| g.lag).unwrap_or(0) as u64,
-            delayed,
+            // Parked jobs wait for an earlier one of their deal: delayed too.
+            delayed: delayed + parked.unwrap_or(0).max(0) as u64,
             in_flight: group.map(|g| g.pending).unwrap_or(0) as u64,
             dead,
         })

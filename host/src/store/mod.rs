@@ -97,6 +97,8 @@ pub struct AttemptRecord {
     pub error: Option<String>,
     pub status: Option<u16>,
     pub detail: Option<String>,
+    /// An operator's replay: it may turn a delivered action back to pending.
+    pub replay: bool,
 }
 
 /// Filter for listings, newest first.
@@ -154,8 +156,8 @@ pub fn apply_attempt(receipt: &mut Receipt, attempt: &AttemptRecord, now: u64) -
         .ok_or_else(|| {
             StoreError::NotFound(format!("{} (action {}/{})", receipt.id, attempt.destination, attempt.action))
         })?;
-    // A late, out-of-order report must not undo a delivery.
-    if action.state == DeliveryState::Delivered && attempt.state != DeliveryState::Delivered {
+    // A late, out-of-order report must not undo a delivery; a replay may.
+    if action.state == DeliveryState::Delivered && attempt.state != DeliveryState::Delivered && !attempt.replay {
         return Ok(());
     }
     action.state = attempt.state;

@@ -245,6 +245,7 @@ fn attempt_record(
         error,
         status,
         detail,
+        replay: false,
     }
 }
 

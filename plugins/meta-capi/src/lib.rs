@@ -50,7 +50,7 @@ impl Guest for MetaCapi {
 export!(MetaCapi);
 
 /// Error codes Meta documents as transient (throttling, temporary outage).
-const RETRYABLE_CODES: [i64; 9] = [1, 2, 4, 17, 32, 341, 368, 613, 80003];
+const RETRYABLE_CODES: [i64; 8] = [1, 2, 4, 17, 32, 341, 368, 613];
 /// Meta's rate-limit codes 80000–80014 (ads, pages, business use cases…).
 const RETRYABLE_RANGE: std::ops::RangeInclusive<i64> = 80_000..=80_014;
 /// Error codes that will not succeed on retry (bad parameter, token, permission).
@@ -154,17 +154,24 @@ pub fn hash_email(email: &str) -> Option<String> {
     (!e.is_empty()).then(|| sha256_hex(&e))
 }
 
-/// Normalize a phone number: digits only, with the country code. A number
-/// written with `+` or `00` carries its own; any other is national and gets
-/// `default_country_code` (its trunk `0` dropped) when one is set.
+/// Digits of a national number without its country code, at least (the
+/// shortest numbering plans aside, which a default code does not serve).
+const NATIONAL_DIGITS: usize = 10;
+
+/// Normalize a phone number as Meta asks: digits only, with the country
+/// code, no leading zeros. A number written with `+` or `00` carries its
+/// own code (and a `(0)` trunk marker after it is dropped); any other is
+/// national and gets `default_country_code`, unless it already starts with
+/// that code and is too long to be national without it.
 pub fn normalize_phone(phone: &str, default_country_code: Option<&str>) -> Option<String> {
-    let trimmed = phone.trim();
+    let trimmed = phone.trim().replace("(0)", "");
     let digits: String = trimmed.chars().filter(char::is_ascii_digit).collect();
     let international = trimmed.starts_with('+') || digits.starts_with("00");
-    let digits = digits.strip_prefix("00").unwrap_or(&digits).to_string();
+    let national = digits.trim_start_matches('0');
+    let has_code = |code: &str| international || (national.starts_with(code) && national.len() > NATIONAL_DIGITS);
     let digits = match default_country_code {
-        Some(code) if !international => format!("{code}{}", digits.strip_prefix('0').unwrap_or(&digits)),
-        _ => digits,
+        Some(code) if !has_code(code) => format!("{code}{national}"),
+        _ => national.to_string(),
     };
     (!digits.is_empty()).then_some(digits)
 }
@@ -260,8 +267,11 @@ pub fn normalize_state(state: &str) -> Option<String> {
 pub fn normalize_zip(zip: &str, country: Option<&str>) -> Option<String> {
     let z: String = zip.to_lowercase().chars().filter(|c| c.is_alphanumeric()).collect();
     let us = country.is_none_or(|c| c.trim().eq_ignore_ascii_case("us"));
-    let looks_us = z.len() >= 5 && z[..5].bytes().all(|b| b.is_ascii_digit()) && (z.len() == 5 || z.len() == 9);
-    let z = if us && looks_us { z[..5].to_string() } else { z };
+    let first_five = z.get(..5).filter(|p| p.bytes().all(|b| b.is_ascii_digit()));
+    let z = match first_five {
+        Some(five) if us && (z.len() == 5 || z.len() == 9) => five.to_string(),
+        _ => z,
+    };
     (!z.is_empty()).then_some(z)
 }
 
@@ -509,6 +519,9 @@ mod tests {
     #[test]
     fn national_numbers_get_the_default_country_code() {
         assert_eq!(normalize_phone("(650) 555-1212", Some("1")).as_deref(), Some("16505551212"));
+        // Written with its code already, but no "+": not doubled.
+        assert_eq!(normalize_phone("1 (650) 555-1212", Some("1")).as_deref(), Some("16505551212"));
+        assert_eq!(normalize_phone("+44 (0)20 7946 0958", None).as_deref(), Some("442079460958"));
         assert_eq!(normalize_phone("020 7946 0958", Some("44")).as_deref(), Some("442079460958"));
         // A number that says its own country keeps it.
         assert_eq!(normalize_phone("+33 1 23 45 67 89", Some("44")).as_deref(), Some("33123456789"));
@@ -543,6 +556,9 @@ mod tests {
         assert_eq!(normalize_zip("94025-1234", Some("US")).as_deref(), Some("94025"));
         assert_eq!(normalize_zip("94025", None).as_deref(), Some("94025"));
         assert_eq!(normalize_zip("W1J 7NT", Some("GB")).as_deref(), Some("w1j7nt"));
+        // Non-ASCII alphanumerics never split a character.
+        assert_eq!(normalize_zip("1234١", None).as_deref(), Some("1234١"));
+        assert_eq!(normalize_zip("ééééé", Some("FR")).as_deref(), Some("ééééé"));
         // Country: ISO 3166-1 alpha-2, lower-case; other spellings dropped.
         assert_eq!(normalize_country("US").as_deref(), Some("us"));
         assert_eq!(normalize_country("United States"), None);
