@@ -134,7 +134,12 @@ pub async fn accept(
             jobs_enqueued: actions.is_empty(),
             actions: actions.iter().map(|a| pending(a, request.received_at_ms)).collect(),
         };
-        let (receipt, duplicate) = match app.store.insert(receipt).await? {
+        let inserted = match &app.joint {
+            // One transaction for the receipt and its jobs.
+            Some(joint) => joint.accept(receipt, jobs_for).await?,
+            None => app.store.insert(receipt).await?,
+        };
+        let (receipt, duplicate) = match inserted {
             Inserted::New(r) => (r, false),
             Inserted::Duplicate(r) => (r, true),
         };

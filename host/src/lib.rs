@@ -37,6 +37,9 @@ pub struct App {
     pub config: Config,
     pub store: Arc<dyn ReceiptStore>,
     pub queue: Arc<dyn JobQueue>,
+    /// With both embedded backends (one file): the queue, for writes that
+    /// span a receipt and its jobs in one transaction.
+    pub joint: Option<queue::embedded::EmbeddedQueue>,
     pub plugins: Arc<Registry>,
     routes: RwLock<Arc<Routes>>,
     pub metrics: Metrics,
@@ -48,11 +51,16 @@ impl App {
     /// Open the backends, load plugins and routes, and report what is not
     /// configured. Fails with a message naming the problem.
     pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
+        // The embedded backends share one file.
+        let file = match (&config.store, &config.queue) {
+            (StoreBackend::MongoDb(_), QueueBackend::Redis(_)) => None,
+            _ => Some(store::redb_file::open_embedded(&config.data_dir).map_err(|e| {
+                anyhow::anyhow!("cannot open the embedded store in DATA_DIR={}: {e}", config.data_dir.display())
+            })?),
+        };
         let store: Arc<dyn ReceiptStore> = match &config.store {
             StoreBackend::Embedded => {
-                Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir).with_context(|| {
-                    format!("cannot open the embedded store in DATA_DIR={}", config.data_dir.display())
-                })?)
+                Arc::new(store::embedded::EmbeddedStore::new(file.clone().context("the embedded file is open")?))
             }
             StoreBackend::MongoDb(uri) => Arc::new(
                 store::mongo::MongoStore::connect(uri, &config.db_collection)
@@ -60,11 +68,17 @@ impl App {
                     .with_context(|| format!("cannot use MongoDB at DB_URI={}", config::redact_uri(uri)))?,
             ),
         };
+        let mut joint = None;
         let queue: Arc<dyn JobQueue> = match &config.queue {
             QueueBackend::Embedded => {
-                Arc::new(queue::embedded::EmbeddedQueue::open(&config.data_dir).with_context(|| {
-                    format!("cannot open the embedded queue in DATA_DIR={}", config.data_dir.display())
-                })?)
+                let queue = queue::embedded::EmbeddedQueue::new(file.context("the embedded file is open")?)
+                    .with_context(|| {
+                        format!("cannot load the embedded queue in DATA_DIR={}", config.data_dir.display())
+                    })?;
+                if matches!(config.store, StoreBackend::Embedded) {
+                    joint = Some(queue.clone());
+                }
+                Arc::new(queue)
             }
             QueueBackend::Redis(uri) => Arc::new(
                 queue::redis::RedisQueue::connect(uri, &config.redis_key_prefix, config.visibility_timeout)
@@ -130,6 +144,7 @@ impl App {
             config,
             store,
             queue,
+            joint,
             plugins: registry,
             routes: RwLock::new(Arc::new(routes)),
             metrics,

@@ -1,5 +1,6 @@
-//! The embedded job queue: one redb file, `DATA_DIR/queue.redb`, plus an
-//! in-memory schedule rebuilt from it at start-up.
+//! The embedded job queue: tables in the embedded backends' one redb file,
+//! `DATA_DIR/crm.redb` (see `store::redb_file`), written by group commit,
+//! plus an in-memory schedule rebuilt from them at start-up.
 //!
 //! Layout:
 //! - `jobs`: job id → `{"job": …, "due_ms": …, "running": bool}` for every
@@ -15,27 +16,33 @@
 //! again shortly, as the file says it is. One process owns the file (redb
 //! locks it).
 //!
+//! With the embedded store on the same file, `accept` writes a receipt and
+//! its jobs in one transaction, and `settle` records an attempt's outcome
+//! on the receipt and acknowledges, retries or dead-letters the job in one
+//! transaction; group commit puts many of either in one fsync.
+//!
 //! Order per deal: jobs with the same `order_key` (one deal, one
 //! destination) run in the order their receipts were accepted. A due job
 //! whose group has a live job from an earlier receipt is held (in memory,
 //! spending nothing) until that job is acknowledged or dead-lettered.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{DeadLetter, Job, JobQueue, QueueDepth, QueueError, Reserved};
+use super::{DeadLetter, Job, JobQueue, QueueDepth, QueueError, Reserved, Settle};
+use crate::store::embedded::{encode, insert_in, record_in, update_in};
 use crate::store::now_ms;
 use crate::store::redb_file::{RedbFile, Unavailable};
+use crate::store::{AttemptRecord, Inserted, Receipt, StoreError};
 
-const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
-const DEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("dead");
+pub(crate) const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+pub(crate) const DEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("dead");
 
 /// How soon a job whose settling failed is due again.
 const AFTER_FAULT: Duration = Duration::from_secs(1);
@@ -110,7 +117,7 @@ impl Schedule {
     }
 }
 
-/// Jobs in a local redb file.
+/// Jobs in the local redb file.
 #[derive(Clone)]
 pub struct EmbeddedQueue {
     file: Arc<RedbFile>,
@@ -121,6 +128,15 @@ pub struct EmbeddedQueue {
 impl From<Unavailable> for QueueError {
     fn from(Unavailable(why): Unavailable) -> Self {
         QueueError::Unavailable(why)
+    }
+}
+
+impl From<QueueError> for StoreError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::Unavailable(why) => StoreError::Unavailable(why),
+            QueueError::Corrupt(why) => StoreError::Corrupt(why),
+        }
     }
 }
 
@@ -136,30 +152,60 @@ fn from_json<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, QueueError> {
     serde_json::from_slice(b).map_err(|e| QueueError::Corrupt(e.to_string()))
 }
 
-/// Write `stored` under its job id, in one transaction.
-fn put(db: &Database, stored: &StoredJob) -> Result<(), QueueError> {
+/// Add the jobs not live or dead yet, due at `now`; the ones added.
+fn enqueue_in(txn: &WriteTransaction, jobs: Vec<Job>, now: u64) -> Result<Vec<Job>, QueueError> {
+    let mut table = txn.open_table(JOBS).map_err(unavailable)?;
+    let dead = txn.open_table(DEAD).map_err(unavailable)?;
+    let mut added = Vec::new();
+    for job in jobs {
+        let exists = table.get(job.id.as_str()).map_err(unavailable)?.is_some()
+            || dead.get(job.id.as_str()).map_err(unavailable)?.is_some();
+        if exists {
+            continue;
+        }
+        let stored = StoredJob { job, due_ms: now, running: false };
+        table.insert(stored.job.id.as_str(), to_json(&stored)?.as_slice()).map_err(unavailable)?;
+        added.push(stored.job);
+    }
+    Ok(added)
+}
+
+/// Write a job's record.
+fn put_in(txn: &WriteTransaction, stored: &StoredJob) -> Result<(), QueueError> {
     let bytes = to_json(stored)?;
-    let txn = db.begin_write().map_err(unavailable)?;
     txn.open_table(JOBS).map_err(unavailable)?.insert(stored.job.id.as_str(), bytes.as_slice()).map_err(unavailable)?;
-    txn.commit().map_err(unavailable)
+    Ok(())
+}
+
+/// The queue's half of settling a job.
+fn settle_in(txn: &WriteTransaction, job: &Job, how: &Settle, now: u64) -> Result<(), QueueError> {
+    match how {
+        Settle::Ack => {
+            txn.open_table(JOBS).map_err(unavailable)?.remove(job.id.as_str()).map_err(unavailable)?;
+        }
+        Settle::Retry(delay) => {
+            put_in(txn, &StoredJob { job: job.clone(), due_ms: now + delay.as_millis() as u64, running: false })?;
+        }
+        Settle::Dead(reason) => {
+            let letter = DeadLetter { job: job.clone(), reason: reason.clone(), failed_at_ms: now };
+            let bytes = to_json(&letter)?;
+            txn.open_table(JOBS).map_err(unavailable)?.remove(job.id.as_str()).map_err(unavailable)?;
+            txn.open_table(DEAD)
+                .map_err(unavailable)?
+                .insert(job.id.as_str(), bytes.as_slice())
+                .map_err(unavailable)?;
+        }
+    }
+    Ok(())
 }
 
 impl EmbeddedQueue {
-    /// Open (or create) `dir/queue.redb` and load every live job: those a
-    /// previous process had reserved are due again now, with the attempt
-    /// it was making counted as interrupted.
-    pub fn open(dir: &Path) -> Result<EmbeddedQueue, QueueError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| QueueError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
-        let file = RedbFile::open(&dir.join("queue.redb"), |txn| {
-            txn.open_table(JOBS).map_err(Box::new)?;
-            txn.open_table(DEAD).map_err(Box::new)?;
-            Ok(())
-        })
-        .map_err(QueueError::Unavailable)?;
-
+    /// The queue on the embedded file (`redb_file::open_embedded`), with
+    /// every live job loaded: those a previous process had reserved are due
+    /// again now, with the attempt it was making counted as interrupted.
+    pub fn new(file: Arc<RedbFile>) -> Result<EmbeddedQueue, QueueError> {
         let mut schedule = Schedule::default();
-        file.read(|db| {
+        file.read(|db: &Database| {
             let txn = db.begin_read().map_err(unavailable)?;
             let jobs = txn.open_table(JOBS).map_err(unavailable)?;
             for entry in jobs.iter().map_err(unavailable)? {
@@ -173,25 +219,11 @@ impl EmbeddedQueue {
             schedule.dead = txn.open_table(DEAD).map_err(unavailable)?.len().map_err(unavailable)?;
             Ok::<_, QueueError>(())
         })?;
-        Ok(EmbeddedQueue {
-            file: Arc::new(file),
-            schedule: Arc::new(Mutex::new(schedule)),
-            notify: Arc::new(Notify::new()),
-        })
+        Ok(EmbeddedQueue { file, schedule: Arc::new(Mutex::new(schedule)), notify: Arc::new(Notify::new()) })
     }
 
     fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {
         self.schedule.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Database) -> Result<T, QueueError> + Send + 'static,
-    ) -> Result<T, QueueError> {
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.write(f))
-            .await
-            .map_err(|e| QueueError::Unavailable(format!("queue task failed: {e}")))?
     }
 
     /// Take the first due job not held back by an earlier one of its deal,
@@ -221,7 +253,7 @@ impl EmbeddedQueue {
         let before = job.clone();
         job.attempts += 1;
         let stored = StoredJob { job, due_ms: now_ms(), running: true };
-        match self.blocking(move |db| put(db, &stored).map(|()| stored.job)).await {
+        match self.file.write(move |txn| put_in(txn, &stored).map(|()| stored.job)).await {
             Ok(job) => {
                 self.schedule().jobs.insert(job.id.clone(), job.clone());
                 Ok(Reserved { job, lease: String::new() })
@@ -244,34 +276,96 @@ impl EmbeddedQueue {
         self.schedule().put_back(job, now_ms() + AFTER_FAULT.as_millis() as u64);
         self.notify.notify_waiters();
     }
+
+    /// The schedule after a committed settle.
+    fn settled(&self, job: Job, how: &Settle, now: u64) {
+        {
+            let mut s = self.schedule();
+            match how {
+                Settle::Ack => s.forget(&job.id, now),
+                Settle::Retry(delay) => s.put_back(job, now + delay.as_millis() as u64),
+                Settle::Dead(_) => {
+                    s.forget(&job.id, now);
+                    s.dead += 1;
+                }
+            }
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// Store a receipt (on the embedded store's tables of the same file)
+    /// and queue its jobs, in one transaction. A duplicate whose jobs were
+    /// never queued gets them queued now.
+    pub async fn accept(
+        &self,
+        mut receipt: Receipt,
+        jobs_for: fn(&Receipt) -> Vec<Job>,
+    ) -> Result<Inserted, StoreError> {
+        receipt.jobs_enqueued = true;
+        let bytes = encode(&receipt)?;
+        let now = now_ms();
+        let (inserted, added) = self
+            .file
+            .write(move |txn| {
+                let mut inserted = insert_in(txn, receipt, &bytes)?;
+                let added = match &mut inserted {
+                    Inserted::New(r) => enqueue_in(txn, jobs_for(r), now)?,
+                    Inserted::Duplicate(r) if !r.jobs_enqueued => {
+                        let added = enqueue_in(txn, jobs_for(r), now)?;
+                        r.jobs_enqueued = true;
+                        update_in(txn, &r.id, |r| {
+                            r.jobs_enqueued = true;
+                            Ok(())
+                        })?;
+                        added
+                    }
+                    Inserted::Duplicate(_) => Vec::new(),
+                };
+                Ok::<_, StoreError>((inserted, added))
+            })
+            .await?;
+        if !added.is_empty() {
+            let mut s = self.schedule();
+            for job in added {
+                s.add(job, now);
+            }
+        }
+        self.notify.notify_waiters();
+        Ok(inserted)
+    }
+
+    /// Record an attempt on its receipt and settle the job, in one
+    /// transaction. On an error nothing is written and the job is still the
+    /// worker's to settle.
+    pub async fn record_and_settle(
+        &self,
+        reserved: Reserved,
+        attempt: AttemptRecord,
+        how: Settle,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let job = reserved.job.clone();
+        let settle = how.clone();
+        let written = self
+            .file
+            .write(move |txn| {
+                record_in(txn, &job.receipt_id, &attempt)?;
+                settle_in(txn, &job, &settle, now)?;
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        if written.is_ok() {
+            self.settled(reserved.job, &how, now);
+        }
+        written
+    }
 }
 
 #[async_trait]
 impl JobQueue for EmbeddedQueue {
     async fn enqueue(&self, jobs: Vec<Job>) -> Result<usize, QueueError> {
         let now = now_ms();
-        let added = self
-            .blocking(move |db| {
-                let txn = db.begin_write().map_err(unavailable)?;
-                let mut added = Vec::new();
-                {
-                    let mut table = txn.open_table(JOBS).map_err(unavailable)?;
-                    let dead = txn.open_table(DEAD).map_err(unavailable)?;
-                    for job in jobs {
-                        let exists = table.get(job.id.as_str()).map_err(unavailable)?.is_some()
-                            || dead.get(job.id.as_str()).map_err(unavailable)?.is_some();
-                        if exists {
-                            continue;
-                        }
-                        let stored = StoredJob { job, due_ms: now, running: false };
-                        table.insert(stored.job.id.as_str(), to_json(&stored)?.as_slice()).map_err(unavailable)?;
-                        added.push(stored.job);
-                    }
-                }
-                txn.commit().map_err(unavailable)?;
-                Ok(added)
-            })
-            .await?;
+        let added = self.file.write(move |txn| enqueue_in(txn, jobs, now)).await?;
         let count = added.len();
         {
             let mut s = self.schedule();
@@ -311,65 +405,33 @@ impl JobQueue for EmbeddedQueue {
     }
 
     async fn ack(&self, reserved: &Reserved) -> Result<(), QueueError> {
-        let id = reserved.job.id.clone();
-        let key = id.clone();
-        let removed = self
-            .blocking(move |db| {
-                let txn = db.begin_write().map_err(unavailable)?;
-                txn.open_table(JOBS).map_err(unavailable)?.remove(key.as_str()).map_err(unavailable)?;
-                txn.commit().map_err(unavailable)
-            })
-            .await;
-        if let Err(e) = removed {
-            self.settle_failed(reserved);
-            return Err(e);
-        }
-        self.schedule().forget(&id, now_ms());
-        self.notify.notify_waiters();
-        Ok(())
+        self.settle(reserved.clone(), Settle::Ack).await
     }
 
     async fn retry(&self, reserved: Reserved, delay: Duration) -> Result<(), QueueError> {
-        let due = now_ms() + delay.as_millis() as u64;
-        let stored = StoredJob { job: reserved.job.clone(), due_ms: due, running: false };
-        match self.blocking(move |db| put(db, &stored).map(|()| stored.job)).await {
-            Ok(job) => self.schedule().put_back(job, due),
-            Err(e) => {
-                self.settle_failed(&reserved);
-                return Err(e);
-            }
-        }
-        self.notify.notify_waiters();
-        Ok(())
+        self.settle(reserved, Settle::Retry(delay)).await
     }
 
     async fn dead_letter(&self, reserved: Reserved, reason: String) -> Result<(), QueueError> {
-        let letter = DeadLetter { job: reserved.job.clone(), reason, failed_at_ms: now_ms() };
-        let bytes = to_json(&letter)?;
-        let id = letter.job.id.clone();
-        let key = id.clone();
-        let moved = self
-            .blocking(move |db| {
-                let txn = db.begin_write().map_err(unavailable)?;
-                txn.open_table(JOBS).map_err(unavailable)?.remove(key.as_str()).map_err(unavailable)?;
-                txn.open_table(DEAD)
-                    .map_err(unavailable)?
-                    .insert(key.as_str(), bytes.as_slice())
-                    .map_err(unavailable)?;
-                txn.commit().map_err(unavailable)
-            })
-            .await;
-        if let Err(e) = moved {
-            self.settle_failed(&reserved);
-            return Err(e);
+        self.settle(reserved, Settle::Dead(reason)).await
+    }
+
+    /// If the write fails, the job is due again shortly, as the file still
+    /// holds it (reserved), without the attempt the host could not record.
+    async fn settle(&self, reserved: Reserved, how: Settle) -> Result<(), QueueError> {
+        let now = now_ms();
+        let job = reserved.job.clone();
+        let settle = how.clone();
+        match self.file.write(move |txn| settle_in(txn, &job, &settle, now)).await {
+            Ok(()) => {
+                self.settled(reserved.job, &how, now);
+                Ok(())
+            }
+            Err(e) => {
+                self.settle_failed(&reserved);
+                Err(e)
+            }
         }
-        {
-            let mut s = self.schedule();
-            s.forget(&id, now_ms());
-            s.dead += 1;
-        }
-        self.notify.notify_waiters();
-        Ok(())
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
@@ -397,26 +459,20 @@ impl JobQueue for EmbeddedQueue {
         let now = now_ms();
         let key = job_id.to_string();
         let job = self
-            .blocking(move |db| {
-                let txn = db.begin_write().map_err(unavailable)?;
+            .file
+            .write(move |txn| {
                 let letter: Option<DeadLetter> = {
                     let mut dead = txn.open_table(DEAD).map_err(unavailable)?;
                     let removed = dead.remove(key.as_str()).map_err(unavailable)?;
                     removed.map(|b| from_json(b.value())).transpose()?
                 };
-                let Some(letter) = letter else {
-                    return Ok(None);
-                };
+                let Some(letter) = letter else { return Ok(None) };
                 let mut job = letter.job;
                 job.budget_start = job.attempts;
                 job.deferrals = 0;
                 let stored = StoredJob { job, due_ms: now, running: false };
-                txn.open_table(JOBS)
-                    .map_err(unavailable)?
-                    .insert(key.as_str(), to_json(&stored)?.as_slice())
-                    .map_err(unavailable)?;
-                txn.commit().map_err(unavailable)?;
-                Ok(Some(stored.job))
+                put_in(txn, &stored)?;
+                Ok::<_, QueueError>(Some(stored.job))
             })
             .await?;
         if let Some(job) = &job {
@@ -442,11 +498,7 @@ impl JobQueue for EmbeddedQueue {
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.ping())
-            .await
-            .map_err(|e| QueueError::Unavailable(format!("queue task failed: {e}")))?
-            .map_err(QueueError::from)
+        self.file.ping().await.map_err(QueueError::from)
     }
 }
 
@@ -454,6 +506,11 @@ impl JobQueue for EmbeddedQueue {
 mod tests {
     use super::*;
     use crate::event::{Customer, Deal, Event};
+    use crate::store::redb_file::open_embedded;
+
+    fn open(dir: &std::path::Path) -> EmbeddedQueue {
+        EmbeddedQueue::new(open_embedded(dir).unwrap()).unwrap()
+    }
 
     fn job(id: &str) -> Job {
         Job {
@@ -486,7 +543,7 @@ mod tests {
     async fn reserved_but_unacked_jobs_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let q = EmbeddedQueue::open(dir.path()).unwrap();
+            let q = open(dir.path());
             q.enqueue(vec![job("a"), job("b")]).await.unwrap();
             let first = q.reserve(Duration::from_millis(10)).await.unwrap().unwrap();
             assert_eq!(first.job.attempts, 1, "the attempt is counted when the job is handed out");
@@ -495,7 +552,7 @@ mod tests {
             assert_ne!(first.job.id, second.job.id);
             // Dropped while `second` is reserved, as a crash would.
         }
-        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        let q = open(dir.path());
         let again = q.reserve(Duration::from_millis(10)).await.unwrap().unwrap();
         // The attempt the crash cut short still counts, and says so.
         assert_eq!((again.job.attempts, again.job.interrupted), (2, 1));
@@ -513,7 +570,7 @@ mod tests {
     #[tokio::test]
     async fn a_later_receipts_job_waits_for_the_earlier_one_of_its_deal() {
         let dir = tempfile::tempdir().unwrap();
-        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        let q = open(dir.path());
         q.enqueue(vec![ordered("r1", "deal-a"), ordered("r2", "deal-a"), ordered("r3", "deal-b")]).await.unwrap();
         let first = q.reserve(Duration::ZERO).await.unwrap().unwrap();
         assert_eq!(first.job.receipt_id, "r1");
@@ -533,7 +590,7 @@ mod tests {
     #[tokio::test]
     async fn a_dead_letter_releases_the_jobs_behind_it() {
         let dir = tempfile::tempdir().unwrap();
-        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        let q = open(dir.path());
         q.enqueue(vec![ordered("r1", "deal-a"), ordered("r2", "deal-a")]).await.unwrap();
         let first = q.reserve(Duration::ZERO).await.unwrap().unwrap();
         assert_eq!(q.reserve(Duration::ZERO).await.unwrap(), None);
@@ -544,7 +601,7 @@ mod tests {
     #[tokio::test]
     async fn enqueue_is_idempotent_per_job_id() {
         let dir = tempfile::tempdir().unwrap();
-        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        let q = open(dir.path());
         q.enqueue(vec![job("a")]).await.unwrap();
         q.enqueue(vec![job("a")]).await.unwrap();
         assert_eq!(q.depth().await.unwrap().ready, 1);
@@ -553,7 +610,7 @@ mod tests {
     #[tokio::test]
     async fn delayed_retry_is_not_due_early_and_wakes_a_waiting_worker() {
         let dir = tempfile::tempdir().unwrap();
-        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        let q = open(dir.path());
         q.enqueue(vec![job("a")]).await.unwrap();
         let j = q.reserve(Duration::ZERO).await.unwrap().unwrap();
         q.retry(j, Duration::from_millis(300)).await.unwrap();
@@ -566,7 +623,7 @@ mod tests {
     #[tokio::test]
     async fn dead_letters_are_listed_and_replayed_with_a_fresh_budget() {
         let dir = tempfile::tempdir().unwrap();
-        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        let q = open(dir.path());
         q.enqueue(vec![job("a")]).await.unwrap();
         let mut j = q.reserve(Duration::ZERO).await.unwrap().unwrap();
         j.job.attempts = 5;
@@ -581,5 +638,104 @@ mod tests {
         assert_eq!((replayed.attempts, replayed.budget_start), (5, 5));
         assert_eq!(q.reserve(Duration::ZERO).await.unwrap().map(|j| j.job.id), Some("a".into()));
         assert!(q.replay("a").await.unwrap().is_none());
+    }
+
+    fn receipt(id: &str, reference: &str) -> Receipt {
+        use crate::store::{ActionRecord, DeliveryState, StoredRequest};
+        let event = Event { reference: reference.into(), ..job("x").event };
+        Receipt {
+            id: id.into(),
+            provider: "crm".into(),
+            event_type: event.event_type.clone(),
+            reference: reference.into(),
+            status: event.status.clone(),
+            request: StoredRequest { headers: vec![], body: String::new() },
+            event,
+            received_at_ms: 1,
+            updated_at_ms: 1,
+            jobs_enqueued: false,
+            actions: vec![ActionRecord {
+                destination: "meta-capi".into(),
+                action: "Lead".into(),
+                params: vec![],
+                state: DeliveryState::Pending,
+                attempts: 0,
+                last_error: None,
+                last_status: None,
+                detail: None,
+                delivered_at_ms: None,
+                updated_at_ms: 1,
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn copies_of_a_webhook_accepted_together_make_one_receipt_with_its_jobs() {
+        use crate::store::ReceiptStore;
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        // Concurrent accepts share commits; copies in one batch still dedupe.
+        let accepts: Vec<_> = (0..40)
+            .map(|n| {
+                let q = q.clone();
+                let reference = if n % 2 == 0 { "D-1" } else { "D-2" };
+                tokio::spawn(
+                    async move { q.accept(receipt(&format!("r{n:02}"), reference), crate::intake::jobs_for).await },
+                )
+            })
+            .collect();
+        let mut new = Vec::new();
+        for accept in accepts {
+            if let Inserted::New(r) = accept.await.unwrap().unwrap() {
+                assert!(r.jobs_enqueued);
+                new.push(r.id);
+            }
+        }
+        assert_eq!(new.len(), 2, "one receipt per deal and status: {new:?}");
+        assert_eq!(q.depth().await.unwrap().ready, 2);
+        drop(q);
+        // After a restart: the receipts say their jobs are queued, and are.
+        let file = open_embedded(dir.path()).unwrap();
+        let store = crate::store::embedded::EmbeddedStore::new(file.clone());
+        assert!(store.unqueued().await.unwrap().is_empty());
+        for id in &new {
+            assert!(store.get(id).await.unwrap().unwrap().jobs_enqueued);
+        }
+        let q = EmbeddedQueue::new(file).unwrap();
+        assert_eq!(q.depth().await.unwrap().ready, 2);
+    }
+
+    #[tokio::test]
+    async fn an_outcome_is_recorded_with_its_ack_or_not_at_all() {
+        use crate::store::{DeliveryState, ReceiptStore};
+        let dir = tempfile::tempdir().unwrap();
+        let file = open_embedded(dir.path()).unwrap();
+        let store = crate::store::embedded::EmbeddedStore::new(file.clone());
+        let q = EmbeddedQueue::new(file).unwrap();
+        q.accept(receipt("r1", "D-1"), crate::intake::jobs_for).await.unwrap();
+        let reserved = q.reserve(Duration::ZERO).await.unwrap().unwrap();
+        let delivered = AttemptRecord {
+            destination: "meta-capi".into(),
+            action: "Lead".into(),
+            state: DeliveryState::Delivered,
+            attempts: 1,
+            error: None,
+            status: Some(200),
+            detail: Some("events_received=1".into()),
+            replay: false,
+        };
+        q.record_and_settle(reserved, delivered.clone(), Settle::Ack).await.unwrap();
+        assert_eq!(store.get("r1").await.unwrap().unwrap().actions[0].state, DeliveryState::Delivered);
+        assert_eq!(q.depth().await.unwrap(), QueueDepth::default());
+
+        // A job whose receipt is gone: nothing is written, the job is still
+        // the worker's.
+        q.enqueue(vec![job("orphan")]).await.unwrap();
+        let orphan = q.reserve(Duration::ZERO).await.unwrap().unwrap();
+        let refused = q.record_and_settle(orphan.clone(), delivered, Settle::Ack).await;
+        assert!(matches!(refused, Err(StoreError::NotFound(_))), "{refused:?}");
+        assert_eq!(q.depth().await.unwrap().in_flight, 1);
+        q.dead_letter(orphan, "the receipt is gone".into()).await.unwrap();
+        assert_eq!(q.depth().await.unwrap().dead, 1);
     }
 }

@@ -122,6 +122,17 @@ pub enum QueueError {
     Corrupt(String),
 }
 
+/// How a reserved job leaves its worker.
+#[derive(Debug, Clone)]
+pub enum Settle {
+    /// Done: remove it.
+    Ack,
+    /// Due again after the delay, stored as the reserved job now says.
+    Retry(Duration),
+    /// To the dead letters, with the reason.
+    Dead(String),
+}
+
 /// The job queue.
 #[async_trait]
 pub trait JobQueue: Send + Sync {
@@ -139,6 +150,14 @@ pub trait JobQueue: Send + Sync {
     async fn retry(&self, job: Reserved, delay: Duration) -> Result<(), QueueError>;
     /// Move a reserved job to the dead-letter list.
     async fn dead_letter(&self, job: Reserved, reason: String) -> Result<(), QueueError>;
+    /// Acknowledge, retry or dead-letter a reserved job.
+    async fn settle(&self, job: Reserved, how: Settle) -> Result<(), QueueError> {
+        match how {
+            Settle::Ack => self.ack(&job).await,
+            Settle::Retry(delay) => self.retry(job, delay).await,
+            Settle::Dead(reason) => self.dead_letter(job, reason).await,
+        }
+    }
     /// Dead letters, oldest first.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError>;
     /// Move a dead letter back to the queue with a fresh retry budget.

@@ -1,27 +1,41 @@
-//! One redb file of the embedded backends (`receipts.redb`, `queue.redb`),
-//! kept usable through storage faults.
+//! The embedded backends' one redb file, `DATA_DIR/crm.redb`: receipts
+//! (`store::embedded`) and jobs (`queue::embedded`) side by side, so a
+//! receipt and its jobs, or an outcome and its ack, are one transaction.
 //!
-//! After an I/O error (a full disk, say) redb refuses every later
-//! transaction until the database is reopened. So a failed transaction is
-//! followed by a check; if the file is faulted, the fault is recorded (and
-//! reported by `ping`, which `/ready` calls), and the next use reopens the
-//! file, at most once a second, which repairs it. The fault clears only when
-//! a write commits again: while faulted, `ping` probes by writing (and then
-//! removing) `PROBE_BYTES`, so `/ready` does not say all is well while a
-//! receipt would still not fit.
+//! **Group commit.** Every write is an operation sent to one committer
+//! thread. It runs every operation waiting (up to `MAX_BATCH`) in one write
+//! transaction and commits once: one fsync for all of them. Each caller
+//! hears back only after that commit is on disk, so "200 means durable"
+//! holds, and concurrent webhooks share the cost of the fsync. Operations
+//! of one batch see each other's writes (two copies of a webhook in one
+//! batch dedupe as they would in two). An operation that fails leaves the
+//! others to commit; it must fail before it writes (they all read first).
+//! Reads run on the caller's thread, on a snapshot.
 //!
-//! Every use holds a read lock on the open database for its duration (on a
-//! blocking thread); a reopen takes the write lock, so it waits for uses in
-//! progress and redb's file lock is free when the file is opened again.
+//! **Storage faults.** After an I/O error (a full disk, say) redb refuses
+//! every later transaction until the database is reopened. So a failed
+//! commit is followed by a check; if the file is faulted, the fault is
+//! recorded (and reported by `ping`, which `/ready` calls), and the next
+//! batch reopens the file, at most once a second, which repairs it. The
+//! fault clears only when a probe write of `PROBE_BYTES` goes through, so
+//! `/ready` does not say all is well while a receipt would still not fit.
+//!
+//! **Files of earlier versions** (`receipts.redb` and `queue.redb`) are
+//! taken over at start-up: the first becomes `crm.redb`, the second's jobs
+//! and dead letters are copied in, and it is renamed `queue.redb.migrated`.
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use redb::{Database, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
 /// Least time between two attempts to reopen a faulted file.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// Most operations one commit carries.
+const MAX_BATCH: usize = 1024;
 
 /// Where a probe write goes.
 const HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("health");
@@ -29,8 +43,68 @@ const HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("health");
 /// that leaves only a sliver of space free is still reported.
 const PROBE_BYTES: usize = 256 << 10;
 
-/// A redb file and its fault state.
+/// What a committed (or failed) batch tells each operation.
+type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// One write of a batch.
+trait Operation: Send {
+    /// Run in the batch's transaction; how to answer once it is committed.
+    fn run(self: Box<Self>, txn: &WriteTransaction) -> Finish;
+    /// The batch could not run at all.
+    fn refuse(self: Box<Self>, why: String);
+}
+
+type Op = Box<dyn Operation>;
+
+/// A caller's write and where its answer goes.
+struct Write<F, T, E> {
+    f: F,
+    answer: tokio::sync::oneshot::Sender<Result<T, E>>,
+}
+
+impl<F, T, E> Operation for Write<F, T, E>
+where
+    F: FnOnce(&WriteTransaction) -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: From<Unavailable> + Send + 'static,
+{
+    fn run(self: Box<Self>, txn: &WriteTransaction) -> Finish {
+        let Write { f, answer } = *self;
+        let result = f(txn);
+        Box::new(move |committed| {
+            let _ = answer.send(match (result, committed) {
+                (Ok(value), Ok(())) => Ok(value),
+                (Err(e), _) => Err(e),
+                (Ok(_), Err(why)) => Err(Unavailable(why).into()),
+            });
+        })
+    }
+
+    fn refuse(self: Box<Self>, why: String) {
+        let _ = self.answer.send(Err(Unavailable(why).into()));
+    }
+}
+
+/// The file, its committer and its fault state.
 pub struct RedbFile {
+    shared: Arc<Shared>,
+    /// `None` only while dropping.
+    ops: Option<mpsc::Sender<Op>>,
+    committer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for RedbFile {
+    /// Stop the committer after the writes already sent, so the file is
+    /// closed (and can be opened again) when this returns.
+    fn drop(&mut self) {
+        drop(self.ops.take());
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+    }
+}
+
+struct Shared {
     path: PathBuf,
     db: RwLock<Option<Database>>,
     fault: Mutex<Fault>,
@@ -38,8 +112,7 @@ pub struct RedbFile {
 
 #[derive(Default)]
 struct Fault {
-    /// Why writes were refused; reported until a probe write of
-    /// `PROBE_BYTES` goes through.
+    /// Why writes were refused; reported until a probe write goes through.
     error: Option<String>,
     /// redb refuses every transaction until the file is reopened.
     needs_reopen: bool,
@@ -51,50 +124,149 @@ struct Fault {
 pub struct Unavailable(pub String);
 
 impl RedbFile {
-    /// Open (or create) the file; `init` runs once in a write transaction
-    /// (to create tables).
+    /// Open (or create) `path`; `init` runs once in a write transaction (to
+    /// create tables). Starts the committer thread.
     pub fn open(
         path: &Path,
-        init: impl Fn(&redb::WriteTransaction) -> Result<(), Box<redb::TableError>>,
-    ) -> Result<RedbFile, String> {
+        init: impl Fn(&WriteTransaction) -> Result<(), Box<redb::TableError>>,
+    ) -> Result<Arc<RedbFile>, String> {
         let db = Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let txn = db.begin_write().map_err(|e| format!("{}: {e}", path.display()))?;
         init(&txn).map_err(|e| format!("{}: {e}", path.display()))?;
         txn.commit().map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(RedbFile { path: path.to_path_buf(), db: RwLock::new(Some(db)), fault: Mutex::default() })
-    }
-
-    fn fault(&self) -> std::sync::MutexGuard<'_, Fault> {
-        self.fault.lock().unwrap_or_else(|e| e.into_inner())
+        let shared = Arc::new(Shared { path: path.to_path_buf(), db: RwLock::new(Some(db)), fault: Mutex::default() });
+        let (tx, rx) = mpsc::channel::<Op>();
+        let committer = shared.clone();
+        let committer = std::thread::Builder::new()
+            .name("redb-commit".into())
+            .spawn(move || committer.run(rx))
+            .map_err(|e| format!("cannot start the committer: {e}"))?;
+        Ok(Arc::new(RedbFile { shared, ops: Some(tx), committer: Some(committer) }))
     }
 
     /// Why writes are refused now, if they are.
     pub fn fault_reason(&self) -> Option<String> {
-        self.fault().error.clone()
+        self.shared.fault().error.clone()
     }
 
-    /// Run a read transaction's work. Blocking.
+    /// Run `f` in the next batch's write transaction; its result once the
+    /// batch is durably committed.
+    pub async fn write<T, E>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T, E> + Send + 'static) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<Unavailable> + Send + 'static,
+    {
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        let op: Op = Box::new(Write { f, answer });
+        if self.ops.as_ref().is_none_or(|ops| ops.send(op).is_err()) {
+            return Err(Unavailable("the committer has stopped".into()).into());
+        }
+        rx.await.unwrap_or_else(|_| Err(Unavailable("the write was dropped".into()).into()))
+    }
+
+    /// Read on a snapshot. Blocking (cheap: mostly cached pages).
     pub fn read<T, E: From<Unavailable>>(&self, f: impl FnOnce(&Database) -> Result<T, E>) -> Result<T, E> {
-        self.run(f)
-    }
-
-    /// Run work that writes (and commits). Blocking.
-    pub fn write<T, E: From<Unavailable>>(&self, f: impl FnOnce(&Database) -> Result<T, E>) -> Result<T, E> {
-        self.run(f)
-    }
-
-    fn run<T, E: From<Unavailable>>(&self, f: impl FnOnce(&Database) -> Result<T, E>) -> Result<T, E> {
-        self.reopen_if_needed();
-        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let guard = self.shared.db.read().unwrap_or_else(|e| e.into_inner());
         let Some(db) = guard.as_ref() else {
             let why = self.fault_reason().unwrap_or_else(|| "closed".into());
-            return Err(Unavailable(format!("{}: {why}", self.path.display())).into());
+            return Err(Unavailable(format!("{}: {why}", self.shared.path.display())).into());
         };
-        let result = f(db);
-        if result.is_err() {
-            self.check(db);
+        f(db)
+    }
+
+    /// For `/ready`: Ok only if the file takes writes. While faulted, a probe
+    /// write of `PROBE_BYTES` (then its removal) tells whether the fault has
+    /// cleared; only it clears the fault.
+    pub async fn ping(&self) -> Result<(), Unavailable> {
+        if self.fault_reason().is_none() {
+            return self.read(|db| db.begin_read().map(drop).map_err(|e| Unavailable(e.to_string())));
         }
-        result
+        let fail = |e: &dyn std::fmt::Display| Unavailable(e.to_string());
+        let probe = self
+            .write(move |txn| {
+                txn.open_table(HEALTH)
+                    .and_then(|mut t| {
+                        t.insert("probe", vec![0u8; PROBE_BYTES].as_slice()).map(drop).map_err(Into::into)
+                    })
+                    .map_err(|e| fail(&e))
+            })
+            .await;
+        let removed = match probe {
+            Ok(()) => {
+                self.write(move |txn| {
+                    txn.open_table(HEALTH)
+                        .and_then(|mut t| t.remove("probe").map(drop).map_err(Into::into))
+                        .map_err(|e| fail(&e))
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(()) => {
+                if self.shared.fault().error.take().is_some() {
+                    tracing::info!(path = %self.shared.path.display(), "storage fault cleared: writes go through again");
+                }
+                Ok(())
+            }
+            Err(Unavailable(e)) => {
+                Err(Unavailable(format!("{}: storage fault, writes refused: {e}", self.shared.path.display())))
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn fault(&self) -> std::sync::MutexGuard<'_, Fault> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The committer: batches, one transaction and one commit each.
+    fn run(&self, ops: mpsc::Receiver<Op>) {
+        while let Ok(first) = ops.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match ops.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.reopen_if_needed();
+            let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+            let Some(db) = guard.as_ref() else {
+                let why = self.fault().error.clone().unwrap_or_else(|| "closed".into());
+                drop(guard);
+                refuse(batch, &format!("{}: {why}", self.path.display()));
+                continue;
+            };
+            let txn = match db.begin_write() {
+                Ok(txn) => txn,
+                Err(e) => {
+                    self.check(db);
+                    drop(guard);
+                    refuse(batch, &format!("{}: {e}", self.path.display()));
+                    continue;
+                }
+            };
+            let finishers: Vec<Finish> = batch
+                .into_iter()
+                .map(|op| {
+                    // A bug in one operation must not stop every later write.
+                    std::panic::catch_unwind(AssertUnwindSafe(|| op.run(&txn))).unwrap_or_else(|_| {
+                        tracing::error!("a storage operation panicked; it is refused, the others commit");
+                        Box::new(|_| {})
+                    })
+                })
+                .collect();
+            let committed = txn.commit().map_err(|e| format!("{}: {e}", self.path.display()));
+            if committed.is_err() {
+                self.check(db);
+            }
+            drop(guard);
+            for finish in finishers {
+                finish(committed.clone());
+            }
+        }
     }
 
     /// After a failed transaction: is the file faulted? (redb then refuses
@@ -111,7 +283,7 @@ impl RedbFile {
     }
 
     /// Reopen a file redb refuses to use (repairing it), at most once per
-    /// REOPEN_EVERY.
+    /// REOPEN_EVERY. Runs on the committer, so no write is in progress.
     fn reopen_if_needed(&self) {
         {
             let mut fault = self.fault();
@@ -135,35 +307,142 @@ impl RedbFile {
             }
         }
     }
+}
 
-    /// For `/ready`: Ok only if the file takes writes. While faulted, a probe
-    /// write of `PROBE_BYTES` tells whether the fault has cleared; only it
-    /// clears the fault.
-    pub fn ping(&self) -> Result<(), Unavailable> {
-        if self.fault_reason().is_none() {
-            return self.read(|db| db.begin_read().map(drop).map_err(|e| Unavailable(e.to_string())));
+/// Answer every operation of a batch that could not run (none wrote).
+fn refuse(batch: Vec<Op>, why: &str) {
+    for op in batch {
+        op.refuse(why.to_string());
+    }
+}
+
+/// Open the embedded backends' file in `dir`, creating every table (see
+/// `store::embedded` and `queue::embedded` for their layouts) and taking
+/// over the files of earlier versions.
+pub fn open_embedded(dir: &Path) -> Result<Arc<RedbFile>, String> {
+    use crate::queue::embedded::{DEAD, JOBS};
+    use crate::store::embedded::{DEDUPE, RECEIPTS, UNQUEUED};
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join("crm.redb");
+    let old_receipts = dir.join("receipts.redb");
+    if !path.exists() && old_receipts.exists() {
+        std::fs::rename(&old_receipts, &path)
+            .map_err(|e| format!("cannot take over {}: {e}", old_receipts.display()))?;
+        tracing::info!(from = %old_receipts.display(), to = %path.display(), "took over the receipts of an earlier version");
+    }
+    let old_queue = dir.join("queue.redb");
+    let import = if old_queue.exists() { Some(read_old_queue(&old_queue)?) } else { None };
+    let file = RedbFile::open(&path, |txn| {
+        txn.open_table(RECEIPTS).map_err(Box::new)?;
+        txn.open_table(DEDUPE).map_err(Box::new)?;
+        txn.open_table(UNQUEUED).map_err(Box::new)?;
+        let mut jobs = txn.open_table(JOBS).map_err(Box::new)?;
+        let mut dead = txn.open_table(DEAD).map_err(Box::new)?;
+        for (live, key, value) in import.iter().flatten() {
+            let table = if *live { &mut jobs } else { &mut dead };
+            table.insert(key.as_str(), value.as_slice()).map_err(|e| Box::new(redb::TableError::Storage(e)))?;
         }
-        self.write(|db| {
-            let fail = |e: &dyn std::fmt::Display| Unavailable(e.to_string());
-            for value in [Some(vec![0u8; PROBE_BYTES]), None] {
-                let txn = db.begin_write().map_err(|e| fail(&e))?;
-                {
-                    let mut table = txn.open_table(HEALTH).map_err(|e| fail(&e))?;
-                    match &value {
-                        Some(bytes) => table.insert("probe", bytes.as_slice()).map(drop),
-                        None => table.remove("probe").map(drop),
-                    }
-                    .map_err(|e| fail(&e))?;
-                }
-                txn.commit().map_err(|e| fail(&e))?;
+        Ok(())
+    })?;
+    if import.is_some() {
+        let moved = old_queue.with_extension("redb.migrated");
+        std::fs::rename(&old_queue, &moved).map_err(|e| format!("cannot set {} aside: {e}", old_queue.display()))?;
+        tracing::info!(from = %old_queue.display(), "took over the jobs and dead letters of an earlier version");
+    }
+    Ok(file)
+}
+
+/// Every (live?, id, value) of an earlier version's `queue.redb`.
+fn read_old_queue(path: &Path) -> Result<Vec<(bool, String, Vec<u8>)>, String> {
+    use crate::queue::embedded::{DEAD, JOBS};
+    let fail = |e: &dyn std::fmt::Display| format!("cannot read {}: {e}", path.display());
+    let db = Database::open(path).map_err(|e| fail(&e))?;
+    let txn = db.begin_read().map_err(|e| fail(&e))?;
+    let mut out = Vec::new();
+    for (live, def) in [(true, JOBS), (false, DEAD)] {
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(e) => return Err(fail(&e)),
+        };
+        for entry in table.iter().map_err(|e| fail(&e))? {
+            let (k, v) = entry.map_err(|e| fail(&e))?;
+            out.push((live, k.value().to_string(), v.value().to_vec()));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::JobQueue;
+    use crate::queue::embedded::{DEAD, EmbeddedQueue, JOBS};
+    use crate::store::ReceiptStore;
+    use crate::store::embedded::{EmbeddedStore, RECEIPTS};
+
+    fn write_file(path: &Path, table: TableDefinition<&str, &[u8]>, rows: &[(&str, serde_json::Value)]) {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(table).unwrap();
+            for (key, value) in rows {
+                t.insert(*key, serde_json::to_vec(value).unwrap().as_slice()).unwrap();
             }
-            Ok(())
+        }
+        txn.commit().unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_files_of_an_earlier_version_are_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let event = serde_json::to_value(crate::event::Event {
+            event_type: "deal_updated".into(),
+            reference: "D-1".into(),
+            status: "Qualified".into(),
+            ..Default::default()
         })
-        .map(|()| {
-            if self.fault().error.take().is_some() {
-                tracing::info!(path = %self.path.display(), "storage fault cleared: writes go through again");
-            }
-        })
-        .map_err(|Unavailable(e)| Unavailable(format!("{}: storage fault, writes refused: {e}", self.path.display())))
+        .unwrap();
+        let receipt = serde_json::json!({
+            "id": "r1", "provider": "crm", "event_type": "deal_updated", "reference": "D-1",
+            "status": "Qualified", "request": {"headers": [], "body": "{}"},
+            "event": event,
+            "received_at_ms": 1, "updated_at_ms": 1, "jobs_enqueued": true, "actions": []
+        });
+        write_file(&dir.path().join("receipts.redb"), RECEIPTS, &[("r1", receipt)]);
+        let job = |id: &str| {
+            serde_json::json!({
+                "id": id, "receipt_id": "r1", "provider": "crm", "destination": "meta-capi", "action": "Lead",
+                "event": event,
+                "idempotency_key": "k", "attempts": 1, "enqueued_at_ms": 1
+            })
+        };
+        let queue_path = dir.path().join("queue.redb");
+        write_file(
+            &queue_path,
+            JOBS,
+            &[("r1/meta-capi/Lead", serde_json::json!({"job": job("r1/meta-capi/Lead"), "due_ms": 0}))],
+        );
+        {
+            let db = Database::create(&queue_path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let letter =
+                serde_json::json!({"job": job("r0/brevo/Purchase"), "reason": "Brevo answered 400", "failed_at_ms": 5});
+            txn.open_table(DEAD)
+                .unwrap()
+                .insert("r0/brevo/Purchase", serde_json::to_vec(&letter).unwrap().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+
+        let file = open_embedded(dir.path()).unwrap();
+        let store = EmbeddedStore::new(file.clone());
+        assert_eq!(store.get("r1").await.unwrap().unwrap().reference, "D-1");
+        let queue = EmbeddedQueue::new(file).unwrap();
+        let depth = queue.depth().await.unwrap();
+        assert_eq!((depth.ready, depth.dead), (1, 1));
+        assert_eq!(queue.dead_letters(10).await.unwrap()[0].reason, "Brevo answered 400");
+        assert!(!queue_path.exists() && dir.path().join("queue.redb.migrated").exists());
+        assert!(!dir.path().join("receipts.redb").exists());
     }
 }

@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::App;
 use crate::plugins::{DeliveryRequest, Outcome};
-use crate::queue::{Job, Reserved};
+use crate::queue::{Job, Reserved, Settle};
 use crate::store::{AttemptRecord, DeliveryState, StoreError, now_ms};
 
 /// How long a worker waits for a job before checking for shutdown.
@@ -155,24 +155,16 @@ async fn attempt_delivery(app: &App, job: &Job) -> Verdict {
     }
 }
 
-/// Record the verdict on the receipt, then tell the queue.
+/// Record the verdict on the receipt and tell the queue.
 async fn settle(app: &App, reserved: Reserved, verdict: Verdict) {
     let policy = app.config.retry;
     let job = &reserved.job;
     let used = job.attempts.saturating_sub(job.budget_start);
     match verdict {
         Verdict::Delivered { status, detail } => {
-            if !recorded(
-                app,
-                &reserved,
-                attempt_record(job, DeliveryState::Delivered, status, None, Some(detail.clone())),
-            )
-            .await
-            {
+            let record = attempt_record(job, DeliveryState::Delivered, status, None, Some(detail.clone()));
+            if !recorded(app, &reserved, record, Settle::Ack).await {
                 return;
-            }
-            if let Err(e) = app.queue.ack(&reserved).await {
-                tracing::warn!(error = %e, "delivered and recorded, but the ack failed; the job may run again");
             }
             app.metrics.delivery(&job.destination, "delivered");
             let latency = now_ms().saturating_sub(job.enqueued_at_ms);
@@ -184,20 +176,12 @@ async fn settle(app: &App, reserved: Reserved, verdict: Verdict) {
         }
         Verdict::Retry { status, reason, retry_after } if policy.may_retry(used) => {
             let delay = policy.delay(used, retry_after, fastrand::f64());
-            if !recorded(
-                app,
-                &reserved,
-                attempt_record(job, DeliveryState::Retrying, status, Some(reason.clone()), None),
-            )
-            .await
-            {
+            let record = attempt_record(job, DeliveryState::Retrying, status, Some(reason.clone()), None);
+            if !recorded(app, &reserved, record, Settle::Retry(delay)).await {
                 return;
             }
             app.metrics.delivery(&job.destination, "retry");
             tracing::warn!(?status, %reason, retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry");
-            if let Err(e) = app.queue.retry(reserved, delay).await {
-                tracing::error!(error = %e, "could not schedule the retry; the job will run again when the queue recovers");
-            }
         }
         Verdict::Retry { status, reason, .. } => {
             let reason = format!("gave up after {used} attempts: {reason}");
@@ -209,25 +193,25 @@ async fn settle(app: &App, reserved: Reserved, verdict: Verdict) {
         Verdict::Defer { reason } => {
             let mut record = attempt_record(job, DeliveryState::Retrying, None, Some(reason.clone()), None);
             record.attempts -= 1;
-            if recorded(app, &reserved, record).await {
-                defer(app, reserved, &reason).await;
+            let (later, delay) = put_off(app, &reserved, &reason);
+            if let Err(e) = write(app, later, record, Settle::Retry(delay)).await {
+                unrecorded(app, reserved, e).await;
             }
         }
     }
 }
 
-/// Put a job off without spending its attempt, backing off by how often it
-/// was put off.
-async fn defer(app: &App, mut reserved: Reserved, reason: &str) {
-    let job = &mut reserved.job;
+/// The job as put off without spending its attempt, and when it is due,
+/// backing off by how often it was put off.
+fn put_off(app: &App, reserved: &Reserved, reason: &str) -> (Reserved, Duration) {
+    let mut later = reserved.clone();
+    let job = &mut later.job;
     job.attempts = job.attempts.saturating_sub(1);
     job.deferrals += 1;
     let delay = app.config.retry.delay(job.deferrals, None, fastrand::f64()).max(OUTAGE_PAUSE);
     app.metrics.delivery(&job.destination, "deferred");
     tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, deferrals = job.deferrals, "delivery put off; the attempt does not count");
-    if let Err(e) = app.queue.retry(reserved, delay).await {
-        tracing::error!(error = %e, "could not put the job back; it runs again when the queue recovers");
-    }
+    (later, delay)
 }
 
 fn attempt_record(
@@ -256,37 +240,56 @@ async fn dead_letter(app: &App, reserved: Reserved, status: Option<u16>, reason:
     if interrupted {
         record.attempts -= 1;
     }
-    if !recorded(app, &reserved, record).await {
-        return;
-    }
-    app.metrics.delivery(&reserved.job.destination, "dead_letter");
-    tracing::error!(?status, %reason, "delivery failed permanently; dead-lettered");
-    if let Err(e) = app.queue.dead_letter(reserved, reason).await {
-        tracing::error!(error = %e, "could not dead-letter the job; it will run again when the queue recovers");
+    if recorded(app, &reserved, record, Settle::Dead(reason.clone())).await {
+        app.metrics.delivery(&reserved.job.destination, "dead_letter");
+        tracing::error!(?status, %reason, "delivery failed permanently; dead-lettered");
     }
 }
 
-/// Record an attempt. If that fails the outcome must not be lost: while the
-/// store is down the job is put off (the host's failure, so the attempt does
-/// not count) and runs again later; if the receipt is gone or unreadable, no
-/// retry can help and the job is dead-lettered with the reason. Reports
-/// whether it was recorded.
-async fn recorded(app: &App, reserved: &Reserved, attempt: AttemptRecord) -> bool {
-    let error = match app.store.record_attempt(&reserved.job.receipt_id, attempt).await {
-        Ok(()) => return true,
-        Err(e) => e,
-    };
-    match error {
+/// Record an attempt on the receipt and settle the job; whether the
+/// outcome was recorded (if not, see `unrecorded`).
+async fn recorded(app: &App, reserved: &Reserved, attempt: AttemptRecord, how: Settle) -> bool {
+    match write(app, reserved.clone(), attempt, how).await {
+        Ok(()) => true,
+        Err(e) => {
+            unrecorded(app, reserved.clone(), e).await;
+            false
+        }
+    }
+}
+
+/// Record an attempt, then settle the job: in one transaction on the
+/// embedded backends. The error is the store's; once the outcome is
+/// recorded a queue fault only means the job may run again.
+async fn write(app: &App, reserved: Reserved, attempt: AttemptRecord, how: Settle) -> Result<(), StoreError> {
+    if let Some(joint) = &app.joint {
+        return joint.record_and_settle(reserved, attempt, how).await;
+    }
+    app.store.record_attempt(&reserved.job.receipt_id, attempt).await?;
+    if let Err(e) = app.queue.settle(reserved, how).await {
+        tracing::error!(error = %e, "the outcome is recorded, but the queue could not be told; the job may run again");
+    }
+    Ok(())
+}
+
+/// The outcome could not be recorded, and must not be lost: while the
+/// store is down the job is put off (the host's failure, so the attempt
+/// does not count) and runs again later; if the receipt is gone or
+/// unreadable, no retry can help and the job is dead-lettered with the
+/// reason.
+async fn unrecorded(app: &App, reserved: Reserved, error: StoreError) {
+    let (reserved, how) = match error {
         StoreError::NotFound(_) | StoreError::Corrupt(_) => {
             let reason = format!("the receipt cannot record this job's outcome: {error}");
             tracing::error!(%reason, "dead-lettering the job");
-            if let Err(e) = app.queue.dead_letter(reserved.clone(), reason).await {
-                tracing::error!(error = %e, "could not dead-letter the job either");
-            }
+            (reserved, Settle::Dead(reason))
         }
         StoreError::Unavailable(_) => {
-            defer(app, reserved.clone(), &format!("could not record the delivery outcome: {error}")).await;
+            let (later, delay) = put_off(app, &reserved, &format!("could not record the delivery outcome: {error}"));
+            (later, Settle::Retry(delay))
         }
+    };
+    if let Err(e) = app.queue.settle(reserved, how).await {
+        tracing::error!(error = %e, "could not settle the job either; it runs again when the queue recovers");
     }
-    false
 }
