@@ -280,7 +280,7 @@ impl Config {
             bail!("RETRY_MAX_ATTEMPTS must be at least 1");
         }
         let base_delay_ms = parse(&get, "RETRY_BASE_DELAY_MS", 5000u64, "a delay in milliseconds")?;
-        let workers = parse(&get, "WORKERS", 8usize, "a whole number of concurrent deliveries, at least 1")?;
+        let workers = parse(&get, "WORKERS", 64usize, "a whole number of concurrent deliveries, at least 1")?;
         if workers == 0 {
             bail!("WORKERS must be at least 1");
         }
@@ -404,7 +404,7 @@ mod tests {
                 .contains("DB_URI is one of the host's own settings")
         );
         assert!(err(&[("API_KEY", "k"), ("RATE_LIMIT_WINDOW_MS", "0")]).contains("RATE_LIMIT_WINDOW_MS"));
-        assert!(err(&[("API_KEY", "k"), ("PLUGIN_INSTANCES", "8")]).contains("more than WORKERS (8)"));
+        assert!(err(&[("API_KEY", "k"), ("PLUGIN_INSTANCES", "64")]).contains("more than WORKERS (64)"));
     }
 
     #[test]

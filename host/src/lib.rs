@@ -237,6 +237,45 @@ impl Role {
     pub const BOTH: Role = Role { api: true, workers: true };
 }
 
+/// Run the service as `crm-event-handler serve` does: configuration from the
+/// environment, logging, the API and the workers, until SIGINT or SIGTERM.
+pub async fn run(role: Role) -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    telemetry::init_logging(config.log_format);
+    let addr = std::net::SocketAddr::new(config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (set PORT / HOST)"))?;
+    let app = App::build(config).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing jobs in hand");
+        let _ = stop.send(true);
+    });
+    serve_as(app, listener, role, stopped).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
 /// Run the API and the workers until `shutdown` turns true.
 pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     serve_as(app, listener, Role::BOTH, shutdown).await

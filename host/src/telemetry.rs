@@ -79,6 +79,12 @@ pub struct Metrics {
     pub plugin_load_failures: Counter,
     pub routes_reload_failures: Counter,
     pub queue_depth: Family<QueueLabels, Gauge>,
+    round_trips: Family<BackendLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: &'static str,
 }
 
 impl Default for Metrics {
@@ -98,6 +104,12 @@ impl Metrics {
         let plugin_load_failures = Counter::default();
         let routes_reload_failures = Counter::default();
         let queue_depth = Family::default();
+        let round_trips = Family::default();
+        registry.register(
+            "crm_backend_round_trips",
+            "Requests sent to the database or queue server (MongoDB, Redis); pipelined commands count once",
+            round_trips.clone(),
+        );
         registry.register("crm_webhooks_received", "Webhooks received, by provider and outcome", webhooks.clone());
         registry.register("crm_deliveries", "Delivery attempts, by destination and outcome", deliveries.clone());
         registry.register(
@@ -136,6 +148,15 @@ impl Metrics {
             plugin_load_failures,
             routes_reload_failures,
             queue_depth,
+            round_trips,
+        }
+    }
+
+    /// Bring a backend's round-trip counter up to the total it reports.
+    pub fn set_round_trips(&self, backend: &'static str, total: u64) {
+        if total > 0 {
+            let counter = self.round_trips.get_or_create(&BackendLabels { backend });
+            counter.inc_by(total.saturating_sub(counter.get()));
         }
     }
 

@@ -100,6 +100,8 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     if let Ok(depth) = app.queue.depth().await {
         app.metrics.set_queue_depth(depth);
     }
+    app.metrics.set_round_trips("mongodb", app.store.round_trips());
+    app.metrics.set_round_trips("redis", app.queue.round_trips());
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], app.metrics.render())
         .into_response()
 }

@@ -164,6 +164,10 @@ pub trait JobQueue: Send + Sync {
     async fn replay(&self, job_id: &str) -> Result<Option<Job>, QueueError>;
     async fn depth(&self) -> Result<QueueDepth, QueueError>;
     async fn ping(&self) -> Result<(), QueueError>;
+    /// Requests sent to a queue server so far (0 for the embedded queue).
+    fn round_trips(&self) -> u64 {
+        0
+    }
 }
 
 #[cfg(test)]

@@ -135,8 +135,8 @@ pub trait ReceiptStore: Send + Sync {
     async fn unqueued(&self) -> Result<Vec<Receipt>, StoreError>;
     /// Cheap health check for `/ready`.
     async fn ping(&self) -> Result<(), StoreError>;
-    /// Round trips to a database server so far (0 for the embedded store);
-    /// the benchmark reports it per accepted webhook.
+    /// Requests sent to a database server so far (0 for the embedded
+    /// store).
     fn round_trips(&self) -> u64 {
         0
     }
