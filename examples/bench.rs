@@ -364,7 +364,8 @@ impl Service {
         Duration::from_secs_f64(ticks as f64 / clock_ticks())
     }
 
-    /// A counter from the service's `/metrics`, summed over its labels.
+    /// A series from the service's `/metrics` (a name, or a name and its
+    /// labels), summed.
     async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::Client::new()
             .get(format!("http://{}/metrics", self.addr))
@@ -522,8 +523,8 @@ async fn pipeline(label: &str, backend: &[(&str, String)], limit: Option<f64>) {
         micros(cpu) / seen.ok.max(1) as f64
     );
     println!("  service RSS              {idle_rss:.0} MB idle, {:.0} MB peak under load", *peak.lock().unwrap());
-    for (name, what) in [("crm_mongodb_round_trips", "MongoDB"), ("crm_redis_round_trips", "Redis")] {
-        let trips = service.metric(name).await;
+    for (backend, what) in [("mongodb", "MongoDB"), ("redis", "Redis")] {
+        let trips = service.metric(&format!("crm_backend_round_trips_total{{backend=\"{backend}\"}}")).await;
         if trips > 0.0 {
             println!(
                 "  {what} round trips{:>w$}{:.2} per webhook",

@@ -20,9 +20,13 @@
 //!   Redis that answers but refuses writes (out of memory, MISCONF, a
 //!   read-only replica) is not ready
 //!
-//! Every multi-key change is one Lua script, so it is atomic; settling a job
-//! (ack, retry, dead-letter) first checks that this consumer still holds
-//! its entry. A reserved
+//! Every multi-key change is one Lua script, so it is atomic; claiming a
+//! read entry and settling a job (ack, retry, dead-letter) first check that
+//! this consumer still holds its entry. Requests per delivery: the blocking
+//! read, one claim (job, attempt count and the order-per-deal check) and one
+//! settle; a webhook's jobs are enqueued in one pipelined request. The claim
+//! script derives a deal's keys from the job, so the queue needs one Redis
+//! node (not a cluster). A reserved
 //! entry stays pending in the group until acknowledged; an entry idle longer
 //! than the visibility timeout (its worker died) is taken over with
 //! XAUTOCLAIM. Due retries are moved from `delayed` into the stream by
@@ -37,6 +41,7 @@
 //! which reconnects after an outage.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -52,6 +57,9 @@ const GROUP: &str = "workers";
 const BLOCK: Duration = Duration::from_millis(200);
 /// How often a worker looks for entries abandoned by dead workers.
 const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+/// How often due retries are moved into the stream (by whichever worker
+/// looks first): a retry may run this much after its time.
+const PROMOTE_EVERY: Duration = Duration::from_millis(100);
 
 const ENQUEUE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
@@ -60,16 +68,33 @@ if ARGV[3] == '1' then redis.call('ZADD', KEYS[4], 0, ARGV[2]) end
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[2])
 return 1";
 
-/// Park a reserved job whose deal has a live job from an earlier receipt:
-/// its entry goes (no attempt spent) and its id waits in the parked set.
-const PARK: &str = r"
-local first = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-if not first then return 0 end
-if string.match(first, '^[^/]*') >= string.match(ARGV[4], '^[^/]*') then return 0 end
-if redis.call('SADD', KEYS[3], ARGV[4]) == 1 then redis.call('INCR', KEYS[4]) end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-return 1";
+/// Take a read entry in one request: its job with the times the group has
+/// handed the entry out ({2, job, deliveries}), unless the entry is no
+/// longer this consumer's ({3}), its job is gone, finished elsewhere (the
+/// entry is dropped: {0}), or an earlier receipt's job of its deal is live
+/// (the entry goes, no attempt spent, and the job id waits in the deal's
+/// parked set: {1}). The deal's keys come from the job's `order_key`.
+const CLAIM: &str = r"
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #held == 0 or held[1][2] ~= ARGV[3] then return {3} end
+local job = false
+if ARGV[4] ~= '' then job = redis.call('GET', KEYS[2]) end
+if not job then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return {0}
+end
+local order = cjson.decode(job)['order_key']
+if type(order) == 'string' and order ~= '' then
+  local first = redis.call('ZRANGE', ARGV[5] .. ':order:' .. order, 0, 0)[1]
+  if first and string.match(first, '^[^/]*') < string.match(ARGV[4], '^[^/]*') then
+    if redis.call('SADD', ARGV[5] .. ':parked:' .. order, ARGV[4]) == 1 then redis.call('INCR', KEYS[3]) end
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+    redis.call('XDEL', KEYS[1], ARGV[2])
+    return {1}
+  end
+end
+return {2, job, held[1][4]}";
 
 /// Suffix of the settling scripts that end a job: it leaves its deal's
 /// order, and the jobs parked behind it go back into the stream (each is
@@ -94,9 +119,9 @@ for _, id in ipairs(due) do
 end
 return #due";
 
-/// Prefix of the settling scripts: act only if this consumer still holds the
-/// entry (another worker may have taken it over after the visibility
-/// timeout; then that worker settles it).
+/// Prefix of the claiming and settling scripts: act only if this consumer
+/// still holds the entry (another worker may have taken it over after the
+/// visibility timeout; then that worker settles it).
 const OWNED: &str = r"
 local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #held == 0 or held[1][2] ~= ARGV[3] then return 0 end";
@@ -141,14 +166,17 @@ pub struct RedisQueue {
     consumer: String,
     visibility: Duration,
     last_reclaim: Mutex<Instant>,
+    last_promote: Mutex<Instant>,
     scripts: Scripts,
+    /// Requests sent so far (a pipeline counts once).
+    trips: AtomicU64,
 }
 
 /// The Lua scripts, hashed once (EVALSHA, falling back to EVAL).
 struct Scripts {
     enqueue: Script,
     promote: Script,
-    park: Script,
+    claim: Script,
     ack: Script,
     retry: Script,
     dead: Script,
@@ -161,7 +189,7 @@ impl Scripts {
         Scripts {
             enqueue: Script::new(ENQUEUE),
             promote: Script::new(PROMOTE),
-            park: owned(PARK),
+            claim: Script::new(CLAIM),
             ack: owned(&format!("{ACK}\n{RELEASE}")),
             retry: owned(RETRY),
             dead: owned(&format!("{DEAD}\n{RELEASE}")),
@@ -196,7 +224,9 @@ impl RedisQueue {
             consumer: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
             visibility,
             last_reclaim: Mutex::new(Instant::now() - RECLAIM_EVERY),
+            last_promote: Mutex::new(Instant::now() - PROMOTE_EVERY),
             scripts: Scripts::new(),
+            trips: AtomicU64::new(0),
         };
         queue.ensure_group().await?;
         Ok(queue)
@@ -216,32 +246,8 @@ impl RedisQueue {
         (format!("{}:order:{}", self.prefix, job.order_key), format!("{}:parked:{}", self.prefix, job.order_key))
     }
 
-    /// Park `reserved` if an earlier job of its deal is live; true if parked.
-    async fn parked(&self, reserved: &Reserved) -> Result<bool, QueueError> {
-        if reserved.job.order_key.is_empty() {
-            return Ok(false);
-        }
-        let (order, parked) = self.order_keys(&reserved.job);
-        let mut c = self.conn.clone();
-        let done: i64 = self
-            .scripts
-            .park
-            .key(self.key("jobs"))
-            .key(order)
-            .key(parked)
-            .key(self.key("parked:count"))
-            .arg(GROUP)
-            .arg(&reserved.lease)
-            .arg(&self.consumer)
-            .arg(&reserved.job.id)
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        Ok(done == 1)
-    }
-
     async fn ensure_group(&self) -> Result<(), QueueError> {
-        let mut c = self.conn.clone();
+        let mut c = self.trip();
         let created: Result<(), redis::RedisError> = c.xgroup_create_mkstream(self.key("jobs"), GROUP, "0").await;
         match created {
             Ok(()) => Ok(()),
@@ -260,41 +266,59 @@ impl RedisQueue {
         self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(unavailable)
     }
 
-    /// Load the job an entry names, counting `deliveries` (the entry's
-    /// delivery count) as started attempts; an entry whose job is gone
-    /// (finished elsewhere) is acknowledged and skipped.
-    async fn job_for(
-        &self,
-        entry_id: &str,
-        job_id: Option<String>,
-        deliveries: u32,
-    ) -> Result<Option<Reserved>, QueueError> {
-        let mut c = self.conn.clone();
-        if let Some(id) = job_id {
-            let json: Option<String> = c.get(self.job_key(&id)).await.map_err(unavailable)?;
-            if let Some(json) = json {
-                let mut job: Job = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
-                let deliveries = deliveries.max(1);
-                job.attempts += deliveries;
-                job.interrupted += deliveries - 1;
-                return Ok(Some(Reserved { job, lease: entry_id.to_string() }));
-            }
-        }
-        let _: () = redis::pipe()
-            .xack(self.key("jobs"), GROUP, &[entry_id])
-            .xdel(self.key("jobs"), &[entry_id])
-            .query_async(&mut c)
+    /// One more request to Redis (for the round-trip count).
+    fn trip(&self) -> ConnectionManager {
+        self.trips.fetch_add(1, Ordering::Relaxed);
+        self.conn.clone()
+    }
+
+    /// Claim a read entry in one request (see CLAIM): its job, with the
+    /// attempts started on the entry counted (more than one means earlier
+    /// holders stopped mid-attempt), or None.
+    async fn claim(&self, entry_id: &str, job_id: Option<String>) -> Result<Option<Reserved>, QueueError> {
+        let job_id = job_id.unwrap_or_default();
+        let mut c = self.trip();
+        let reply: Vec<redis::Value> = self
+            .scripts
+            .claim
+            .key(self.key("jobs"))
+            .key(self.job_key(&job_id))
+            .key(self.key("parked:count"))
+            .arg(GROUP)
+            .arg(entry_id)
+            .arg(&self.consumer)
+            .arg(&job_id)
+            .arg(&self.prefix)
+            .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
-        Ok(None)
+        let [code, json, deliveries] = <[redis::Value; 3]>::try_from(reply).unwrap_or_default();
+        if redis::from_redis_value::<i64>(code).ok() != Some(2) {
+            return Ok(None);
+        }
+        let json: String = redis::from_redis_value(json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        let deliveries: u32 = redis::from_redis_value(deliveries).unwrap_or(1);
+        let mut job: Job = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        let deliveries = deliveries.max(1);
+        job.attempts += deliveries;
+        job.interrupted += deliveries - 1;
+        Ok(Some(Reserved { job, lease: entry_id.to_string() }))
     }
 
     fn entry_job_id(map: &std::collections::HashMap<String, redis::Value>) -> Option<String> {
         map.get("id").and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
     }
 
+    /// Move due retries into the stream, at most every PROMOTE_EVERY.
     async fn promote_due(&self) -> Result<(), QueueError> {
-        let mut c = self.conn.clone();
+        {
+            let mut last = self.last_promote.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() < PROMOTE_EVERY {
+                return Ok(());
+            }
+            *last = Instant::now();
+        }
+        let mut c = self.trip();
         let _: i64 = self
             .scripts
             .promote
@@ -316,7 +340,7 @@ impl RedisQueue {
             }
             *last = Instant::now();
         }
-        let mut c = self.conn.clone();
+        let mut c = self.trip();
         let reply: StreamAutoClaimReply = c
             .xautoclaim_options(
                 self.key("jobs"),
@@ -329,61 +353,63 @@ impl RedisQueue {
             .await
             .map_err(unavailable)?;
         for entry in reply.claimed {
-            let job_id = Self::entry_job_id(&entry.map);
-            let deliveries = self.delivery_count(&entry.id).await?;
-            if let Some(reserved) = self.job_for(&entry.id, job_id, deliveries).await? {
-                tracing::warn!(job_id = %reserved.job.id, deliveries, "took over a job whose worker stopped answering");
+            if let Some(reserved) = self.claim(&entry.id, Self::entry_job_id(&entry.map)).await? {
+                let interrupted = reserved.job.interrupted;
+                tracing::warn!(job_id = %reserved.job.id, interrupted, "took over a job whose worker stopped answering");
                 return Ok(Some(reserved));
             }
         }
         Ok(None)
     }
-
-    /// How many times the group has handed out `entry_id`, this time included.
-    async fn delivery_count(&self, entry_id: &str) -> Result<u32, QueueError> {
-        let mut c = self.conn.clone();
-        let reply: redis::streams::StreamPendingCountReply =
-            c.xpending_count(self.key("jobs"), GROUP, entry_id, entry_id, 1).await.map_err(unavailable)?;
-        Ok(reply.ids.first().map(|p| p.times_delivered as u32).unwrap_or(1))
-    }
 }
 
 #[async_trait]
 impl JobQueue for RedisQueue {
+    /// All the jobs in one pipelined request.
     async fn enqueue(&self, jobs: Vec<Job>) -> Result<usize, QueueError> {
-        let mut c = self.conn.clone();
-        let mut added = 0;
-        for job in jobs {
-            let (order, _) = self.order_keys(&job);
-            let one: i64 = self
-                .scripts
-                .enqueue
-                .key(self.job_key(&job.id))
-                .key(self.key("jobs"))
-                .key(self.key("dead"))
-                .key(order)
-                .arg(to_json(&job)?)
-                .arg(&job.id)
-                .arg(if job.order_key.is_empty() { "0" } else { "1" })
-                .invoke_async(&mut c)
-                .await
-                .map_err(unavailable)?;
-            added += one as usize;
+        if jobs.is_empty() {
+            return Ok(0);
         }
-        Ok(added)
+        let mut pipe = redis::pipe();
+        for job in &jobs {
+            let (order, _) = self.order_keys(job);
+            pipe.cmd("EVALSHA")
+                .arg(self.scripts.enqueue.get_hash())
+                .arg(4)
+                .arg(self.job_key(&job.id))
+                .arg(self.key("jobs"))
+                .arg(self.key("dead"))
+                .arg(order)
+                .arg(to_json(job)?)
+                .arg(&job.id)
+                .arg(if job.order_key.is_empty() { "0" } else { "1" });
+        }
+        let mut c = self.trip();
+        let added: Vec<i64> = match pipe.query_async(&mut c).await {
+            Ok(added) => added,
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                // Redis lost its scripts (a restart): load, and once more
+                // (enqueueing a job twice adds it once).
+                self.trip();
+                self.scripts.enqueue.prepare_invoke().load_async(&mut c).await.map_err(unavailable)?;
+                self.trip();
+                pipe.query_async(&mut c).await.map_err(unavailable)?
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        Ok(added.into_iter().sum::<i64>() as usize)
     }
 
     async fn reserve(&self, wait: Duration) -> Result<Option<Reserved>, QueueError> {
         let give_up = Instant::now() + wait;
         loop {
             self.promote_due().await?;
-            if let Some(job) = self.reclaim().await?
-                && !self.parked(&job).await?
-            {
+            if let Some(job) = self.reclaim().await? {
                 return Ok(Some(job));
             }
             let block = BLOCK.min(give_up.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
             let mut conn = self.blocking_conn().await?;
+            self.trips.fetch_add(1, Ordering::Relaxed);
             let options =
                 StreamReadOptions::default().group(GROUP, &self.consumer).count(1).block(block.as_millis() as usize);
             let read: Result<StreamReadReply, redis::RedisError> =
@@ -402,10 +428,7 @@ impl JobQueue for RedisQueue {
             };
             for key in reply.keys {
                 for entry in key.ids {
-                    let job_id = Self::entry_job_id(&entry.map);
-                    if let Some(reserved) = self.job_for(&entry.id, job_id, 1).await?
-                        && !self.parked(&reserved).await?
-                    {
+                    if let Some(reserved) = self.claim(&entry.id, Self::entry_job_id(&entry.map)).await? {
                         return Ok(Some(reserved));
                     }
                 }
@@ -417,7 +440,7 @@ impl JobQueue for RedisQueue {
     }
 
     async fn ack(&self, reserved: &Reserved) -> Result<(), QueueError> {
-        let mut c = self.conn.clone();
+        let mut c = self.trip();
         let (order, parked) = self.order_keys(&reserved.job);
         let _: i64 = self
             .scripts
@@ -438,7 +461,7 @@ impl JobQueue for RedisQueue {
     }
 
     async fn retry(&self, reserved: Reserved, delay: Duration) -> Result<(), QueueError> {
-        let mut c = self.conn.clone();
+        let mut c = self.trip();
         let due = now_ms() + delay.as_millis() as u64;
         let job = &reserved.job;
         let _: i64 = self
@@ -460,7 +483,7 @@ impl JobQueue for RedisQueue {
     }
 
     async fn dead_letter(&self, reserved: Reserved, reason: String) -> Result<(), QueueError> {
-        let mut c = self.conn.clone();
+        let mut c = self.trip();
         let lease = reserved.lease;
         let (order, parked) = self.order_keys(&reserved.job);
         let letter = DeadLetter { job: reserved.job, reason, failed_at_ms: now_ms() };
@@ -487,12 +510,13 @@ impl JobQueue for RedisQueue {
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let mut c = self.conn.clone();
+        let mut c = self.trip();
         let stop = if limit == usize::MAX { -1 } else { limit as isize - 1 };
         let ids: Vec<String> = c.zrange(self.key("dead:index"), 0, stop).await.map_err(unavailable)?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        self.trips.fetch_add(1, Ordering::Relaxed);
         let letters: Vec<Option<String>> =
             redis::cmd("HMGET").arg(self.key("dead")).arg(&ids).query_async(&mut c).await.map_err(unavailable)?;
         letters
@@ -503,7 +527,7 @@ impl JobQueue for RedisQueue {
     }
 
     async fn replay(&self, job_id: &str) -> Result<Option<Job>, QueueError> {
-        let mut c = self.conn.clone();
+        let mut c = self.trip();
         let json: Option<String> = c.hget(self.key("dead"), job_id).await.map_err(unavailable)?;
         let Some(json) = json else { return Ok(None) };
         let letter: DeadLetter = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
@@ -511,6 +535,7 @@ impl JobQueue for RedisQueue {
         job.budget_start = job.attempts;
         job.deferrals = 0;
         let (order, _) = self.order_keys(&job);
+        self.trips.fetch_add(1, Ordering::Relaxed);
         let moved: i64 = self
             .scripts
             .replay
@@ -529,10 +554,11 @@ impl JobQueue for RedisQueue {
     }
 
     async fn depth(&self) -> Result<QueueDepth, QueueError> {
-        let mut c = self.conn.clone();
+        let mut c = self.trip();
         let groups: redis::streams::StreamInfoGroupsReply =
             c.xinfo_groups(self.key("jobs")).await.map_err(unavailable)?;
         let group = groups.groups.into_iter().find(|g| g.name == GROUP);
+        self.trips.fetch_add(3, Ordering::Relaxed);
         let delayed: u64 = c.zcard(self.key("delayed")).await.map_err(unavailable)?;
         let parked: Option<i64> = c.get(self.key("parked:count")).await.map_err(unavailable)?;
         let dead: u64 = c.hlen(self.key("dead")).await.map_err(unavailable)?;
@@ -545,8 +571,12 @@ impl JobQueue for RedisQueue {
         })
     }
 
+    fn round_trips(&self) -> u64 {
+        self.trips.load(Ordering::Relaxed)
+    }
+
     async fn ping(&self) -> Result<(), QueueError> {
-        let mut c = self.conn.clone();
+        let mut c = self.trip();
         let _: () = c.set_ex(self.key("ready"), now_ms(), 60).await.map_err(unavailable)?;
         Ok(())
     }

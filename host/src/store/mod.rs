@@ -110,7 +110,7 @@ pub struct ListQuery {
 }
 
 /// Storage failures. All mean "could not be stored now": the API answers 503.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("receipt store unavailable: {0}")]
     Unavailable(String),

@@ -18,20 +18,32 @@
 //! Unique index `dedupe` on (provider, reference, status_key), created at
 //! start-up. Dedupe inserts and treats duplicate key (11000) as "duplicate"
 //! (find-then-insert would race). Attempts are recorded with an optimistic
-//! compare-and-set on `rev`, so the Meta and Brevo jobs of one receipt can
-//! record concurrently without losing each other's update.
+//! compare-and-set on `rev`, so the Meta and Brevo jobs of one receipt (or
+//! two hosts) can record concurrently without losing each other's update.
+//!
+//! Round trips are shared between concurrent requests: inserts go in one
+//! unordered `insert_many` (a duplicate fails alone; duplicates are then
+//! looked up together), "jobs queued" marks in one `update_many`, and
+//! attempts are recorded with one read of all their receipts and one write
+//! per receipt. So a webhook costs a fraction of a round trip to accept,
+//! and a delivery outcome about one. (A single positional update per
+//! outcome, `actions.$[a]` with array filters, would spare the read, but
+//! the nx-27017 stand-in the tests run against does not implement it.)
 //!
 //! `/ready` upserts `{ _id: "ready", at_ms }` in `<DB_COLLECTION>_health`: a
 //! server that answers but refuses writes is not ready.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use mongodb::bson::{self, Document, doc};
-use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, IndexModel};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{AttemptRecord, Inserted, ListQuery, Receipt, ReceiptStore, StoreError, apply_attempt, now_ms};
 
@@ -41,9 +53,60 @@ const CAS_ATTEMPTS: usize = 20;
 
 /// Receipts in a MongoDB collection.
 pub struct MongoStore {
+    inner: Arc<Inner>,
+    inserts: Batcher<(Document, Receipt), Result<Inserted, StoreError>>,
+    marks: Batcher<String, Result<(), StoreError>>,
+    records: Batcher<(String, AttemptRecord), Result<(), StoreError>>,
+}
+
+struct Inner {
     db: mongodb::Database,
     coll: Collection<Document>,
     trips: AtomicU64,
+}
+
+/// Most requests one batched round trip carries.
+const MAX_BATCH: usize = 256;
+
+/// Requests that share round trips: a task takes every request waiting (up
+/// to MAX_BATCH) and runs them together; one batch at a time, so those that
+/// arrive during a round trip form the next batch. Alone, a request goes at
+/// once.
+struct Batcher<I, O> {
+    requests: mpsc::UnboundedSender<(I, oneshot::Sender<O>)>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    fn spawn<F, Fut>(run: F) -> Batcher<I, O>
+    where
+        F: Fn(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<O>> + Send,
+    {
+        let (requests, mut waiting) = mpsc::unbounded_channel::<(I, oneshot::Sender<O>)>();
+        tokio::spawn(async move {
+            while let Some(first) = waiting.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match waiting.try_recv() {
+                        Ok(request) => batch.push(request),
+                        Err(_) => break,
+                    }
+                }
+                let (inputs, answers): (Vec<I>, Vec<oneshot::Sender<O>>) = batch.into_iter().unzip();
+                for (answer, output) in answers.into_iter().zip(run(inputs).await) {
+                    let _ = answer.send(output);
+                }
+            }
+        });
+        Batcher { requests }
+    }
+
+    async fn call(&self, input: I) -> Result<O, StoreError> {
+        let stopped = || StoreError::Unavailable("the MongoDB request batcher stopped".into());
+        let (answer, answered) = oneshot::channel();
+        self.requests.send((input, answer)).map_err(|_| stopped())?;
+        answered.await.map_err(|_| stopped())
+    }
 }
 
 fn unavailable(e: mongodb::error::Error) -> StoreError {
@@ -52,14 +115,6 @@ fn unavailable(e: mongodb::error::Error) -> StoreError {
 
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
-}
-
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    match e.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
-        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
-        _ => e.to_string().contains("E11000"),
-    }
 }
 
 fn decode(mut d: Document) -> Result<Receipt, StoreError> {
@@ -87,16 +142,34 @@ impl MongoStore {
         let client = Client::with_options(options).map_err(unavailable)?;
         let db = client.database(&db_name);
         let coll = db.collection::<Document>(collection);
-        let store = MongoStore { db, coll, trips: AtomicU64::new(0) };
+        let inner = Arc::new(Inner { db, coll, trips: AtomicU64::new(0) });
+        let (a, b, c) = (inner.clone(), inner.clone(), inner.clone());
+        let store = MongoStore {
+            inserts: Batcher::spawn(move |batch| {
+                let inner = a.clone();
+                async move { inner.insert_batch(batch).await }
+            }),
+            marks: Batcher::spawn(move |ids| {
+                let inner = b.clone();
+                async move { inner.mark_batch(ids).await }
+            }),
+            records: Batcher::spawn(move |batch| {
+                let inner = c.clone();
+                async move { inner.record_batch(batch).await }
+            }),
+            inner,
+        };
         store.ping().await?;
         let index = IndexModel::builder()
             .keys(doc! { "provider": 1, "reference": 1, "status_key": 1 })
             .options(IndexOptions::builder().unique(true).name("dedupe".to_string()).build())
             .build();
-        store.coll.create_index(index).await.map_err(unavailable)?;
+        store.inner.coll.create_index(index).await.map_err(unavailable)?;
         Ok(store)
     }
+}
 
+impl Inner {
     fn trip(&self) {
         self.trips.fetch_add(1, Ordering::Relaxed);
     }
@@ -119,70 +192,200 @@ impl MongoStore {
         }
         Ok(out)
     }
-}
 
-#[async_trait]
-impl ReceiptStore for MongoStore {
-    async fn insert(&self, receipt: Receipt) -> Result<Inserted, StoreError> {
-        let mut d = bson::to_document(&receipt).map_err(corrupt)?;
-        let (provider, reference, status_key) = receipt.dedupe_key();
-        d.insert("_id", receipt.id.clone());
-        d.insert("status_key", status_key.clone());
-        d.insert("rev", 0i64);
+    /// Insert receipts in one request (unordered, so one duplicate does not
+    /// stop the others); duplicates of the dedupe key are then found in one
+    /// more request, only when there are any.
+    async fn insert_batch(&self, batch: Vec<(Document, Receipt)>) -> Vec<Result<Inserted, StoreError>> {
+        let (docs, receipts): (Vec<Document>, Vec<Receipt>) = batch.into_iter().unzip();
         self.trip();
-        match self.coll.insert_one(d).await {
-            Ok(_) => Ok(Inserted::New(receipt)),
-            Err(e) if is_duplicate_key(&e) => {
-                let filter = doc! { "provider": provider, "reference": reference, "status_key": status_key };
-                let existing = self.find(filter).await?.ok_or_else(|| {
-                    StoreError::Unavailable("duplicate key reported, but the existing receipt was not found".into())
-                })?;
-                Ok(Inserted::Duplicate(decode(existing)?))
-            }
-            Err(e) => Err(unavailable(e)),
-        }
+        let failed: HashMap<usize, (i32, String)> = match self.coll.insert_many(docs).ordered(false).await {
+            Ok(_) => HashMap::new(),
+            Err(e) => match e.kind.as_ref() {
+                ErrorKind::InsertMany(InsertManyError {
+                    write_errors: Some(errors),
+                    write_concern_error: None,
+                    ..
+                }) => errors.iter().map(|w| (w.index, (w.code, w.message.clone()))).collect(),
+                _ => return receipts.iter().map(|_| Err(unavailable(e.clone()))).collect(),
+            },
+        };
+        let duplicates: Vec<&Receipt> = receipts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| failed.get(i).is_some_and(|(code, _)| *code == DUPLICATE_KEY))
+            .map(|(_, r)| r)
+            .collect();
+        let existing = if duplicates.is_empty() { Ok(HashMap::new()) } else { self.existing(&duplicates).await };
+        receipts
+            .into_iter()
+            .enumerate()
+            .map(|(i, receipt)| match failed.get(&i) {
+                None => Ok(Inserted::New(receipt)),
+                Some((DUPLICATE_KEY, _)) => {
+                    let found = existing.as_ref().map_err(Clone::clone)?.get(&receipt.dedupe_key()).cloned();
+                    found.map(Inserted::Duplicate).ok_or_else(|| {
+                        StoreError::Unavailable("duplicate key reported, but the existing receipt was not found".into())
+                    })
+                }
+                Some((code, message)) => Err(StoreError::Unavailable(format!("insert refused ({code}): {message}"))),
+            })
+            .collect()
     }
 
-    async fn mark_enqueued(&self, id: &str) -> Result<(), StoreError> {
+    /// The stored receipts with the dedupe keys of `receipts`, in one request.
+    async fn existing(&self, receipts: &[&Receipt]) -> Result<HashMap<(String, String, String), Receipt>, StoreError> {
+        let keys: Vec<Document> = receipts
+            .iter()
+            .map(|r| {
+                let (provider, reference, status_key) = r.dedupe_key();
+                doc! { "provider": provider, "reference": reference, "status_key": status_key }
+            })
+            .collect();
+        let found = self.many(doc! { "$or": keys }, None).await?;
+        Ok(found.into_iter().map(|r| (r.dedupe_key(), r)).collect())
+    }
+
+    /// Mark receipts' jobs queued, in one request.
+    async fn mark_batch(&self, ids: Vec<String>) -> Vec<Result<(), StoreError>> {
         let update = doc! { "$set": { "jobs_enqueued": true, "updated_at_ms": now_ms() as i64 } };
         self.trip();
-        self.coll.update_one(doc! { "_id": id }, update).await.map_err(unavailable)?;
-        Ok(())
+        let done = self.coll.update_many(doc! { "_id": { "$in": &ids } }, update).await.map(drop).map_err(unavailable);
+        ids.iter().map(|_| done.clone()).collect()
     }
 
-    async fn record_attempt(&self, id: &str, attempt: AttemptRecord) -> Result<(), StoreError> {
+    /// Record attempts: the receipts are read in one request, then each is
+    /// written once with a compare-and-set on its revision (all at once).
+    /// A receipt changed meanwhile (another host recorded on it) has its
+    /// attempts recorded again one by one.
+    async fn record_batch(self: &Arc<Self>, batch: Vec<(String, AttemptRecord)>) -> Vec<Result<(), StoreError>> {
+        let mut ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        self.trip();
+        let mut stored: HashMap<String, (i64, Receipt)> = HashMap::new();
+        let read = async {
+            let mut cursor = self.coll.find(doc! { "_id": { "$in": &ids } }).await.map_err(unavailable)?;
+            while cursor.advance().await.map_err(unavailable)? {
+                let (rev, receipt) = revision(cursor.deserialize_current().map_err(unavailable)?)?;
+                stored.insert(receipt.id.clone(), (rev, receipt));
+            }
+            Ok::<_, StoreError>(())
+        };
+        if let Err(e) = read.await {
+            return batch.iter().map(|_| Err(e.clone())).collect();
+        }
+        let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
+        // Per receipt: its attempts in order, and their places in `results`.
+        let mut changed: HashMap<String, Vec<(usize, AttemptRecord)>> = HashMap::new();
+        let now = now_ms();
+        for (i, (id, attempt)) in batch.into_iter().enumerate() {
+            results.push(match stored.get_mut(&id) {
+                None => Err(StoreError::NotFound(id)),
+                Some((_, receipt)) => apply_attempt(receipt, &attempt, now).map(|()| {
+                    changed.entry(id).or_default().push((i, attempt));
+                }),
+            });
+        }
+        let mut writes = tokio::task::JoinSet::new();
+        for (id, attempts) in changed {
+            let Some((rev, receipt)) = stored.remove(&id) else { continue };
+            let inner = self.clone();
+            writes.spawn(async move {
+                let outcome = match inner.write_actions(&receipt, rev).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
+                        let mut again = Ok(());
+                        for (_, attempt) in &attempts {
+                            again = again.and(inner.record_one(&id, attempt).await);
+                        }
+                        again
+                    }
+                    Err(e) => Err(e),
+                };
+                (attempts.into_iter().map(|(i, _)| i).collect::<Vec<_>>(), outcome)
+            });
+        }
+        while let Some(written) = writes.join_next().await {
+            match written {
+                Ok((places, outcome)) => {
+                    for i in places {
+                        results[i] = outcome.clone();
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "a receipt write task failed"),
+            }
+        }
+        results
+    }
+
+    /// Write a receipt's actions if its revision is still `rev`; false if
+    /// it changed meanwhile.
+    async fn write_actions(&self, receipt: &Receipt, rev: i64) -> Result<bool, StoreError> {
+        let actions = bson::to_bson(&receipt.actions).map_err(corrupt)?;
+        let update = doc! {
+            "$set": { "actions": actions, "updated_at_ms": receipt.updated_at_ms as i64 },
+            "$inc": { "rev": 1i64 },
+        };
+        self.trip();
+        let result =
+            self.coll.update_one(doc! { "_id": &receipt.id, "rev": rev }, update).await.map_err(unavailable)?;
+        Ok(result.matched_count == 1)
+    }
+
+    /// Record one attempt: read, apply, compare-and-set, until it sticks.
+    async fn record_one(&self, id: &str, attempt: &AttemptRecord) -> Result<(), StoreError> {
         for _ in 0..CAS_ATTEMPTS {
-            let Some(mut d) = self.find(doc! { "_id": id }).await? else {
+            let Some(d) = self.find(doc! { "_id": id }).await? else {
                 return Err(StoreError::NotFound(id.to_string()));
             };
-            // Stored as a 64-bit integer; servers may hand small ones back as 32-bit.
-            let rev = match d.get("rev") {
-                Some(bson::Bson::Int64(n)) => *n,
-                Some(bson::Bson::Int32(n)) => i64::from(*n),
-                Some(bson::Bson::Double(n)) => *n as i64,
-                _ => {
-                    return Err(StoreError::Corrupt(format!("receipt {id} has no revision number")));
-                }
-            };
-            d.remove("rev");
-            let mut receipt = decode(d)?;
-            apply_attempt(&mut receipt, &attempt, now_ms())?;
-            let actions = bson::to_bson(&receipt.actions).map_err(corrupt)?;
-            let update = doc! {
-                "$set": { "actions": actions, "updated_at_ms": receipt.updated_at_ms as i64 },
-                "$inc": { "rev": 1i64 },
-            };
-            self.trip();
-            let result = self.coll.update_one(doc! { "_id": id, "rev": rev }, update).await.map_err(unavailable)?;
-            if result.matched_count == 1 {
+            let (rev, mut receipt) = revision(d)?;
+            apply_attempt(&mut receipt, attempt, now_ms())?;
+            if self.write_actions(&receipt, rev).await? {
                 return Ok(());
             }
         }
         Err(StoreError::Unavailable(format!("receipt {id} kept changing; attempt not recorded")))
     }
+}
+
+/// A stored receipt and its revision number.
+fn revision(mut d: Document) -> Result<(i64, Receipt), StoreError> {
+    // Stored as a 64-bit integer; servers may hand small ones back as 32-bit.
+    let rev = match d.get("rev") {
+        Some(bson::Bson::Int64(n)) => *n,
+        Some(bson::Bson::Int32(n)) => i64::from(*n),
+        Some(bson::Bson::Double(n)) => *n as i64,
+        _ => {
+            let id = d.get_str("_id").unwrap_or("?");
+            return Err(StoreError::Corrupt(format!("receipt {id} has no revision number")));
+        }
+    };
+    d.remove("rev");
+    Ok((rev, decode(d)?))
+}
+
+#[async_trait]
+impl ReceiptStore for MongoStore {
+    /// Batched with concurrent inserts: one request for many webhooks.
+    async fn insert(&self, receipt: Receipt) -> Result<Inserted, StoreError> {
+        let mut d = bson::to_document(&receipt).map_err(corrupt)?;
+        d.insert("_id", receipt.id.clone());
+        d.insert("status_key", receipt.event.status_key());
+        d.insert("rev", 0i64);
+        self.inserts.call((d, receipt)).await?
+    }
+
+    async fn mark_enqueued(&self, id: &str) -> Result<(), StoreError> {
+        self.marks.call(id.to_string()).await?
+    }
+
+    async fn record_attempt(&self, id: &str, attempt: AttemptRecord) -> Result<(), StoreError> {
+        self.records.call((id.to_string(), attempt)).await?
+    }
 
     async fn get(&self, id: &str) -> Result<Option<Receipt>, StoreError> {
-        self.find(doc! { "_id": id }).await?.map(decode).transpose()
+        self.inner.find(doc! { "_id": id }).await?.map(decode).transpose()
     }
 
     async fn list(&self, query: ListQuery) -> Result<Vec<Receipt>, StoreError> {
@@ -190,17 +393,17 @@ impl ReceiptStore for MongoStore {
             Some(state) => doc! { "actions.state": bson::to_bson(&state).map_err(corrupt)? },
             None => doc! {},
         };
-        self.many(filter, Some(query.limit as i64)).await
+        self.inner.many(filter, Some(query.limit as i64)).await
     }
 
     async fn unqueued(&self) -> Result<Vec<Receipt>, StoreError> {
-        self.many(doc! { "jobs_enqueued": false }, None).await
+        self.inner.many(doc! { "jobs_enqueued": false }, None).await
     }
 
     /// A small write, not a `ping` command: a server that answers but
     /// refuses writes (disk full, a secondary) is not ready.
     async fn ping(&self) -> Result<(), StoreError> {
-        let health = self.db.collection::<Document>(&format!("{}_health", self.coll.name()));
+        let health = self.inner.db.collection::<Document>(&format!("{}_health", self.inner.coll.name()));
         health
             .update_one(doc! { "_id": "ready" }, doc! { "$set": { "at_ms": now_ms() as i64 } })
             .upsert(true)
@@ -210,6 +413,6 @@ impl ReceiptStore for MongoStore {
     }
 
     fn round_trips(&self) -> u64 {
-        self.trips.load(Ordering::Relaxed)
+        self.inner.trips.load(Ordering::Relaxed)
     }
 }
