@@ -438,25 +438,55 @@ async fn bare_limit(dir: &std::path::Path) -> f64 {
     rate
 }
 
-async fn pipeline(label: &str, backend: &[(&str, String)], limit: Option<f64>) {
-    let arrivals = Arrivals::default();
-    let url = stand_ins(arrivals.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut vars: Vec<(&str, String)> = vec![
+/// The service's settings for a run against the stand-ins at `url`.
+fn service_vars(dir: &std::path::Path, url: &str, backend: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+    let mut vars: Vec<(&'static str, String)> = vec![
         ("API_KEY", KEY.to_string()),
-        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("DATA_DIR", dir.join("data").display().to_string()),
         ("PLUGINS_DIR", support::repo().join("plugins").display().to_string()),
-        ("PLUGIN_CACHE_DIR", dir.path().join("cache").display().to_string()),
+        ("PLUGIN_CACHE_DIR", dir.join("cache").display().to_string()),
         ("META_ACCESS_TOKEN", "bench-token".to_string()),
         ("META_PIXEL_ID", "1234567890".to_string()),
-        ("META_GRAPH_URL", url.clone()),
+        ("META_GRAPH_URL", url.to_string()),
         ("BREVO_API_KEY", "xkeysib-bench".to_string()),
         ("BREVO_SENDER_EMAIL", "deals@example.com".to_string()),
-        ("BREVO_API_URL", url),
+        ("BREVO_API_URL", url.to_string()),
         // One client address sends everything here; the limit is per address.
         ("RATE_LIMIT_MAX", "100000000".to_string()),
     ];
     vars.extend(backend.iter().cloned());
+    vars
+}
+
+/// The accept path alone: the service with its workers off (the
+/// `--api-only` role), so nothing competes with accepting.
+async fn accepts_alone(limit: f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars = service_vars(dir.path(), "http://127.0.0.1:9", &[]);
+    vars.push(("BENCH_API_ONLY", "1".to_string()));
+    let service = Service::start("--serve", &vars, &dir.path().join("service.log")).await;
+    let cpu_before = service.cpu();
+    let seen = load(service.addr, seconds(), webhook("ALONE")).await;
+    let accepts = seen.ok as f64 / seen.elapsed.as_secs_f64();
+    println!("accept path alone, embedded (workers off, {CONNECTIONS} connections, {} s):", seconds().as_secs());
+    println!(
+        "  accepted                 {accepts:>8.0} webhooks/s ({:.0} % of the limit), {} refused",
+        accepts / limit * 100.0,
+        seen.failed
+    );
+    println!(
+        "  accept latency           p50 {:.1} ms, p99 {:.1} ms; service CPU {:.0} µs per webhook",
+        millis(percentile(&seen.latencies, 0.5)),
+        millis(percentile(&seen.latencies, 0.99)),
+        micros(service.cpu().saturating_sub(cpu_before)) / seen.ok.max(1) as f64
+    );
+}
+
+async fn pipeline(label: &str, backend: &[(&'static str, String)], limit: Option<f64>) {
+    let arrivals = Arrivals::default();
+    let url = stand_ins(arrivals.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = service_vars(dir.path(), &url, backend);
     let service = Service::start("--serve", &vars, &dir.path().join("service.log")).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_rss = service.rss_mb();
@@ -578,7 +608,9 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     match std::env::args().nth(1).as_deref() {
         Some("--serve") => {
-            if let Err(e) = runtime.block_on(crm_event_handler::run(crm_event_handler::Role::BOTH)) {
+            // BENCH_API_ONLY: the `--api-only` role.
+            let workers = std::env::var_os("BENCH_API_ONLY").is_none();
+            if let Err(e) = runtime.block_on(crm_event_handler::run(crm_event_handler::Role { api: true, workers })) {
                 eprintln!("error: {e:#}");
                 std::process::exit(1);
             }
@@ -595,6 +627,7 @@ async fn bench() {
     let dir = tempfile::tempdir().unwrap();
     let limit = if runs("embedded") || runs("mongo") { Some(bare_limit(dir.path()).await) } else { None };
     if runs("embedded") {
+        accepts_alone(limit.unwrap_or(f64::NAN)).await;
         pipeline("embedded store + queue", &[], limit).await;
     }
     if runs("mongo") {

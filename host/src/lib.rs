@@ -54,9 +54,13 @@ impl App {
         // The embedded backends share one file.
         let file = match (&config.store, &config.queue) {
             (StoreBackend::MongoDb(_), QueueBackend::Redis(_)) => None,
-            _ => Some(store::redb_file::open_embedded(&config.data_dir).map_err(|e| {
-                anyhow::anyhow!("cannot open the embedded store in DATA_DIR={}: {e}", config.data_dir.display())
-            })?),
+            _ => Some(
+                store::redb_file::open_embedded(&config.data_dir, config.queue == QueueBackend::Embedded).map_err(
+                    |e| {
+                        anyhow::anyhow!("cannot open the embedded store in DATA_DIR={}: {e}", config.data_dir.display())
+                    },
+                )?,
+            ),
         };
         let store: Arc<dyn ReceiptStore> = match &config.store {
             StoreBackend::Embedded => {

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub routes_reload_failures: Counter,
     pub queue_depth: Family<QueueLabels, Gauge>,
     round_trips: Family<BackendLabels, Counter>,
+    /// Two scrapes at once must not both add the same difference.
+    round_trips_sync: std::sync::Mutex<()>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,12 +151,14 @@ impl Metrics {
             routes_reload_failures,
             queue_depth,
             round_trips,
+            round_trips_sync: std::sync::Mutex::new(()),
         }
     }
 
     /// Bring a backend's round-trip counter up to the total it reports.
     pub fn set_round_trips(&self, backend: &'static str, total: u64) {
         if total > 0 {
+            let _one_at_a_time = self.round_trips_sync.lock().unwrap_or_else(|e| e.into_inner());
             let counter = self.round_trips.get_or_create(&BackendLabels { backend });
             counter.inc_by(total.saturating_sub(counter.get()));
         }

@@ -4,13 +4,20 @@
 //!
 //! Layout:
 //! - `jobs`: job id → `{"job": …, "due_ms": …, "running": bool}` for every
-//!   live job, whether waiting, delayed or reserved
+//!   live job, whether waiting, delayed or reserved, as it was queued
+//! - `job_state`: job id → its counters, due time and running flag since
+//!   (`JobState`, 25 bytes), once it has been reserved; it overrides those
+//!   of `jobs`, so reserving and retrying rewrite 25 bytes, not the job
 //! - `dead`: job id → `{"job": …, "reason": …, "failed_at_ms": …}`
 //!
-//! Reserving a job writes it back with `attempts` raised and `running` set
-//! before the worker gets it, so an attempt during which the process dies
-//! still counts: at start-up a job found `running` had an attempt
-//! interrupted. A reserved job stays in `jobs` until acknowledged, retried
+//! Reserving a job writes its state with `attempts` raised and `running`
+//! set before the worker gets it, so an attempt during which the process
+//! dies still counts: at start-up a job found `running` had an attempt
+//! interrupted. New jobs, states and dead letters are encoded before they
+//! reach the committer. Changes to the schedule in memory are made on the
+//! committer once the change is committed (`RedbFile::write_then`), in
+//! commit order, so a caller that stops waiting cannot leave a committed
+//! job out of it. A reserved job stays in `jobs` until acknowledged, retried
 //! or dead-lettered, so a crash mid-delivery leaves it to run again after
 //! the restart. If settling a job fails (a storage fault), the job is due
 //! again shortly, as the file says it is. One process owns the file (redb
@@ -43,6 +50,7 @@ use crate::store::{AttemptRecord, Inserted, Receipt, StoreError};
 
 pub(crate) const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 pub(crate) const DEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("dead");
+pub(crate) const JOB_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("job_state");
 
 /// How soon a job whose settling failed is due again.
 const AFTER_FAULT: Duration = Duration::from_secs(1);
@@ -54,6 +62,66 @@ struct StoredJob {
     /// Reserved by a worker that has not settled it yet.
     #[serde(default)]
     running: bool,
+}
+
+/// What changes about a live job after it is queued.
+struct JobState {
+    attempts: u32,
+    interrupted: u32,
+    deferrals: u32,
+    budget_start: u32,
+    due_ms: u64,
+    running: bool,
+}
+
+impl JobState {
+    const LEN: usize = 25;
+
+    fn of(job: &Job, due_ms: u64, running: bool) -> JobState {
+        JobState {
+            attempts: job.attempts,
+            interrupted: job.interrupted,
+            deferrals: job.deferrals,
+            budget_start: job.budget_start,
+            due_ms,
+            running,
+        }
+    }
+
+    fn encode(&self) -> [u8; JobState::LEN] {
+        let mut out = [0u8; JobState::LEN];
+        out[0..4].copy_from_slice(&self.attempts.to_le_bytes());
+        out[4..8].copy_from_slice(&self.interrupted.to_le_bytes());
+        out[8..12].copy_from_slice(&self.deferrals.to_le_bytes());
+        out[12..16].copy_from_slice(&self.budget_start.to_le_bytes());
+        out[16..24].copy_from_slice(&self.due_ms.to_le_bytes());
+        out[24] = u8::from(self.running);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<JobState, QueueError> {
+        let corrupt = || QueueError::Corrupt(format!("job state of {} bytes, expected {}", bytes.len(), JobState::LEN));
+        let bytes: &[u8; JobState::LEN] = bytes.try_into().map_err(|_| corrupt())?;
+        let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let mut due = [0u8; 8];
+        due.copy_from_slice(&bytes[16..24]);
+        Ok(JobState {
+            attempts: u32_at(0),
+            interrupted: u32_at(4),
+            deferrals: u32_at(8),
+            budget_start: u32_at(12),
+            due_ms: u64::from_le_bytes(due),
+            running: bytes[24] != 0,
+        })
+    }
+
+    /// `stored` as this state says.
+    fn apply(&self, stored: &mut StoredJob) {
+        let job = &mut stored.job;
+        (job.attempts, job.interrupted, job.deferrals, job.budget_start) =
+            (self.attempts, self.interrupted, self.deferrals, self.budget_start);
+        (stored.due_ms, stored.running) = (self.due_ms, self.running);
+    }
 }
 
 /// The in-memory schedule.
@@ -152,51 +220,78 @@ fn from_json<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, QueueError> {
     serde_json::from_slice(b).map_err(|e| QueueError::Corrupt(e.to_string()))
 }
 
-/// Add the jobs not live or dead yet, due at `now`; the ones added.
-fn enqueue_in(txn: &WriteTransaction, jobs: Vec<Job>, now: u64) -> Result<Vec<Job>, QueueError> {
+/// Jobs queued as new, due at `now`, and their stored form.
+fn encode_jobs(jobs: Vec<Job>, now: u64) -> Result<Vec<(Job, Vec<u8>)>, QueueError> {
+    jobs.into_iter()
+        .map(|job| {
+            let stored = StoredJob { job, due_ms: now, running: false };
+            let bytes = to_json(&stored)?;
+            Ok((stored.job, bytes))
+        })
+        .collect()
+}
+
+/// Add the jobs not live or dead yet; the ones added.
+fn enqueue_in(txn: &WriteTransaction, jobs: &[(Job, Vec<u8>)]) -> Result<Vec<Job>, QueueError> {
     let mut table = txn.open_table(JOBS).map_err(unavailable)?;
     let dead = txn.open_table(DEAD).map_err(unavailable)?;
     let mut added = Vec::new();
-    for job in jobs {
+    for (job, bytes) in jobs {
         let exists = table.get(job.id.as_str()).map_err(unavailable)?.is_some()
             || dead.get(job.id.as_str()).map_err(unavailable)?.is_some();
         if exists {
             continue;
         }
-        let stored = StoredJob { job, due_ms: now, running: false };
-        table.insert(stored.job.id.as_str(), to_json(&stored)?.as_slice()).map_err(unavailable)?;
-        added.push(stored.job);
+        table.insert(job.id.as_str(), bytes.as_slice()).map_err(unavailable)?;
+        added.push(job.clone());
     }
     Ok(added)
 }
 
-/// Write a job's record.
-fn put_in(txn: &WriteTransaction, stored: &StoredJob) -> Result<(), QueueError> {
-    let bytes = to_json(stored)?;
-    txn.open_table(JOBS).map_err(unavailable)?.insert(stored.job.id.as_str(), bytes.as_slice()).map_err(unavailable)?;
+/// Write a live job's state.
+fn put_state_in(txn: &WriteTransaction, id: &str, state: &JobState) -> Result<(), QueueError> {
+    txn.open_table(JOB_STATE).map_err(unavailable)?.insert(id, state.encode().as_slice()).map_err(unavailable)?;
     Ok(())
 }
 
+/// Remove a job that is no longer live.
+fn remove_in(txn: &WriteTransaction, id: &str) -> Result<(), QueueError> {
+    txn.open_table(JOBS).map_err(unavailable)?.remove(id).map_err(unavailable)?;
+    txn.open_table(JOB_STATE).map_err(unavailable)?.remove(id).map_err(unavailable)?;
+    Ok(())
+}
+
+/// How a settle is written: what `Settle` says, with the dead letter
+/// encoded beforehand.
+enum SettleWrite {
+    Ack,
+    Retry(JobState),
+    Dead(Vec<u8>),
+}
+
+impl SettleWrite {
+    fn new(job: &Job, how: &Settle, now: u64) -> Result<SettleWrite, QueueError> {
+        Ok(match how {
+            Settle::Ack => SettleWrite::Ack,
+            Settle::Retry(delay) => SettleWrite::Retry(JobState::of(job, now + delay.as_millis() as u64, false)),
+            Settle::Dead(reason) => {
+                SettleWrite::Dead(to_json(&DeadLetter { job: job.clone(), reason: reason.clone(), failed_at_ms: now })?)
+            }
+        })
+    }
+}
+
 /// The queue's half of settling a job.
-fn settle_in(txn: &WriteTransaction, job: &Job, how: &Settle, now: u64) -> Result<(), QueueError> {
+fn settle_in(txn: &WriteTransaction, id: &str, how: &SettleWrite) -> Result<(), QueueError> {
     match how {
-        Settle::Ack => {
-            txn.open_table(JOBS).map_err(unavailable)?.remove(job.id.as_str()).map_err(unavailable)?;
-        }
-        Settle::Retry(delay) => {
-            put_in(txn, &StoredJob { job: job.clone(), due_ms: now + delay.as_millis() as u64, running: false })?;
-        }
-        Settle::Dead(reason) => {
-            let letter = DeadLetter { job: job.clone(), reason: reason.clone(), failed_at_ms: now };
-            let bytes = to_json(&letter)?;
-            txn.open_table(JOBS).map_err(unavailable)?.remove(job.id.as_str()).map_err(unavailable)?;
-            txn.open_table(DEAD)
-                .map_err(unavailable)?
-                .insert(job.id.as_str(), bytes.as_slice())
-                .map_err(unavailable)?;
+        SettleWrite::Ack => remove_in(txn, id),
+        SettleWrite::Retry(state) => put_state_in(txn, id, state),
+        SettleWrite::Dead(letter) => {
+            remove_in(txn, id)?;
+            txn.open_table(DEAD).map_err(unavailable)?.insert(id, letter.as_slice()).map_err(unavailable)?;
+            Ok(())
         }
     }
-    Ok(())
 }
 
 impl EmbeddedQueue {
@@ -208,9 +303,13 @@ impl EmbeddedQueue {
         file.read(|db: &Database| {
             let txn = db.begin_read().map_err(unavailable)?;
             let jobs = txn.open_table(JOBS).map_err(unavailable)?;
+            let states = txn.open_table(JOB_STATE).map_err(unavailable)?;
             for entry in jobs.iter().map_err(unavailable)? {
-                let (_, bytes) = entry.map_err(unavailable)?;
+                let (id, bytes) = entry.map_err(unavailable)?;
                 let mut stored: StoredJob = from_json(bytes.value())?;
+                if let Some(state) = states.get(id.value()).map_err(unavailable)? {
+                    JobState::decode(state.value())?.apply(&mut stored);
+                }
                 if stored.running {
                     stored.job.interrupted += 1;
                 }
@@ -252,17 +351,21 @@ impl EmbeddedQueue {
     async fn start(&self, mut job: Job) -> Result<Reserved, QueueError> {
         let before = job.clone();
         job.attempts += 1;
-        let stored = StoredJob { job, due_ms: now_ms(), running: true };
-        match self.file.write(move |txn| put_in(txn, &stored).map(|()| stored.job)).await {
-            Ok(job) => {
-                self.schedule().jobs.insert(job.id.clone(), job.clone());
-                Ok(Reserved { job, lease: String::new() })
-            }
-            Err(e) => {
-                self.schedule().put_back(before, now_ms() + AFTER_FAULT.as_millis() as u64);
-                Err(e)
-            }
-        }
+        let state = JobState::of(&job, now_ms(), true);
+        let queue = self.clone();
+        let job = self
+            .file
+            .write_then(
+                move |txn| put_state_in(txn, &job.id, &state).map(|()| job.clone()),
+                move |started| match started {
+                    Some(job) => {
+                        queue.schedule().jobs.insert(job.id.clone(), job.clone());
+                    }
+                    None => queue.schedule().put_back(before, now_ms() + AFTER_FAULT.as_millis() as u64),
+                },
+            )
+            .await?;
+        Ok(Reserved { job, lease: String::new() })
     }
 
     /// Settling failed: the file still holds the job as reserved, so it is
@@ -304,34 +407,47 @@ impl EmbeddedQueue {
         receipt.jobs_enqueued = true;
         let bytes = encode(&receipt)?;
         let now = now_ms();
-        let (inserted, added) = self
+        let jobs = encode_jobs(jobs_for(&receipt), now)?;
+        let queue = self.clone();
+        let (inserted, _) = self
             .file
-            .write(move |txn| {
-                let mut inserted = insert_in(txn, receipt, &bytes)?;
-                let added = match &mut inserted {
-                    Inserted::New(r) => enqueue_in(txn, jobs_for(r), now)?,
-                    Inserted::Duplicate(r) if !r.jobs_enqueued => {
-                        let added = enqueue_in(txn, jobs_for(r), now)?;
-                        r.jobs_enqueued = true;
-                        update_in(txn, &r.id, |r| {
+            .write_then(
+                move |txn| {
+                    let mut inserted = insert_in(txn, receipt.clone(), &bytes)?;
+                    let added = match &mut inserted {
+                        Inserted::New(_) => enqueue_in(txn, &jobs)?,
+                        Inserted::Duplicate(r) if !r.jobs_enqueued => {
+                            let added = enqueue_in(txn, &encode_jobs(jobs_for(r), now)?)?;
                             r.jobs_enqueued = true;
-                            Ok(())
-                        })?;
-                        added
+                            update_in(txn, &r.id, |r| {
+                                r.jobs_enqueued = true;
+                                Ok(())
+                            })?;
+                            added
+                        }
+                        Inserted::Duplicate(_) => Vec::new(),
+                    };
+                    Ok::<_, StoreError>((inserted, added))
+                },
+                move |accepted| {
+                    if let Some((_, added)) = accepted {
+                        queue.added(added, now);
                     }
-                    Inserted::Duplicate(_) => Vec::new(),
-                };
-                Ok::<_, StoreError>((inserted, added))
-            })
+                },
+            )
             .await?;
-        if !added.is_empty() {
+        Ok(inserted)
+    }
+
+    /// The schedule after jobs were committed as added.
+    fn added(&self, jobs: &[Job], now: u64) {
+        if !jobs.is_empty() {
             let mut s = self.schedule();
-            for job in added {
-                s.add(job, now);
+            for job in jobs {
+                s.add(job.clone(), now);
             }
         }
         self.notify.notify_waiters();
-        Ok(inserted)
     }
 
     /// Record an attempt on its receipt and settle the job, in one
@@ -344,20 +460,23 @@ impl EmbeddedQueue {
         how: Settle,
     ) -> Result<(), StoreError> {
         let now = now_ms();
-        let job = reserved.job.clone();
-        let settle = how.clone();
-        let written = self
-            .file
-            .write(move |txn| {
-                record_in(txn, &job.receipt_id, &attempt)?;
-                settle_in(txn, &job, &settle, now)?;
-                Ok::<_, StoreError>(())
-            })
-            .await;
-        if written.is_ok() {
-            self.settled(reserved.job, &how, now);
-        }
-        written
+        let write = SettleWrite::new(&reserved.job, &how, now)?;
+        let (receipt_id, job_id) = (reserved.job.receipt_id.clone(), reserved.job.id.clone());
+        let queue = self.clone();
+        self.file
+            .write_then(
+                move |txn| {
+                    record_in(txn, &receipt_id, &attempt)?;
+                    settle_in(txn, &job_id, &write)?;
+                    Ok::<_, StoreError>(())
+                },
+                move |settled| {
+                    if settled.is_some() {
+                        queue.settled(reserved.job, &how, now);
+                    }
+                },
+            )
+            .await
     }
 }
 
@@ -365,16 +484,20 @@ impl EmbeddedQueue {
 impl JobQueue for EmbeddedQueue {
     async fn enqueue(&self, jobs: Vec<Job>) -> Result<usize, QueueError> {
         let now = now_ms();
-        let added = self.file.write(move |txn| enqueue_in(txn, jobs, now)).await?;
-        let count = added.len();
-        {
-            let mut s = self.schedule();
-            for job in added {
-                s.add(job, now);
-            }
-        }
-        self.notify.notify_waiters();
-        Ok(count)
+        let jobs = encode_jobs(jobs, now)?;
+        let queue = self.clone();
+        let added = self
+            .file
+            .write_then(
+                move |txn| enqueue_in(txn, &jobs),
+                move |added| {
+                    if let Some(added) = added {
+                        queue.added(added, now);
+                    }
+                },
+            )
+            .await?;
+        Ok(added.len())
     }
 
     async fn reserve(&self, wait: Duration) -> Result<Option<Reserved>, QueueError> {
@@ -420,18 +543,18 @@ impl JobQueue for EmbeddedQueue {
     /// holds it (reserved), without the attempt the host could not record.
     async fn settle(&self, reserved: Reserved, how: Settle) -> Result<(), QueueError> {
         let now = now_ms();
-        let job = reserved.job.clone();
-        let settle = how.clone();
-        match self.file.write(move |txn| settle_in(txn, &job, &settle, now)).await {
-            Ok(()) => {
-                self.settled(reserved.job, &how, now);
-                Ok(())
-            }
-            Err(e) => {
-                self.settle_failed(&reserved);
-                Err(e)
-            }
-        }
+        let write = SettleWrite::new(&reserved.job, &how, now)?;
+        let id = reserved.job.id.clone();
+        let queue = self.clone();
+        self.file
+            .write_then(
+                move |txn| settle_in(txn, &id, &write),
+                move |settled| match settled {
+                    Some(()) => queue.settled(reserved.job, &how, now),
+                    None => queue.settle_failed(&reserved),
+                },
+            )
+            .await
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
@@ -458,30 +581,39 @@ impl JobQueue for EmbeddedQueue {
     async fn replay(&self, job_id: &str) -> Result<Option<Job>, QueueError> {
         let now = now_ms();
         let key = job_id.to_string();
-        let job = self
-            .file
-            .write(move |txn| {
-                let letter: Option<DeadLetter> = {
-                    let mut dead = txn.open_table(DEAD).map_err(unavailable)?;
-                    let removed = dead.remove(key.as_str()).map_err(unavailable)?;
-                    removed.map(|b| from_json(b.value())).transpose()?
-                };
-                let Some(letter) = letter else { return Ok(None) };
-                let mut job = letter.job;
-                job.budget_start = job.attempts;
-                job.deferrals = 0;
-                let stored = StoredJob { job, due_ms: now, running: false };
-                put_in(txn, &stored)?;
-                Ok::<_, QueueError>(Some(stored.job))
-            })
-            .await?;
-        if let Some(job) = &job {
-            let mut s = self.schedule();
-            s.dead = s.dead.saturating_sub(1);
-            s.add(job.clone(), now);
-        }
-        self.notify.notify_waiters();
-        Ok(job)
+        let queue = self.clone();
+        self.file
+            .write_then(
+                move |txn| {
+                    let letter: Option<DeadLetter> = {
+                        let dead = txn.open_table(DEAD).map_err(unavailable)?;
+                        let found = dead.get(key.as_str()).map_err(unavailable)?;
+                        found.map(|b| from_json(b.value())).transpose()?
+                    };
+                    let Some(letter) = letter else { return Ok(None) };
+                    let mut job = letter.job;
+                    job.budget_start = job.attempts;
+                    job.deferrals = 0;
+                    let stored = StoredJob { job, due_ms: now, running: false };
+                    let bytes = to_json(&stored)?;
+                    txn.open_table(DEAD).map_err(unavailable)?.remove(key.as_str()).map_err(unavailable)?;
+                    txn.open_table(JOBS)
+                        .map_err(unavailable)?
+                        .insert(key.as_str(), bytes.as_slice())
+                        .map_err(unavailable)?;
+                    Ok::<_, QueueError>(Some(stored.job))
+                },
+                move |replayed| {
+                    if let Some(Some(job)) = replayed {
+                        {
+                            let mut s = queue.schedule();
+                            s.dead = s.dead.saturating_sub(1);
+                        }
+                        queue.added(std::slice::from_ref(job), now);
+                    }
+                },
+            )
+            .await
     }
 
     async fn depth(&self) -> Result<QueueDepth, QueueError> {
@@ -509,7 +641,7 @@ mod tests {
     use crate::store::redb_file::open_embedded;
 
     fn open(dir: &std::path::Path) -> EmbeddedQueue {
-        EmbeddedQueue::new(open_embedded(dir).unwrap()).unwrap()
+        EmbeddedQueue::new(open_embedded(dir, true).unwrap()).unwrap()
     }
 
     fn job(id: &str) -> Job {
@@ -695,7 +827,7 @@ mod tests {
         assert_eq!(q.depth().await.unwrap().ready, 2);
         drop(q);
         // After a restart: the receipts say their jobs are queued, and are.
-        let file = open_embedded(dir.path()).unwrap();
+        let file = open_embedded(dir.path(), true).unwrap();
         let store = crate::store::embedded::EmbeddedStore::new(file.clone());
         assert!(store.unqueued().await.unwrap().is_empty());
         for id in &new {
@@ -709,7 +841,7 @@ mod tests {
     async fn an_outcome_is_recorded_with_its_ack_or_not_at_all() {
         use crate::store::{DeliveryState, ReceiptStore};
         let dir = tempfile::tempdir().unwrap();
-        let file = open_embedded(dir.path()).unwrap();
+        let file = open_embedded(dir.path(), true).unwrap();
         let store = crate::store::embedded::EmbeddedStore::new(file.clone());
         let q = EmbeddedQueue::new(file).unwrap();
         q.accept(receipt("r1", "D-1"), crate::intake::jobs_for).await.unwrap();

@@ -60,6 +60,8 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 /// How often due retries are moved into the stream (by whichever worker
 /// looks first): a retry may run this much after its time.
 const PROMOTE_EVERY: Duration = Duration::from_millis(100);
+/// Retries one promotion request moves; a backlog takes several.
+const PROMOTE_BATCH: i64 = 500;
 
 const ENQUEUE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
@@ -112,16 +114,16 @@ end
 return 1";
 
 const PROMOTE: &str = r"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[1], id)
   redis.call('XADD', KEYS[2], '*', 'id', id)
 end
 return #due";
 
-/// Prefix of the claiming and settling scripts: act only if this consumer
-/// still holds the entry (another worker may have taken it over after the
-/// visibility timeout; then that worker settles it).
+/// Prefix of the settling scripts (CLAIM makes the same check): act only if
+/// this consumer still holds the entry (another worker may have taken it
+/// over after the visibility timeout; then that worker settles it).
 const OWNED: &str = r"
 local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #held == 0 or held[1][2] ~= ARGV[3] then return 0 end";
@@ -318,17 +320,22 @@ impl RedisQueue {
             }
             *last = Instant::now();
         }
-        let mut c = self.trip();
-        let _: i64 = self
-            .scripts
-            .promote
-            .key(self.key("delayed"))
-            .key(self.key("jobs"))
-            .arg(now_ms())
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        loop {
+            let mut c = self.trip();
+            let moved: i64 = self
+                .scripts
+                .promote
+                .key(self.key("delayed"))
+                .key(self.key("jobs"))
+                .arg(now_ms())
+                .arg(PROMOTE_BATCH)
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            if moved < PROMOTE_BATCH {
+                return Ok(());
+            }
+        }
     }
 
     /// Take over one entry idle past the visibility timeout, if any.

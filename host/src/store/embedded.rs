@@ -125,7 +125,7 @@ impl EmbeddedStore {
 impl ReceiptStore for EmbeddedStore {
     async fn insert(&self, receipt: Receipt) -> Result<Inserted, StoreError> {
         let bytes = encode(&receipt)?;
-        self.file.write(move |txn| insert_in(txn, receipt, &bytes)).await
+        self.file.write(move |txn| insert_in(txn, receipt.clone(), &bytes)).await
     }
 
     async fn mark_enqueued(&self, id: &str) -> Result<(), StoreError> {

@@ -71,7 +71,9 @@ const MAX_BATCH: usize = 256;
 /// Requests that share round trips: a task takes every request waiting (up
 /// to MAX_BATCH) and runs them together; one batch at a time, so those that
 /// arrive during a round trip form the next batch. Alone, a request goes at
-/// once.
+/// once. (A receipt changed by another host between the read and the write
+/// of a record batch is recorded again inside that batch, which then takes
+/// longer.)
 struct Batcher<I, O> {
     requests: mpsc::UnboundedSender<(I, oneshot::Sender<O>)>,
 }
@@ -80,7 +82,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     fn spawn<F, Fut>(run: F) -> Batcher<I, O>
     where
         F: Fn(Vec<I>) -> Fut + Send + 'static,
-        Fut: Future<Output = Vec<O>> + Send,
+        Fut: Future<Output = Vec<O>> + Send + 'static,
     {
         let (requests, mut waiting) = mpsc::unbounded_channel::<(I, oneshot::Sender<O>)>();
         tokio::spawn(async move {
@@ -93,8 +95,11 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                     }
                 }
                 let (inputs, answers): (Vec<I>, Vec<oneshot::Sender<O>>) = batch.into_iter().unzip();
-                for (answer, output) in answers.into_iter().zip(run(inputs).await) {
-                    let _ = answer.send(output);
+                // In a task of its own: a panic fails this batch only.
+                if let Ok(outputs) = tokio::spawn(run(inputs)).await {
+                    for (answer, output) in answers.into_iter().zip(outputs) {
+                        let _ = answer.send(output);
+                    }
                 }
             }
         });
@@ -102,7 +107,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 
     async fn call(&self, input: I) -> Result<O, StoreError> {
-        let stopped = || StoreError::Unavailable("the MongoDB request batcher stopped".into());
+        let stopped = || StoreError::Unavailable("the MongoDB request failed unexpectedly".into());
         let (answer, answered) = oneshot::channel();
         self.requests.send((input, answer)).map_err(|_| stopped())?;
         answered.await.map_err(|_| stopped())
@@ -262,58 +267,62 @@ impl Inner {
         let mut ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
+        // Each receipt, or why it cannot be used: a bad one fails only its
+        // own attempts.
+        let mut stored: HashMap<String, Result<(i64, Receipt), StoreError>> = HashMap::new();
         self.trip();
-        let mut stored: HashMap<String, (i64, Receipt)> = HashMap::new();
         let read = async {
             let mut cursor = self.coll.find(doc! { "_id": { "$in": &ids } }).await.map_err(unavailable)?;
             while cursor.advance().await.map_err(unavailable)? {
-                let (rev, receipt) = revision(cursor.deserialize_current().map_err(unavailable)?)?;
-                stored.insert(receipt.id.clone(), (rev, receipt));
+                let Ok(id) = cursor.current().get_str("_id").map(str::to_string) else { continue };
+                let receipt = cursor.deserialize_current().map_err(corrupt).and_then(revision);
+                stored.insert(id, receipt);
             }
             Ok::<_, StoreError>(())
         };
         if let Err(e) = read.await {
             return batch.iter().map(|_| Err(e.clone())).collect();
         }
-        let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
-        // Per receipt: its attempts in order, and their places in `results`.
+        // Until written, an attempt is not recorded.
+        let mut results = vec![Err(StoreError::Unavailable("the attempt was not recorded".into())); batch.len()];
+        // Per receipt: its attempts in order, with their places in `results`.
         let mut changed: HashMap<String, Vec<(usize, AttemptRecord)>> = HashMap::new();
         let now = now_ms();
         for (i, (id, attempt)) in batch.into_iter().enumerate() {
-            results.push(match stored.get_mut(&id) {
-                None => Err(StoreError::NotFound(id)),
-                Some((_, receipt)) => apply_attempt(receipt, &attempt, now).map(|()| {
-                    changed.entry(id).or_default().push((i, attempt));
-                }),
-            });
+            match stored.get_mut(&id) {
+                None => results[i] = Err(StoreError::NotFound(id)),
+                Some(Err(e)) => results[i] = Err(e.clone()),
+                Some(Ok((_, receipt))) => match apply_attempt(receipt, &attempt, now) {
+                    Ok(()) => changed.entry(id).or_default().push((i, attempt)),
+                    Err(e) => results[i] = Err(e),
+                },
+            }
         }
         let mut writes = tokio::task::JoinSet::new();
         for (id, attempts) in changed {
-            let Some((rev, receipt)) = stored.remove(&id) else { continue };
+            let Some(Ok((rev, receipt))) = stored.remove(&id) else { continue };
             let inner = self.clone();
             writes.spawn(async move {
-                let outcome = match inner.write_actions(&receipt, rev).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => {
-                        let mut again = Ok(());
-                        for (_, attempt) in &attempts {
-                            again = again.and(inner.record_one(&id, attempt).await);
-                        }
-                        again
-                    }
-                    Err(e) => Err(e),
-                };
-                (attempts.into_iter().map(|(i, _)| i).collect::<Vec<_>>(), outcome)
+                let written = inner.write_actions(&receipt, rev).await;
+                let mut outcomes = Vec::with_capacity(attempts.len());
+                for (i, attempt) in attempts {
+                    outcomes.push((
+                        i,
+                        match &written {
+                            Ok(true) => Ok(()),
+                            // Changed meanwhile (another host recorded on it).
+                            Ok(false) => inner.record_one(&id, &attempt).await,
+                            Err(e) => Err(e.clone()),
+                        },
+                    ));
+                }
+                outcomes
             });
         }
         while let Some(written) = writes.join_next().await {
             match written {
-                Ok((places, outcome)) => {
-                    for i in places {
-                        results[i] = outcome.clone();
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "a receipt write task failed"),
+                Ok(outcomes) => outcomes.into_iter().for_each(|(i, outcome)| results[i] = outcome),
+                Err(e) => tracing::error!(error = %e, "a receipt write failed unexpectedly"),
             }
         }
         results

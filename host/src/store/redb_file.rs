@@ -43,45 +43,58 @@ const HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("health");
 /// that leaves only a sliver of space free is still reported.
 const PROBE_BYTES: usize = 256 << 10;
 
-/// What a committed (or failed) batch tells each operation.
-type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
-
 /// One write of a batch.
 trait Operation: Send {
-    /// Run in the batch's transaction; how to answer once it is committed.
-    fn run(self: Box<Self>, txn: &WriteTransaction) -> Finish;
-    /// The batch could not run at all.
-    fn refuse(self: Box<Self>, why: String);
+    /// Run in the batch's transaction, keeping the result; false if it
+    /// failed (or panicked). May run again in a new transaction when
+    /// another write of the batch failed.
+    fn run(&mut self, txn: &WriteTransaction) -> bool;
+    /// Answer the caller: the kept result once committed, or why not.
+    fn finish(self: Box<Self>, committed: Result<(), String>);
 }
 
 type Op = Box<dyn Operation>;
 
+/// What runs on the committer once a write is settled: with its value if
+/// it was committed, None if not. It cannot be lost to a caller that stops
+/// waiting, and writes finish in commit order.
+type After<T> = Box<dyn FnOnce(Option<&T>) + Send>;
+
 /// A caller's write and where its answer goes.
 struct Write<F, T, E> {
     f: F,
+    result: Option<Result<T, E>>,
+    after: After<T>,
     answer: tokio::sync::oneshot::Sender<Result<T, E>>,
 }
 
 impl<F, T, E> Operation for Write<F, T, E>
 where
-    F: FnOnce(&WriteTransaction) -> Result<T, E> + Send + 'static,
+    F: Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
     T: Send + 'static,
     E: From<Unavailable> + Send + 'static,
 {
-    fn run(self: Box<Self>, txn: &WriteTransaction) -> Finish {
-        let Write { f, answer } = *self;
-        let result = f(txn);
-        Box::new(move |committed| {
-            let _ = answer.send(match (result, committed) {
-                (Ok(value), Ok(())) => Ok(value),
-                (Err(e), _) => Err(e),
-                (Ok(_), Err(why)) => Err(Unavailable(why).into()),
-            });
-        })
+    fn run(&mut self, txn: &WriteTransaction) -> bool {
+        // A bug in one write must not stop every later one.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| (self.f)(txn))).unwrap_or_else(|_| {
+            tracing::error!("a storage operation panicked; it is refused, the others commit");
+            Err(Unavailable("the storage operation failed unexpectedly".into()).into())
+        });
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
     }
 
-    fn refuse(self: Box<Self>, why: String) {
-        let _ = self.answer.send(Err(Unavailable(why).into()));
+    fn finish(self: Box<Self>, committed: Result<(), String>) {
+        let Write { result, after, answer, .. } = *self;
+        let result = match (result, committed) {
+            (Some(Ok(value)), Ok(())) => Ok(value),
+            (Some(Err(e)), _) => Err(e),
+            (_, Err(why)) => Err(Unavailable(why).into()),
+            (None, Ok(())) => Err(Unavailable("the write did not run".into()).into()),
+        };
+        after(result.as_ref().ok());
+        let _ = answer.send(result);
     }
 }
 
@@ -150,16 +163,32 @@ impl RedbFile {
     }
 
     /// Run `f` in the next batch's write transaction; its result once the
-    /// batch is durably committed.
-    pub async fn write<T, E>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T, E> + Send + 'static) -> Result<T, E>
+    /// batch is durably committed. `f` may run more than once (if another
+    /// write of its batch fails, the batch runs again without that one), so
+    /// it takes what it needs by reference.
+    pub async fn write<T, E>(&self, f: impl Fn(&WriteTransaction) -> Result<T, E> + Send + 'static) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<Unavailable> + Send + 'static,
+    {
+        self.write_then(f, |_| {}).await
+    }
+
+    /// `write`, then `after` on the committer once the write is settled
+    /// (see `After`).
+    pub async fn write_then<T, E>(
+        &self,
+        f: impl Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
+        after: impl FnOnce(Option<&T>) + Send + 'static,
+    ) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<Unavailable> + Send + 'static,
     {
         let (answer, rx) = tokio::sync::oneshot::channel();
-        let op: Op = Box::new(Write { f, answer });
-        if self.ops.as_ref().is_none_or(|ops| ops.send(op).is_err()) {
-            return Err(Unavailable("the committer has stopped".into()).into());
+        let op: Op = Box::new(Write { f, result: None, after: Box::new(after), answer });
+        if let Some(Err(mpsc::SendError(op))) = self.ops.as_ref().map(|ops| ops.send(op)) {
+            op.finish(Err("the committer has stopped".into()));
         }
         rx.await.unwrap_or_else(|_| Err(Unavailable("the write was dropped".into()).into()))
     }
@@ -232,40 +261,45 @@ impl Shared {
                 }
             }
             self.reopen_if_needed();
-            let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
-            let Some(db) = guard.as_ref() else {
-                let why = self.fault().error.clone().unwrap_or_else(|| "closed".into());
-                drop(guard);
-                refuse(batch, &format!("{}: {why}", self.path.display()));
-                continue;
-            };
+            self.commit(batch);
+        }
+    }
+
+    /// Run a batch in one transaction and commit it. A write that fails
+    /// is answered with its error and the transaction is abandoned: the
+    /// others run again without it, so nothing of a failed write is ever
+    /// committed.
+    fn commit(&self, mut batch: Vec<Op>) {
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let Some(db) = guard.as_ref() else {
+            let why = self.fault().error.clone().unwrap_or_else(|| "closed".into());
+            drop(guard);
+            return finish(batch, &Err(format!("{}: {why}", self.path.display())));
+        };
+        while !batch.is_empty() {
             let txn = match db.begin_write() {
                 Ok(txn) => txn,
                 Err(e) => {
                     self.check(db);
                     drop(guard);
-                    refuse(batch, &format!("{}: {e}", self.path.display()));
-                    continue;
+                    return finish(batch, &Err(format!("{}: {e}", self.path.display())));
                 }
             };
-            let finishers: Vec<Finish> = batch
-                .into_iter()
-                .map(|op| {
-                    // A bug in one operation must not stop every later write.
-                    std::panic::catch_unwind(AssertUnwindSafe(|| op.run(&txn))).unwrap_or_else(|_| {
-                        tracing::error!("a storage operation panicked; it is refused, the others commit");
-                        Box::new(|_| {})
-                    })
-                })
-                .collect();
-            let committed = txn.commit().map_err(|e| format!("{}: {e}", self.path.display()));
-            if committed.is_err() {
-                self.check(db);
+            let ok: Vec<bool> = batch.iter_mut().map(|op| op.run(&txn)).collect();
+            if ok.iter().all(|ok| *ok) {
+                let committed = txn.commit().map_err(|e| format!("{}: {e}", self.path.display()));
+                if committed.is_err() {
+                    self.check(db);
+                }
+                drop(guard);
+                return finish(batch, &committed);
             }
-            drop(guard);
-            for finish in finishers {
-                finish(committed.clone());
+            if let Err(e) = txn.abort() {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not abandon a transaction");
             }
+            let (failed, rest): (Vec<_>, Vec<_>) = batch.into_iter().zip(ok).partition(|(_, ok)| !ok);
+            finish(failed.into_iter().map(|(op, _)| op).collect(), &Ok(()));
+            batch = rest.into_iter().map(|(op, _)| op).collect();
         }
     }
 
@@ -309,33 +343,51 @@ impl Shared {
     }
 }
 
-/// Answer every operation of a batch that could not run (none wrote).
-fn refuse(batch: Vec<Op>, why: &str) {
+/// Answer every operation of a batch: committed, or why not (a failed
+/// write keeps its own error).
+fn finish(batch: Vec<Op>, committed: &Result<(), String>) {
     for op in batch {
-        op.refuse(why.to_string());
+        op.finish(committed.clone());
     }
 }
 
 /// Open the embedded backends' file in `dir`, creating every table (see
 /// `store::embedded` and `queue::embedded` for their layouts) and taking
-/// over the files of earlier versions.
-pub fn open_embedded(dir: &Path) -> Result<Arc<RedbFile>, String> {
-    use crate::queue::embedded::{DEAD, JOBS};
+/// over the files of earlier versions (their jobs only with `embedded_queue`;
+/// with Redis as the queue, an old `queue.redb` is left alone). Files of an
+/// earlier version next to `crm.redb` mean that version ran here after this
+/// one: that is refused, with what to do.
+pub fn open_embedded(dir: &Path, embedded_queue: bool) -> Result<Arc<RedbFile>, String> {
+    use crate::queue::embedded::{DEAD, JOB_STATE, JOBS};
     use crate::store::embedded::{DEDUPE, RECEIPTS, UNQUEUED};
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let path = dir.join("crm.redb");
     let old_receipts = dir.join("receipts.redb");
+    let old_queue = dir.join("queue.redb");
+    if path.exists() {
+        for old in [&old_receipts, &old_queue] {
+            if old.exists() && (old == &old_receipts || embedded_queue) {
+                return Err(format!(
+                    "{} holds both crm.redb and {} (an earlier version ran here after this one took its files over): \
+                     move {} away, or merge by hand, then start again",
+                    dir.display(),
+                    old.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+                    old.display()
+                ));
+            }
+        }
+    }
     if !path.exists() && old_receipts.exists() {
         std::fs::rename(&old_receipts, &path)
             .map_err(|e| format!("cannot take over {}: {e}", old_receipts.display()))?;
         tracing::info!(from = %old_receipts.display(), to = %path.display(), "took over the receipts of an earlier version");
     }
-    let old_queue = dir.join("queue.redb");
-    let import = if old_queue.exists() { Some(read_old_queue(&old_queue)?) } else { None };
+    let import = if embedded_queue && old_queue.exists() { Some(read_old_queue(&old_queue)?) } else { None };
     let file = RedbFile::open(&path, |txn| {
         txn.open_table(RECEIPTS).map_err(Box::new)?;
         txn.open_table(DEDUPE).map_err(Box::new)?;
         txn.open_table(UNQUEUED).map_err(Box::new)?;
+        txn.open_table(JOB_STATE).map_err(Box::new)?;
         let mut jobs = txn.open_table(JOBS).map_err(Box::new)?;
         let mut dead = txn.open_table(DEAD).map_err(Box::new)?;
         for (live, key, value) in import.iter().flatten() {
@@ -393,6 +445,63 @@ mod tests {
         txn.commit().unwrap();
     }
 
+    /// A write that fails after writing, or panics, leaves nothing behind,
+    /// and the writes batched with it still commit.
+    #[tokio::test]
+    async fn a_failed_write_in_a_batch_commits_nothing_of_its_own() {
+        const T: TableDefinition<&str, &[u8]> = TableDefinition::new("t");
+        let dir = tempfile::tempdir().unwrap();
+        let file =
+            RedbFile::open(&dir.path().join("t.redb"), |txn| txn.open_table(T).map(drop).map_err(Box::new)).unwrap();
+        let put = |key: &'static str| {
+            move |txn: &WriteTransaction| {
+                txn.open_table(T).unwrap().insert(key, b"x".as_slice()).unwrap();
+                Ok::<_, Unavailable>(())
+            }
+        };
+        // Keep the committer busy so the next three land in one batch.
+        let busy = file.write(|_txn| {
+            std::thread::sleep(Duration::from_millis(200));
+            Ok::<_, Unavailable>(())
+        });
+        let fails = file.write(move |txn| -> Result<(), Unavailable> {
+            put("failed")(txn)?;
+            Err(Unavailable("refused after writing".into()))
+        });
+        let panics = file.write(move |txn| -> Result<(), Unavailable> {
+            put("panicked")(txn)?;
+            panic!("a bug in a write")
+        });
+        let fine = file.write(put("fine"));
+        let (busy, fails, panics, fine) = tokio::join!(busy, fails, panics, fine);
+        assert_eq!(busy, Ok(()));
+        assert_eq!(fails, Err(Unavailable("refused after writing".into())));
+        assert!(panics.is_err());
+        assert_eq!(fine, Ok(()));
+        let stored: Vec<String> = file
+            .read(|db| {
+                let txn = db.begin_read().unwrap();
+                let t = txn.open_table(T).unwrap();
+                Ok::<_, Unavailable>(t.iter().unwrap().map(|e| e.unwrap().0.value().to_string()).collect())
+            })
+            .unwrap();
+        assert_eq!(stored, vec!["fine".to_string()]);
+    }
+
+    #[test]
+    fn an_earlier_version_run_after_the_take_over_is_refused_plainly() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open_embedded(dir.path(), true).unwrap());
+        write_file(&dir.path().join("receipts.redb"), RECEIPTS, &[]);
+        let refused = open_embedded(dir.path(), true).err().unwrap();
+        assert!(refused.contains("holds both crm.redb and receipts.redb"), "{refused}");
+        // An old queue file is no business of a host whose queue is Redis.
+        std::fs::remove_file(dir.path().join("receipts.redb")).unwrap();
+        write_file(&dir.path().join("queue.redb"), JOBS, &[]);
+        assert!(open_embedded(dir.path(), false).is_ok());
+        assert!(open_embedded(dir.path(), true).err().unwrap().contains("queue.redb"));
+    }
+
     #[tokio::test]
     async fn the_files_of_an_earlier_version_are_taken_over() {
         let dir = tempfile::tempdir().unwrap();
@@ -435,7 +544,7 @@ mod tests {
             txn.commit().unwrap();
         }
 
-        let file = open_embedded(dir.path()).unwrap();
+        let file = open_embedded(dir.path(), true).unwrap();
         let store = EmbeddedStore::new(file.clone());
         assert_eq!(store.get("r1").await.unwrap().unwrap().reference, "D-1");
         let queue = EmbeddedQueue::new(file).unwrap();

@@ -194,8 +194,11 @@ async fn settle(app: &App, reserved: Reserved, verdict: Verdict) {
             let mut record = attempt_record(job, DeliveryState::Retrying, None, Some(reason.clone()), None);
             record.attempts -= 1;
             let (later, delay) = put_off(app, &reserved, &reason);
-            if let Err(e) = write(app, later, record, Settle::Retry(delay)).await {
-                unrecorded(app, reserved, e).await;
+            match write(app, later.clone(), record, Settle::Retry(delay)).await {
+                Ok(()) => {}
+                // Put off already: the queue alone is told.
+                Err(StoreError::Unavailable(_)) => tell_queue(app, later, Settle::Retry(delay)).await,
+                Err(e) => unrecorded(app, reserved, e).await,
             }
         }
     }
@@ -289,6 +292,11 @@ async fn unrecorded(app: &App, reserved: Reserved, error: StoreError) {
             (later, Settle::Retry(delay))
         }
     };
+    tell_queue(app, reserved, how).await;
+}
+
+/// Settle a job in the queue only (its outcome could not be recorded).
+async fn tell_queue(app: &App, reserved: Reserved, how: Settle) {
     if let Err(e) = app.queue.settle(reserved, how).await {
         tracing::error!(error = %e, "could not settle the job either; it runs again when the queue recovers");
     }
