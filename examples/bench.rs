@@ -594,14 +594,9 @@ async fn pipeline(label: &str, backend: &[(&'static str, String)], limit: Option
     );
 }
 
+/// Resident memory of a process, in MB.
 fn rss_of(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
+    support::proc_status_kb(pid, "VmRSS").unwrap_or(0) as f64 / 1024.0
 }
 
 fn main() {

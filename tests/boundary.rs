@@ -498,13 +498,7 @@ async fn a_request_whose_body_trickles_in_is_cut_off() {
 
 /// Peak resident memory of a process, in bytes.
 fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
+    support::proc_status_kb(pid, "VmHWM").unwrap() * 1024
 }
 
 /// Every delivery pushes 300 request bodies of 1 MB at a host it may not

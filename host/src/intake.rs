@@ -417,16 +417,6 @@ fn stored_request(headers: Vec<(String, String)>, body: &[u8], events: usize) ->
 }
 
 fn pending(a: &ActionSpec, now: u64) -> ActionRecord {
-    ActionRecord {
-        destination: a.destination.clone(),
-        action: a.action.clone(),
-        params: a.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        state: DeliveryState::Pending,
-        attempts: 0,
-        last_error: None,
-        last_status: None,
-        detail: None,
-        delivered_at_ms: None,
-        updated_at_ms: now,
-    }
+    let params = a.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    ActionRecord::pending(a.destination.clone(), a.action.clone(), params, now)
 }

@@ -508,3 +508,10 @@ impl Drop for Server {
         self.stop();
     }
 }
+
+/// A figure of `/proc/<pid>/status` in kB (`VmRSS`, `VmHWM`, …).
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    line.trim().trim_end_matches("kB").trim().parse().ok()
+}

@@ -773,7 +773,7 @@ mod tests {
     }
 
     fn receipt(id: &str, reference: &str) -> Receipt {
-        use crate::store::{ActionRecord, DeliveryState, StoredRequest};
+        use crate::store::{ActionRecord, StoredRequest};
         let event = Event { reference: reference.into(), ..job("x").event };
         Receipt {
             id: id.into(),
@@ -786,18 +786,7 @@ mod tests {
             received_at_ms: 1,
             updated_at_ms: 1,
             jobs_enqueued: false,
-            actions: vec![ActionRecord {
-                destination: "meta-capi".into(),
-                action: "Lead".into(),
-                params: vec![],
-                state: DeliveryState::Pending,
-                attempts: 0,
-                last_error: None,
-                last_status: None,
-                detail: None,
-                delivered_at_ms: None,
-                updated_at_ms: 1,
-            }],
+            actions: vec![ActionRecord::pending("meta-capi".into(), "Lead".into(), vec![], 1)],
         }
     }
 

@@ -53,6 +53,24 @@ pub struct ActionRecord {
     pub updated_at_ms: u64,
 }
 
+impl ActionRecord {
+    /// An action queued, not yet attempted.
+    pub fn pending(destination: String, action: String, params: Vec<(String, String)>, now: u64) -> ActionRecord {
+        ActionRecord {
+            destination,
+            action,
+            params,
+            state: DeliveryState::Pending,
+            attempts: 0,
+            last_error: None,
+            last_status: None,
+            detail: None,
+            delivered_at_ms: None,
+            updated_at_ms: now,
+        }
+    }
+}
+
 /// A stored receipt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Receipt {
