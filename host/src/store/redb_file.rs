@@ -143,7 +143,7 @@ impl RedbFile {
         path: &Path,
         init: impl Fn(&WriteTransaction) -> Result<(), Box<redb::TableError>>,
     ) -> Result<Arc<RedbFile>, String> {
-        let db = Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let db = create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let txn = db.begin_write().map_err(|e| format!("{}: {e}", path.display()))?;
         init(&txn).map_err(|e| format!("{}: {e}", path.display()))?;
         txn.commit().map_err(|e| format!("{}: {e}", path.display()))?;
@@ -329,7 +329,7 @@ impl Shared {
         let mut guard = self.db.write().unwrap_or_else(|e| e.into_inner());
         // Close first: redb holds a lock on the file while it is open.
         drop(guard.take());
-        match Database::create(&self.path) {
+        match create(&self.path) {
             Ok(db) => {
                 tracing::info!(path = %self.path.display(), "reopened the file after a storage fault");
                 *guard = Some(db);
@@ -349,6 +349,15 @@ fn finish(batch: Vec<Op>, committed: &Result<(), String>) {
     for op in batch {
         op.finish(committed.clone());
     }
+}
+
+/// redb's page cache, in bytes. redb's default (1 GiB) lets the process
+/// grow with the file; the kernel's page cache holds the rest.
+const CACHE_BYTES: usize = 32 << 20;
+
+/// Open or create the file at `path` with the service's settings.
+fn create(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder().set_cache_size(CACHE_BYTES).create(path)
 }
 
 /// Open the embedded backends' file in `dir`, creating every table (see
