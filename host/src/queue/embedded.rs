@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::{DeadLetter, Job, JobQueue, QueueDepth, QueueError, Reserved, Settle};
-use crate::store::embedded::{encode, insert_in, record_in, update_in};
+use crate::store::embedded::{encode, insert_in, mark_enqueued_in, record_in};
 use crate::store::now_ms;
 use crate::store::redb_file::{RedbFile, Unavailable};
 use crate::store::{AttemptRecord, Inserted, Receipt, StoreError};
@@ -405,7 +405,7 @@ impl EmbeddedQueue {
         jobs_for: fn(&Receipt) -> Vec<Job>,
     ) -> Result<Inserted, StoreError> {
         receipt.jobs_enqueued = true;
-        let bytes = encode(&receipt)?;
+        let encoded = encode(&receipt)?;
         let now = now_ms();
         let jobs = encode_jobs(jobs_for(&receipt), now)?;
         let queue = self.clone();
@@ -413,16 +413,13 @@ impl EmbeddedQueue {
             .file
             .write_then(
                 move |txn| {
-                    let mut inserted = insert_in(txn, receipt.clone(), &bytes)?;
+                    let mut inserted = insert_in(txn, receipt.clone(), &encoded)?;
                     let added = match &mut inserted {
                         Inserted::New(_) => enqueue_in(txn, &jobs)?,
                         Inserted::Duplicate(r) if !r.jobs_enqueued => {
                             let added = enqueue_in(txn, &encode_jobs(jobs_for(r), now)?)?;
                             r.jobs_enqueued = true;
-                            update_in(txn, &r.id, |r| {
-                                r.jobs_enqueued = true;
-                                Ok(())
-                            })?;
+                            mark_enqueued_in(txn, &r.id)?;
                             added
                         }
                         Inserted::Duplicate(_) => Vec::new(),

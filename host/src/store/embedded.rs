@@ -4,7 +4,12 @@
 //! 200).
 //!
 //! Layout:
-//! - `receipts`: receipt id (UUID v7, so ids sort by time) → receipt as JSON
+//! - `receipts`: receipt id (UUID v7, so ids sort by time) → the receipt as
+//!   received, JSON, never rewritten: request, event, ids (a receipt of an
+//!   earlier version, stored whole, is read as its body and head in one)
+//! - `receipt_heads`: receipt id → what changes after that (`Head`: the
+//!   actions' delivery records, whether the jobs are queued), JSON of a few
+//!   hundred bytes, so an attempt's outcome rewrites only this
 //! - `dedupe`:   "provider \x1f reference \x1f normalized status" → receipt id
 //! - `unqueued`: receipt id → () while its jobs are not confirmed queued
 //!   (only when the queue is elsewhere: with the embedded queue, a receipt
@@ -20,11 +25,17 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
 
 use super::redb_file::{RedbFile, Unavailable};
-use super::{AttemptRecord, Inserted, ListQuery, Receipt, ReceiptStore, StoreError, apply_attempt, now_ms};
+use super::{
+    ActionRecord, AttemptRecord, Inserted, ListQuery, Receipt, ReceiptStore, StoreError, StoredRequest,
+    apply_to_actions, now_ms,
+};
+use crate::event::Event;
 
 pub(crate) const RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("receipts");
+pub(crate) const HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("receipt_heads");
 pub(crate) const DEDUPE: TableDefinition<&str, &str> = TableDefinition::new("dedupe");
 pub(crate) const UNQUEUED: TableDefinition<&str, ()> = TableDefinition::new("unqueued");
 
@@ -44,13 +55,74 @@ fn unavailable(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Unavailable(e.into().to_string())
 }
 
-fn decode(bytes: &[u8]) -> Result<Receipt, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+fn corrupt(e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
 }
 
-/// A receipt's stored form.
-pub(crate) fn encode(receipt: &Receipt) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))
+/// The part of a receipt that never changes, as stored.
+#[derive(Serialize)]
+struct Body<'a> {
+    id: &'a str,
+    provider: &'a str,
+    event_type: &'a str,
+    reference: &'a str,
+    status: &'a str,
+    request: &'a StoredRequest,
+    event: &'a Event,
+    received_at_ms: u64,
+}
+
+/// The part of a receipt that changes after it is stored.
+#[derive(Serialize, Deserialize)]
+struct Head {
+    updated_at_ms: u64,
+    jobs_enqueued: bool,
+    actions: Vec<ActionRecord>,
+}
+
+impl Head {
+    fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(self).map_err(corrupt)
+    }
+}
+
+/// A receipt's stored form: its body and its head.
+pub(crate) struct Encoded {
+    body: Vec<u8>,
+    head: Vec<u8>,
+}
+
+/// Encode a receipt for storing (before it reaches the committer).
+pub(crate) fn encode(r: &Receipt) -> Result<Encoded, StoreError> {
+    let body = Body {
+        id: &r.id,
+        provider: &r.provider,
+        event_type: &r.event_type,
+        reference: &r.reference,
+        status: &r.status,
+        request: &r.request,
+        event: &r.event,
+        received_at_ms: r.received_at_ms,
+    };
+    let head = Head { updated_at_ms: r.updated_at_ms, jobs_enqueued: r.jobs_enqueued, actions: r.actions.clone() };
+    Ok(Encoded { body: serde_json::to_vec(&body).map_err(corrupt)?, head: head.encode()? })
+}
+
+/// Receipt `id` from its body and head (a receipt stored whole, by an
+/// earlier version, has no head).
+fn read(
+    receipts: &impl ReadableTable<&'static str, &'static [u8]>,
+    heads: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+) -> Result<Option<Receipt>, StoreError> {
+    let Some(body) = receipts.get(id).map_err(unavailable)? else { return Ok(None) };
+    let mut receipt: Receipt = serde_json::from_slice(body.value()).map_err(corrupt)?;
+    if let Some(head) = heads.get(id).map_err(unavailable)? {
+        let head: Head = serde_json::from_slice(head.value()).map_err(corrupt)?;
+        (receipt.updated_at_ms, receipt.jobs_enqueued, receipt.actions) =
+            (head.updated_at_ms, head.jobs_enqueued, head.actions);
+    }
+    Ok(Some(receipt))
 }
 
 fn dedupe_key(r: &Receipt) -> String {
@@ -58,19 +130,22 @@ fn dedupe_key(r: &Receipt) -> String {
     format!("{provider}\x1f{reference}\x1f{status}")
 }
 
-/// Insert `receipt` (stored as `bytes`) in `txn` unless one with its dedupe
-/// key exists. Reads before it writes, so a failure leaves nothing behind.
-pub(crate) fn insert_in(txn: &WriteTransaction, receipt: Receipt, bytes: &[u8]) -> Result<Inserted, StoreError> {
+/// Insert `receipt` (stored as `encoded`) in `txn` unless one with its
+/// dedupe key exists. Reads before it writes, so a failure leaves nothing
+/// behind.
+pub(crate) fn insert_in(txn: &WriteTransaction, receipt: Receipt, encoded: &Encoded) -> Result<Inserted, StoreError> {
     let key = dedupe_key(&receipt);
     let mut dedupe = txn.open_table(DEDUPE).map_err(unavailable)?;
     let existing = dedupe.get(key.as_str()).map_err(unavailable)?.map(|g| g.value().to_string());
+    let mut receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
+    let mut heads = txn.open_table(HEADS).map_err(unavailable)?;
     if let Some(id) = existing {
-        let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
-        let found = receipts.get(id.as_str()).map_err(unavailable)?;
-        let bytes = found.ok_or_else(|| StoreError::Corrupt(format!("dedupe entry points at missing receipt {id}")))?;
-        return Ok(Inserted::Duplicate(decode(bytes.value())?));
+        let found = read(&receipts, &heads, &id)?;
+        let found = found.ok_or_else(|| StoreError::Corrupt(format!("dedupe entry points at missing receipt {id}")))?;
+        return Ok(Inserted::Duplicate(found));
     }
-    txn.open_table(RECEIPTS).map_err(unavailable)?.insert(receipt.id.as_str(), bytes).map_err(unavailable)?;
+    receipts.insert(receipt.id.as_str(), encoded.body.as_slice()).map_err(unavailable)?;
+    heads.insert(receipt.id.as_str(), encoded.head.as_slice()).map_err(unavailable)?;
     dedupe.insert(key.as_str(), receipt.id.as_str()).map_err(unavailable)?;
     if !receipt.jobs_enqueued {
         txn.open_table(UNQUEUED).map_err(unavailable)?.insert(receipt.id.as_str(), ()).map_err(unavailable)?;
@@ -78,29 +153,48 @@ pub(crate) fn insert_in(txn: &WriteTransaction, receipt: Receipt, bytes: &[u8]) 
     Ok(Inserted::New(receipt))
 }
 
-/// Read-modify-write one receipt in `txn` (the change runs before anything
-/// is written).
-pub(crate) fn update_in(
+/// Read-modify-write one receipt's head in `txn` (the change runs before
+/// anything is written).
+fn update_in(
     txn: &WriteTransaction,
     id: &str,
-    change: impl FnOnce(&mut Receipt) -> Result<(), StoreError>,
-) -> Result<Receipt, StoreError> {
-    let mut table = txn.open_table(RECEIPTS).map_err(unavailable)?;
-    let mut receipt = match table.get(id).map_err(unavailable)? {
-        Some(bytes) => decode(bytes.value())?,
-        None => return Err(StoreError::NotFound(id.to_string())),
+    change: impl FnOnce(&mut Head) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut heads = txn.open_table(HEADS).map_err(unavailable)?;
+    let stored = heads.get(id).map_err(unavailable)?.map(|h| serde_json::from_slice(h.value()).map_err(corrupt));
+    let mut head = match stored.transpose()? {
+        Some(head) => head,
+        // Stored whole by an earlier version.
+        None => match read(&txn.open_table(RECEIPTS).map_err(unavailable)?, &heads, id)? {
+            Some(r) => Head { updated_at_ms: r.updated_at_ms, jobs_enqueued: r.jobs_enqueued, actions: r.actions },
+            None => return Err(StoreError::NotFound(id.to_string())),
+        },
     };
-    change(&mut receipt)?;
-    table.insert(id, encode(&receipt)?.as_slice()).map_err(unavailable)?;
-    if receipt.jobs_enqueued {
+    change(&mut head)?;
+    heads.insert(id, head.encode()?.as_slice()).map_err(unavailable)?;
+    if head.jobs_enqueued {
         txn.open_table(UNQUEUED).map_err(unavailable)?.remove(id).map_err(unavailable)?;
     }
-    Ok(receipt)
+    Ok(())
+}
+
+/// Note receipt `id`'s jobs queued, in `txn`.
+pub(crate) fn mark_enqueued_in(txn: &WriteTransaction, id: &str) -> Result<(), StoreError> {
+    update_in(txn, id, |head| {
+        head.jobs_enqueued = true;
+        Ok(())
+    })
 }
 
 /// Record an attempt on its receipt, in `txn`.
 pub(crate) fn record_in(txn: &WriteTransaction, id: &str, attempt: &AttemptRecord) -> Result<(), StoreError> {
-    update_in(txn, id, |r| apply_attempt(r, attempt, now_ms())).map(drop)
+    let now = now_ms();
+    update_in(txn, id, |head| {
+        if apply_to_actions(id, &mut head.actions, attempt, now)? {
+            head.updated_at_ms = now;
+        }
+        Ok(())
+    })
 }
 
 impl EmbeddedStore {
@@ -124,21 +218,13 @@ impl EmbeddedStore {
 #[async_trait]
 impl ReceiptStore for EmbeddedStore {
     async fn insert(&self, receipt: Receipt) -> Result<Inserted, StoreError> {
-        let bytes = encode(&receipt)?;
-        self.file.write(move |txn| insert_in(txn, receipt.clone(), &bytes)).await
+        let encoded = encode(&receipt)?;
+        self.file.write(move |txn| insert_in(txn, receipt.clone(), &encoded)).await
     }
 
     async fn mark_enqueued(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_string();
-        self.file
-            .write(move |txn| {
-                update_in(txn, &id, |r| {
-                    r.jobs_enqueued = true;
-                    Ok(())
-                })
-            })
-            .await
-            .map(drop)
+        self.file.write(move |txn| mark_enqueued_in(txn, &id)).await
     }
 
     async fn record_attempt(&self, id: &str, attempt: AttemptRecord) -> Result<(), StoreError> {
@@ -150,9 +236,7 @@ impl ReceiptStore for EmbeddedStore {
         let id = id.to_string();
         self.reading(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(RECEIPTS).map_err(unavailable)?;
-            let found = table.get(id.as_str()).map_err(unavailable)?;
-            found.map(|b| decode(b.value())).transpose()
+            read(&txn.open_table(RECEIPTS).map_err(unavailable)?, &txn.open_table(HEADS).map_err(unavailable)?, &id)
         })
         .await
     }
@@ -160,14 +244,15 @@ impl ReceiptStore for EmbeddedStore {
     async fn list(&self, query: ListQuery) -> Result<Vec<Receipt>, StoreError> {
         self.reading(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(RECEIPTS).map_err(unavailable)?;
+            let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
+            let heads = txn.open_table(HEADS).map_err(unavailable)?;
             let mut out = Vec::new();
-            for entry in table.iter().map_err(unavailable)?.rev() {
+            for entry in receipts.iter().map_err(unavailable)?.rev() {
                 if out.len() >= query.limit {
                     break;
                 }
-                let (_, bytes) = entry.map_err(unavailable)?;
-                let receipt = decode(bytes.value())?;
+                let (id, _) = entry.map_err(unavailable)?;
+                let Some(receipt) = read(&receipts, &heads, id.value())? else { continue };
                 if query.state.is_none_or(|s| receipt.actions.iter().any(|a| a.state == s)) {
                     out.push(receipt);
                 }
@@ -182,12 +267,11 @@ impl ReceiptStore for EmbeddedStore {
             let txn = db.begin_read().map_err(unavailable)?;
             let pending = txn.open_table(UNQUEUED).map_err(unavailable)?;
             let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
+            let heads = txn.open_table(HEADS).map_err(unavailable)?;
             let mut out = Vec::new();
             for entry in pending.iter().map_err(unavailable)? {
                 let (id, _) = entry.map_err(unavailable)?;
-                if let Some(bytes) = receipts.get(id.value()).map_err(unavailable)? {
-                    out.push(decode(bytes.value())?);
-                }
+                out.extend(read(&receipts, &heads, id.value())?);
             }
             Ok(out)
         })

@@ -82,11 +82,16 @@ pub struct Receipt {
     pub request: StoredRequest,
     pub event: Event,
     pub received_at_ms: u64,
+    // The fields below change after a receipt is stored (the embedded store
+    // keeps them apart, and reads a receipt stored without them).
+    #[serde(default)]
     pub updated_at_ms: u64,
     /// False until the receipt's jobs are durably queued. A receipt left
     /// false (crash or queue outage between the two writes) is finished by
     /// the CRM's retry or the start-up sweep.
+    #[serde(default)]
     pub jobs_enqueued: bool,
+    #[serde(default)]
     pub actions: Vec<ActionRecord>,
 }
 
@@ -165,18 +170,29 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Apply an attempt to a receipt in memory (shared by the backends).
+/// Apply an attempt to a receipt in memory (the MongoDB store's way).
 pub fn apply_attempt(receipt: &mut Receipt, attempt: &AttemptRecord, now: u64) -> Result<(), StoreError> {
-    let action = receipt
-        .actions
+    if apply_to_actions(&receipt.id, &mut receipt.actions, attempt, now)? {
+        receipt.updated_at_ms = now;
+    }
+    Ok(())
+}
+
+/// Apply an attempt to the matching one of receipt `id`'s actions (shared
+/// by the backends). False when it changed nothing: a late, out-of-order
+/// report must not undo a delivery (a replay may).
+pub fn apply_to_actions(
+    id: &str,
+    actions: &mut [ActionRecord],
+    attempt: &AttemptRecord,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let action = actions
         .iter_mut()
         .find(|a| a.destination == attempt.destination && a.action == attempt.action)
-        .ok_or_else(|| {
-            StoreError::NotFound(format!("{} (action {}/{})", receipt.id, attempt.destination, attempt.action))
-        })?;
-    // A late, out-of-order report must not undo a delivery; a replay may.
+        .ok_or_else(|| StoreError::NotFound(format!("{id} (action {}/{})", attempt.destination, attempt.action)))?;
     if action.state == DeliveryState::Delivered && attempt.state != DeliveryState::Delivered && !attempt.replay {
-        return Ok(());
+        return Ok(false);
     }
     action.state = attempt.state;
     action.attempts = action.attempts.max(attempt.attempts);
@@ -189,6 +205,5 @@ pub fn apply_attempt(receipt: &mut Receipt, attempt: &AttemptRecord, now: u64) -
         action.delivered_at_ms = Some(now);
     }
     action.updated_at_ms = now;
-    receipt.updated_at_ms = now;
-    Ok(())
+    Ok(true)
 }

@@ -368,7 +368,7 @@ fn create(path: &Path) -> Result<Database, redb::DatabaseError> {
 /// one: that is refused, with what to do.
 pub fn open_embedded(dir: &Path, embedded_queue: bool) -> Result<Arc<RedbFile>, String> {
     use crate::queue::embedded::{DEAD, JOB_STATE, JOBS};
-    use crate::store::embedded::{DEDUPE, RECEIPTS, UNQUEUED};
+    use crate::store::embedded::{DEDUPE, HEADS, RECEIPTS, UNQUEUED};
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let path = dir.join("crm.redb");
     let old_receipts = dir.join("receipts.redb");
@@ -394,6 +394,7 @@ pub fn open_embedded(dir: &Path, embedded_queue: bool) -> Result<Arc<RedbFile>, 
     let import = if embedded_queue && old_queue.exists() { Some(read_old_queue(&old_queue)?) } else { None };
     let file = RedbFile::open(&path, |txn| {
         txn.open_table(RECEIPTS).map_err(Box::new)?;
+        txn.open_table(HEADS).map_err(Box::new)?;
         txn.open_table(DEDUPE).map_err(Box::new)?;
         txn.open_table(UNQUEUED).map_err(Box::new)?;
         txn.open_table(JOB_STATE).map_err(Box::new)?;
@@ -439,8 +440,8 @@ mod tests {
     use super::*;
     use crate::queue::JobQueue;
     use crate::queue::embedded::{DEAD, EmbeddedQueue, JOBS};
-    use crate::store::ReceiptStore;
     use crate::store::embedded::{EmbeddedStore, RECEIPTS};
+    use crate::store::{AttemptRecord, DeliveryState, ListQuery, ReceiptStore};
 
     fn write_file(path: &Path, table: TableDefinition<&str, &[u8]>, rows: &[(&str, serde_json::Value)]) {
         let db = Database::create(path).unwrap();
@@ -525,7 +526,10 @@ mod tests {
             "id": "r1", "provider": "crm", "event_type": "deal_updated", "reference": "D-1",
             "status": "Qualified", "request": {"headers": [], "body": "{}"},
             "event": event,
-            "received_at_ms": 1, "updated_at_ms": 1, "jobs_enqueued": true, "actions": []
+            "received_at_ms": 1, "updated_at_ms": 1, "jobs_enqueued": true,
+            "actions": [{"destination": "meta-capi", "action": "Lead", "params": [], "state": "pending",
+                "attempts": 0, "last_error": null, "last_status": null, "detail": null,
+                "delivered_at_ms": null, "updated_at_ms": 1}]
         });
         write_file(&dir.path().join("receipts.redb"), RECEIPTS, &[("r1", receipt)]);
         let job = |id: &str| {
@@ -556,6 +560,22 @@ mod tests {
         let file = open_embedded(dir.path(), true).unwrap();
         let store = EmbeddedStore::new(file.clone());
         assert_eq!(store.get("r1").await.unwrap().unwrap().reference, "D-1");
+        // A receipt stored whole takes an outcome like any other.
+        let delivered = AttemptRecord {
+            destination: "meta-capi".into(),
+            action: "Lead".into(),
+            state: DeliveryState::Delivered,
+            attempts: 1,
+            error: None,
+            status: Some(200),
+            detail: None,
+            replay: false,
+        };
+        store.record_attempt("r1", delivered).await.unwrap();
+        let listed = store.list(ListQuery { limit: 10, state: None }).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].reference.as_str(), listed[0].actions[0].state), ("D-1", DeliveryState::Delivered));
+        assert!(listed[0].updated_at_ms > 1 && listed[0].jobs_enqueued);
         let queue = EmbeddedQueue::new(file).unwrap();
         let depth = queue.depth().await.unwrap();
         assert_eq!((depth.ready, depth.dead), (1, 1));
