@@ -832,16 +832,7 @@ mod tests {
         let q = EmbeddedQueue::new(file).unwrap();
         q.accept(receipt("r1", "D-1"), crate::intake::jobs_for).await.unwrap();
         let reserved = q.reserve(Duration::ZERO).await.unwrap().unwrap();
-        let delivered = AttemptRecord {
-            destination: "meta-capi".into(),
-            action: "Lead".into(),
-            state: DeliveryState::Delivered,
-            attempts: 1,
-            error: None,
-            status: Some(200),
-            detail: Some("events_received=1".into()),
-            replay: false,
-        };
+        let delivered = AttemptRecord::delivered("meta-capi", "Lead");
         q.record_and_settle(reserved, delivered.clone(), Settle::Ack).await.unwrap();
         assert_eq!(store.get("r1").await.unwrap().unwrap().actions[0].state, DeliveryState::Delivered);
         assert_eq!(q.depth().await.unwrap(), QueueDepth::default());

@@ -124,6 +124,23 @@ pub struct AttemptRecord {
     pub replay: bool,
 }
 
+#[cfg(test)]
+impl AttemptRecord {
+    /// A first attempt that delivered `destination`'s `action` (200).
+    pub(crate) fn delivered(destination: &str, action: &str) -> AttemptRecord {
+        AttemptRecord {
+            destination: destination.into(),
+            action: action.into(),
+            state: DeliveryState::Delivered,
+            attempts: 1,
+            error: None,
+            status: Some(200),
+            detail: None,
+            replay: false,
+        }
+    }
+}
+
 /// Filter for listings, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {

@@ -561,17 +561,7 @@ mod tests {
         let store = EmbeddedStore::new(file.clone());
         assert_eq!(store.get("r1").await.unwrap().unwrap().reference, "D-1");
         // A receipt stored whole takes an outcome like any other.
-        let delivered = AttemptRecord {
-            destination: "meta-capi".into(),
-            action: "Lead".into(),
-            state: DeliveryState::Delivered,
-            attempts: 1,
-            error: None,
-            status: Some(200),
-            detail: None,
-            replay: false,
-        };
-        store.record_attempt("r1", delivered).await.unwrap();
+        store.record_attempt("r1", AttemptRecord::delivered("meta-capi", "Lead")).await.unwrap();
         let listed = store.list(ListQuery { limit: 10, state: None }).await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!((listed[0].reference.as_str(), listed[0].actions[0].state), ("D-1", DeliveryState::Delivered));
