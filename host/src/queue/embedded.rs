@@ -1,6 +1,9 @@
 //! The embedded job queue: tables in the embedded backends' one redb file,
 //! `DATA_DIR/crm.redb` (see `store::redb_file`), written by group commit,
-//! plus an in-memory schedule rebuilt from them at start-up.
+//! plus an in-memory schedule rebuilt from them at start-up. The schedule
+//! holds each live job's id, due time and order key; the job itself is read
+//! from the file when it is reserved, so a backlog (a downstream outage,
+//! say) grows the file, not the process.
 //!
 //! Layout:
 //! - `jobs`: job id → `{"job": …, "due_ms": …, "running": bool}` for every
@@ -124,13 +127,26 @@ impl JobState {
     }
 }
 
+/// A live job as the schedule holds it. The job itself stays in the file
+/// and is read when it is reserved, so a backlog costs memory for its ids,
+/// not for its events.
+struct Live {
+    order_key: String,
+    /// The file counts an attempt the host could not settle (a storage
+    /// fault): the next reservation does not count it again.
+    uncount: bool,
+    /// The file says a previous process died during an attempt: the next
+    /// reservation records it.
+    interrupted: bool,
+}
+
 /// The in-memory schedule.
 #[derive(Default)]
 struct Schedule {
     /// (due, id) of jobs not reserved.
     waiting: BTreeSet<(u64, String)>,
-    /// Every live job, as the file holds it.
-    jobs: HashMap<String, Job>,
+    /// Every live job.
+    jobs: HashMap<String, Live>,
     reserved: HashSet<String>,
     dead: u64,
     /// Live job ids of each order group; ids start with their receipt's
@@ -147,19 +163,20 @@ fn receipt_of(job_id: &str) -> &str {
 
 impl Schedule {
     /// A job that is live (waiting, delayed or reserved), due at `due`.
-    fn add(&mut self, job: Job, due: u64) {
-        if !job.order_key.is_empty() {
-            self.groups.entry(job.order_key.clone()).or_default().insert(job.id.clone());
+    fn add(&mut self, id: &str, order_key: &str, due: u64) {
+        if !order_key.is_empty() {
+            self.groups.entry(order_key.to_string()).or_default().insert(id.to_string());
         }
-        self.waiting.insert((due, job.id.clone()));
-        self.jobs.insert(job.id.clone(), job);
+        self.waiting.insert((due, id.to_string()));
+        let live = Live { order_key: order_key.to_string(), uncount: false, interrupted: false };
+        self.jobs.insert(id.to_string(), live);
     }
 
-    /// Make a reserved job due again at `due`, as `job`.
-    fn put_back(&mut self, job: Job, due: u64) {
-        self.reserved.remove(&job.id);
-        self.waiting.insert((due, job.id.clone()));
-        self.jobs.insert(job.id.clone(), job);
+    /// Make a reserved job due again at `due`.
+    fn put_back(&mut self, id: &str, due: u64) {
+        if self.reserved.remove(id) {
+            self.waiting.insert((due, id.to_string()));
+        }
     }
 
     /// A job that is no longer live (acknowledged or dead): the jobs its
@@ -178,10 +195,10 @@ impl Schedule {
         }
     }
 
-    /// Whether an earlier receipt's job of `job`'s group is still live.
-    fn held_back(&self, job: &Job) -> bool {
-        let first = self.groups.get(&job.order_key).and_then(|g| g.first());
-        first.is_some_and(|first| receipt_of(first) < job.receipt_id.as_str())
+    /// Whether an earlier receipt's job of job `id`'s group is still live.
+    fn held_back(&self, id: &str, order_key: &str) -> bool {
+        let first = self.groups.get(order_key).and_then(|g| g.first());
+        first.is_some_and(|first| receipt_of(first) < receipt_of(id))
     }
 }
 
@@ -229,6 +246,16 @@ fn encode_jobs(jobs: Vec<Job>, now: u64) -> Result<Vec<(Job, Vec<u8>)>, QueueErr
             Ok((stored.job, bytes))
         })
         .collect()
+}
+
+/// A live job as the file holds it: its row in `jobs` with its `job_state`
+/// applied.
+fn stored_job(bytes: &[u8], state: Option<&[u8]>) -> Result<StoredJob, QueueError> {
+    let mut stored: StoredJob = from_json(bytes)?;
+    if let Some(state) = state {
+        JobState::decode(state)?.apply(&mut stored);
+    }
+    Ok(stored)
 }
 
 /// Add the jobs not live or dead yet; the ones added.
@@ -306,14 +333,12 @@ impl EmbeddedQueue {
             let states = txn.open_table(JOB_STATE).map_err(unavailable)?;
             for entry in jobs.iter().map_err(unavailable)? {
                 let (id, bytes) = entry.map_err(unavailable)?;
-                let mut stored: StoredJob = from_json(bytes.value())?;
-                if let Some(state) = states.get(id.value()).map_err(unavailable)? {
-                    JobState::decode(state.value())?.apply(&mut stored);
+                let state = states.get(id.value()).map_err(unavailable)?;
+                let stored = stored_job(bytes.value(), state.as_ref().map(|s| s.value()))?;
+                schedule.add(&stored.job.id, &stored.job.order_key, stored.due_ms);
+                if let Some(live) = schedule.jobs.get_mut(&stored.job.id) {
+                    live.interrupted = stored.running;
                 }
-                if stored.running {
-                    stored.job.interrupted += 1;
-                }
-                schedule.add(stored.job, stored.due_ms);
             }
             schedule.dead = txn.open_table(DEAD).map_err(unavailable)?.len().map_err(unavailable)?;
             Ok::<_, QueueError>(())
@@ -327,7 +352,7 @@ impl EmbeddedQueue {
 
     /// Take the first due job not held back by an earlier one of its deal,
     /// or say when the next one is due.
-    fn take_due(&self, now: u64) -> Result<Job, Option<u64>> {
+    fn take_due(&self, now: u64) -> Result<String, Option<u64>> {
         let mut s = self.schedule();
         loop {
             let Some((due, id)) = s.waiting.first().cloned() else {
@@ -337,19 +362,44 @@ impl EmbeddedQueue {
                 return Err(Some(due));
             }
             s.waiting.pop_first();
-            let Some(job) = s.jobs.get(&id).cloned() else { continue };
-            if s.held_back(&job) {
-                s.held.entry(job.order_key.clone()).or_default().push(id);
+            let Some(order_key) = s.jobs.get(&id).map(|live| live.order_key.clone()) else { continue };
+            if s.held_back(&id, &order_key) {
+                s.held.entry(order_key).or_default().push(id);
                 continue;
             }
-            s.reserved.insert(id);
-            return Ok(job);
+            s.reserved.insert(id.clone());
+            return Ok(id);
         }
     }
 
-    /// Count the attempt a taken job is for, on disk, before handing it out.
-    async fn start(&self, mut job: Job) -> Result<Reserved, QueueError> {
-        let before = job.clone();
+    /// Read a taken job from the file and count the attempt it is for, on
+    /// disk, before handing it out. None: the job is no longer in the file.
+    async fn start(&self, id: String) -> Result<Option<Reserved>, QueueError> {
+        let later = || now_ms() + AFTER_FAULT.as_millis() as u64;
+        // Two lookups in redb's cache: short enough for the executor.
+        let found = self.file.read(|db: &Database| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let Some(bytes) = txn.open_table(JOBS).map_err(unavailable)?.get(id.as_str()).map_err(unavailable)? else {
+                return Ok(None);
+            };
+            let state = txn.open_table(JOB_STATE).map_err(unavailable)?.get(id.as_str()).map_err(unavailable)?;
+            stored_job(bytes.value(), state.as_ref().map(|s| s.value())).map(Some)
+        });
+        let mut job = match found {
+            Ok(Some(stored)) => stored.job,
+            Ok(None) => {
+                self.schedule().forget(&id, now_ms());
+                return Ok(None);
+            }
+            Err(e) => {
+                self.schedule().put_back(&id, later());
+                return Err(e);
+            }
+        };
+        if let Some(live) = self.schedule().jobs.get(&id) {
+            job.attempts -= u32::from(live.uncount).min(job.attempts);
+            job.interrupted += u32::from(live.interrupted);
+        }
         job.attempts += 1;
         let state = JobState::of(&job, now_ms(), true);
         let queue = self.clone();
@@ -357,38 +407,44 @@ impl EmbeddedQueue {
             .file
             .write_then(
                 move |txn| put_state_in(txn, &job.id, &state).map(|()| job.clone()),
-                move |started| match started {
-                    Some(job) => {
-                        queue.schedule().jobs.insert(job.id.clone(), job.clone());
+                move |started| {
+                    let mut s = queue.schedule();
+                    match started {
+                        Some(_) => {
+                            if let Some(live) = s.jobs.get_mut(&id) {
+                                (live.uncount, live.interrupted) = (false, false);
+                            }
+                        }
+                        None => s.put_back(&id, later()),
                     }
-                    None => queue.schedule().put_back(before, now_ms() + AFTER_FAULT.as_millis() as u64),
                 },
             )
             .await?;
-        Ok(Reserved { job, lease: String::new() })
+        Ok(Some(Reserved { job, lease: String::new() }))
     }
 
     /// Settling failed: the file still holds the job as reserved, so it is
     /// due again shortly, without the attempt the host could not record.
     fn settle_failed(&self, reserved: &Reserved) {
-        let mut job = reserved.job.clone();
-        if let Some(on_file) = self.schedule().jobs.get(&job.id) {
-            job = on_file.clone();
+        {
+            let mut s = self.schedule();
+            if let Some(live) = s.jobs.get_mut(&reserved.job.id) {
+                live.uncount = true;
+            }
+            s.put_back(&reserved.job.id, now_ms() + AFTER_FAULT.as_millis() as u64);
         }
-        job.attempts = job.attempts.saturating_sub(1);
-        self.schedule().put_back(job, now_ms() + AFTER_FAULT.as_millis() as u64);
         self.notify.notify_waiters();
     }
 
     /// The schedule after a committed settle.
-    fn settled(&self, job: Job, how: &Settle, now: u64) {
+    fn settled(&self, id: &str, how: &Settle, now: u64) {
         {
             let mut s = self.schedule();
             match how {
-                Settle::Ack => s.forget(&job.id, now),
-                Settle::Retry(delay) => s.put_back(job, now + delay.as_millis() as u64),
+                Settle::Ack => s.forget(id, now),
+                Settle::Retry(delay) => s.put_back(id, now + delay.as_millis() as u64),
                 Settle::Dead(_) => {
-                    s.forget(&job.id, now);
+                    s.forget(id, now);
                     s.dead += 1;
                 }
             }
@@ -441,7 +497,7 @@ impl EmbeddedQueue {
         if !jobs.is_empty() {
             let mut s = self.schedule();
             for job in jobs {
-                s.add(job.clone(), now);
+                s.add(&job.id, &job.order_key, now);
             }
         }
         self.notify.notify_waiters();
@@ -469,7 +525,7 @@ impl EmbeddedQueue {
                 },
                 move |settled| {
                     if settled.is_some() {
-                        queue.settled(reserved.job, &how, now);
+                        queue.settled(&reserved.job.id, &how, now);
                     }
                 },
             )
@@ -507,7 +563,10 @@ impl JobQueue for EmbeddedQueue {
             notified.as_mut().enable();
             let now = now_ms();
             let next_due = match self.take_due(now) {
-                Ok(job) => return self.start(job).await.map(Some),
+                Ok(id) => match self.start(id).await? {
+                    Some(reserved) => return Ok(Some(reserved)),
+                    None => continue,
+                },
                 Err(next) => next,
             };
             if tokio::time::Instant::now() >= give_up {
@@ -547,7 +606,7 @@ impl JobQueue for EmbeddedQueue {
             .write_then(
                 move |txn| settle_in(txn, &id, &write),
                 move |settled| match settled {
-                    Some(()) => queue.settled(reserved.job, &how, now),
+                    Some(()) => queue.settled(&reserved.job.id, &how, now),
                     None => queue.settle_failed(&reserved),
                 },
             )
@@ -689,6 +748,25 @@ mod tests {
         assert_eq!(q.depth().await.unwrap().in_flight, 1);
         q.ack(&again).await.unwrap();
         assert_eq!(q.depth().await.unwrap(), QueueDepth::default());
+    }
+
+    /// A job is read from the file when it is reserved: a retried job comes
+    /// back whole, with the counters its settle wrote.
+    #[tokio::test]
+    async fn a_retried_job_comes_back_whole_with_its_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        let mut queued = job("a");
+        queued.event.customer.email = Some("jane@example.com".into());
+        q.enqueue(vec![queued.clone()]).await.unwrap();
+        let mut first = q.reserve(Duration::ZERO).await.unwrap().unwrap();
+        // Put off by the host: the attempt does not count.
+        first.job.attempts -= 1;
+        first.job.deferrals += 1;
+        q.retry(first, Duration::ZERO).await.unwrap();
+        let again = q.reserve(Duration::from_millis(100)).await.unwrap().unwrap();
+        assert_eq!((again.job.attempts, again.job.deferrals), (1, 1));
+        assert_eq!(again.job.event, queued.event);
     }
 
     /// A job of `receipt` in order group `group`.
