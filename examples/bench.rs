@@ -480,6 +480,8 @@ async fn accepts_alone(limit: f64) {
         millis(percentile(&seen.latencies, 0.99)),
         micros(service.cpu().saturating_sub(cpu_before)) / seen.ok.max(1) as f64
     );
+    // Nothing is delivered: every job accepted is still queued.
+    println!("  service RSS              {:.0} MB with {} jobs queued", service.rss_mb(), deliveries_for(seen.ok));
 }
 
 async fn pipeline(label: &str, backend: &[(&'static str, String)], limit: Option<f64>) {
