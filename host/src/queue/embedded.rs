@@ -127,11 +127,15 @@ impl JobState {
     }
 }
 
+/// A job id or order key in the schedule, shared between its indexes.
+type Key = Arc<str>;
+
 /// A live job as the schedule holds it. The job itself stays in the file
 /// and is read when it is reserved, so a backlog costs memory for its ids,
 /// not for its events.
 struct Live {
-    order_key: String,
+    /// None: not ordered.
+    order_key: Option<Key>,
     /// The file counts an attempt the host could not settle (a storage
     /// fault): the next reservation does not count it again.
     uncount: bool,
@@ -144,16 +148,17 @@ struct Live {
 #[derive(Default)]
 struct Schedule {
     /// (due, id) of jobs not reserved.
-    waiting: BTreeSet<(u64, String)>,
+    waiting: BTreeSet<(u64, Key)>,
     /// Every live job.
-    jobs: HashMap<String, Live>,
-    reserved: HashSet<String>,
+    jobs: HashMap<Key, Live>,
+    reserved: HashSet<Key>,
     dead: u64,
-    /// Live job ids of each order group; ids start with their receipt's
-    /// id (UUID v7), so they sort in acceptance order.
-    groups: HashMap<String, BTreeSet<String>>,
+    /// Live job ids of each order group, sorted; ids start with their
+    /// receipt's id (UUID v7), so they sort in acceptance order. Most
+    /// groups hold one or two.
+    groups: HashMap<Key, Vec<Key>>,
     /// Due jobs waiting for an earlier job of their group.
-    held: HashMap<String, Vec<String>>,
+    held: HashMap<Key, Vec<Key>>,
 }
 
 /// The receipt part of a job id (`{receipt}/{destination}/{action}`).
@@ -164,18 +169,23 @@ fn receipt_of(job_id: &str) -> &str {
 impl Schedule {
     /// A job that is live (waiting, delayed or reserved), due at `due`.
     fn add(&mut self, id: &str, order_key: &str, due: u64) {
-        if !order_key.is_empty() {
-            self.groups.entry(order_key.to_string()).or_default().insert(id.to_string());
-        }
-        self.waiting.insert((due, id.to_string()));
-        let live = Live { order_key: order_key.to_string(), uncount: false, interrupted: false };
-        self.jobs.insert(id.to_string(), live);
+        let id: Key = id.into();
+        let order_key = (!order_key.is_empty()).then(|| {
+            let key = self.groups.get_key_value(order_key).map_or_else(|| order_key.into(), |(k, _)| k.clone());
+            let group = self.groups.entry(key.clone()).or_default();
+            if let Err(at) = group.binary_search(&id) {
+                group.insert(at, id.clone());
+            }
+            key
+        });
+        self.waiting.insert((due, id.clone()));
+        self.jobs.insert(id, Live { order_key, uncount: false, interrupted: false });
     }
 
     /// Make a reserved job due again at `due`.
     fn put_back(&mut self, id: &str, due: u64) {
-        if self.reserved.remove(id) {
-            self.waiting.insert((due, id.to_string()));
+        if let Some(id) = self.reserved.take(id) {
+            self.waiting.insert((due, id));
         }
     }
 
@@ -183,14 +193,16 @@ impl Schedule {
     /// group held for it are due again.
     fn forget(&mut self, id: &str, now: u64) {
         self.reserved.remove(id);
-        let Some(job) = self.jobs.remove(id) else { return };
-        if let Some(group) = self.groups.get_mut(&job.order_key) {
-            group.remove(id);
+        let Some((id, Live { order_key: Some(key), .. })) = self.jobs.remove_entry(id) else { return };
+        if let Some(group) = self.groups.get_mut(&key) {
+            if let Ok(at) = group.binary_search(&id) {
+                group.remove(at);
+            }
             if group.is_empty() {
-                self.groups.remove(&job.order_key);
+                self.groups.remove(&key);
             }
         }
-        for held in self.held.remove(&job.order_key).unwrap_or_default() {
+        for held in self.held.remove(&key).unwrap_or_default() {
             self.waiting.insert((now, held));
         }
     }
@@ -336,7 +348,7 @@ impl EmbeddedQueue {
                 let state = states.get(id.value()).map_err(unavailable)?;
                 let stored = stored_job(bytes.value(), state.as_ref().map(|s| s.value()))?;
                 schedule.add(&stored.job.id, &stored.job.order_key, stored.due_ms);
-                if let Some(live) = schedule.jobs.get_mut(&stored.job.id) {
+                if let Some(live) = schedule.jobs.get_mut(stored.job.id.as_str()) {
                     live.interrupted = stored.running;
                 }
             }
@@ -362,13 +374,15 @@ impl EmbeddedQueue {
                 return Err(Some(due));
             }
             s.waiting.pop_first();
-            let Some(order_key) = s.jobs.get(&id).map(|live| live.order_key.clone()) else { continue };
-            if s.held_back(&id, &order_key) {
-                s.held.entry(order_key).or_default().push(id);
+            let Some(live) = s.jobs.get(&id) else { continue };
+            if let Some(key) = live.order_key.clone()
+                && s.held_back(&id, &key)
+            {
+                s.held.entry(key).or_default().push(id);
                 continue;
             }
             s.reserved.insert(id.clone());
-            return Ok(id);
+            return Ok(id.to_string());
         }
     }
 
@@ -396,7 +410,7 @@ impl EmbeddedQueue {
                 return Err(e);
             }
         };
-        if let Some(live) = self.schedule().jobs.get(&id) {
+        if let Some(live) = self.schedule().jobs.get(id.as_str()) {
             job.attempts -= u32::from(live.uncount).min(job.attempts);
             job.interrupted += u32::from(live.interrupted);
         }
@@ -411,7 +425,7 @@ impl EmbeddedQueue {
                     let mut s = queue.schedule();
                     match started {
                         Some(_) => {
-                            if let Some(live) = s.jobs.get_mut(&id) {
+                            if let Some(live) = s.jobs.get_mut(id.as_str()) {
                                 (live.uncount, live.interrupted) = (false, false);
                             }
                         }
@@ -428,7 +442,7 @@ impl EmbeddedQueue {
     fn settle_failed(&self, reserved: &Reserved) {
         {
             let mut s = self.schedule();
-            if let Some(live) = s.jobs.get_mut(&reserved.job.id) {
+            if let Some(live) = s.jobs.get_mut(reserved.job.id.as_str()) {
                 live.uncount = true;
             }
             s.put_back(&reserved.job.id, now_ms() + AFTER_FAULT.as_millis() as u64);
