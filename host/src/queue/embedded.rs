@@ -55,8 +55,14 @@ pub(crate) const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs
 pub(crate) const DEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("dead");
 pub(crate) const JOB_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("job_state");
 
-/// How soon a job whose settling failed is due again.
+/// How soon a job is due again after a storage fault kept it from starting
+/// or settling.
 const AFTER_FAULT: Duration = Duration::from_secs(1);
+
+/// When a job a storage fault held up is due again.
+fn after_fault() -> u64 {
+    now_ms() + AFTER_FAULT.as_millis() as u64
+}
 
 #[derive(Serialize, Deserialize)]
 struct StoredJob {
@@ -168,7 +174,7 @@ fn receipt_of(job_id: &str) -> &str {
 
 impl Schedule {
     /// A job that is live (waiting, delayed or reserved), due at `due`.
-    fn add(&mut self, id: &str, order_key: &str, due: u64) {
+    fn add(&mut self, id: &str, order_key: &str, due: u64, interrupted: bool) {
         let id: Key = id.into();
         let order_key = (!order_key.is_empty()).then(|| {
             let key = self.groups.get_key_value(order_key).map_or_else(|| order_key.into(), |(k, _)| k.clone());
@@ -179,7 +185,7 @@ impl Schedule {
             key
         });
         self.waiting.insert((due, id.clone()));
-        self.jobs.insert(id, Live { order_key, uncount: false, interrupted: false });
+        self.jobs.insert(id, Live { order_key, uncount: false, interrupted });
     }
 
     /// Make a reserved job due again at `due`.
@@ -270,6 +276,15 @@ fn stored_job(bytes: &[u8], state: Option<&[u8]>) -> Result<StoredJob, QueueErro
     Ok(stored)
 }
 
+/// Live job `id` as the file holds it; None if it is not live.
+fn lookup(db: &Database, id: &str) -> Result<Option<StoredJob>, QueueError> {
+    let txn = db.begin_read().map_err(unavailable)?;
+    let jobs = txn.open_table(JOBS).map_err(unavailable)?;
+    let Some(bytes) = jobs.get(id).map_err(unavailable)? else { return Ok(None) };
+    let state = txn.open_table(JOB_STATE).map_err(unavailable)?.get(id).map_err(unavailable)?;
+    stored_job(bytes.value(), state.as_ref().map(|s| s.value())).map(Some)
+}
+
 /// Add the jobs not live or dead yet; the ones added.
 fn enqueue_in(txn: &WriteTransaction, jobs: &[(Job, Vec<u8>)]) -> Result<Vec<Job>, QueueError> {
     let mut table = txn.open_table(JOBS).map_err(unavailable)?;
@@ -347,10 +362,7 @@ impl EmbeddedQueue {
                 let (id, bytes) = entry.map_err(unavailable)?;
                 let state = states.get(id.value()).map_err(unavailable)?;
                 let stored = stored_job(bytes.value(), state.as_ref().map(|s| s.value()))?;
-                schedule.add(&stored.job.id, &stored.job.order_key, stored.due_ms);
-                if let Some(live) = schedule.jobs.get_mut(stored.job.id.as_str()) {
-                    live.interrupted = stored.running;
-                }
+                schedule.add(&stored.job.id, &stored.job.order_key, stored.due_ms, stored.running);
             }
             schedule.dead = txn.open_table(DEAD).map_err(unavailable)?.len().map_err(unavailable)?;
             Ok::<_, QueueError>(())
@@ -389,24 +401,27 @@ impl EmbeddedQueue {
     /// Read a taken job from the file and count the attempt it is for, on
     /// disk, before handing it out. None: the job is no longer in the file.
     async fn start(&self, id: String) -> Result<Option<Reserved>, QueueError> {
-        let later = || now_ms() + AFTER_FAULT.as_millis() as u64;
-        // Two lookups in redb's cache: short enough for the executor.
-        let found = self.file.read(|db: &Database| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let Some(bytes) = txn.open_table(JOBS).map_err(unavailable)?.get(id.as_str()).map_err(unavailable)? else {
-                return Ok(None);
-            };
-            let state = txn.open_table(JOB_STATE).map_err(unavailable)?.get(id.as_str()).map_err(unavailable)?;
-            stored_job(bytes.value(), state.as_ref().map(|s| s.value())).map(Some)
-        });
+        // On the executor (two lookups, mostly in cache), unless the file is
+        // being reopened after a storage fault: then off it.
+        let found = match self.file.try_read(|db| lookup(db, &id)) {
+            Some(found) => found,
+            None => {
+                let (file, id) = (self.file.clone(), id.clone());
+                tokio::task::spawn_blocking(move || file.read(|db| lookup(db, &id)))
+                    .await
+                    .unwrap_or_else(|e| Err(QueueError::Unavailable(format!("queue task failed: {e}"))))
+            }
+        };
         let mut job = match found {
             Ok(Some(stored)) => stored.job,
             Ok(None) => {
+                // Jobs its group held may be due now.
                 self.schedule().forget(&id, now_ms());
+                self.notify.notify_waiters();
                 return Ok(None);
             }
             Err(e) => {
-                self.schedule().put_back(&id, later());
+                self.schedule().put_back(&id, after_fault());
                 return Err(e);
             }
         };
@@ -429,7 +444,7 @@ impl EmbeddedQueue {
                                 (live.uncount, live.interrupted) = (false, false);
                             }
                         }
-                        None => s.put_back(&id, later()),
+                        None => s.put_back(&id, after_fault()),
                     }
                 },
             )
@@ -445,7 +460,7 @@ impl EmbeddedQueue {
             if let Some(live) = s.jobs.get_mut(reserved.job.id.as_str()) {
                 live.uncount = true;
             }
-            s.put_back(&reserved.job.id, now_ms() + AFTER_FAULT.as_millis() as u64);
+            s.put_back(&reserved.job.id, after_fault());
         }
         self.notify.notify_waiters();
     }
@@ -511,7 +526,7 @@ impl EmbeddedQueue {
         if !jobs.is_empty() {
             let mut s = self.schedule();
             for job in jobs {
-                s.add(&job.id, &job.order_key, now);
+                s.add(&job.id, &job.order_key, now, false);
             }
         }
         self.notify.notify_waiters();

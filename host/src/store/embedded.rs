@@ -9,7 +9,9 @@
 //!   earlier version, stored whole, is read as its body and head in one)
 //! - `receipt_heads`: receipt id → what changes after that (`Head`: the
 //!   actions' delivery records, whether the jobs are queued), JSON of a few
-//!   hundred bytes, so an attempt's outcome rewrites only this
+//!   hundred bytes, so an attempt's outcome rewrites only this. Versions
+//!   before this split cannot read such receipts: going back to one means
+//!   restoring a copy of `DATA_DIR` taken before the upgrade.
 //! - `dedupe`:   "provider \x1f reference \x1f normalized status" → receipt id
 //! - `unqueued`: receipt id → () while its jobs are not confirmed queued
 //!   (only when the queue is elsewhere: with the embedded queue, a receipt
@@ -108,21 +110,30 @@ pub(crate) fn encode(r: &Receipt) -> Result<Encoded, StoreError> {
     Ok(Encoded { body: serde_json::to_vec(&body).map_err(corrupt)?, head: head.encode()? })
 }
 
-/// Receipt `id` from its body and head (a receipt stored whole, by an
-/// earlier version, has no head).
+/// Receipt `id` from its body and head.
 fn read(
     receipts: &impl ReadableTable<&'static str, &'static [u8]>,
     heads: &impl ReadableTable<&'static str, &'static [u8]>,
     id: &str,
 ) -> Result<Option<Receipt>, StoreError> {
     let Some(body) = receipts.get(id).map_err(unavailable)? else { return Ok(None) };
-    let mut receipt: Receipt = serde_json::from_slice(body.value()).map_err(corrupt)?;
+    assemble(body.value(), heads, id).map(Some)
+}
+
+/// Receipt `id` from its stored body and its head (a receipt stored whole,
+/// by an earlier version, has no head).
+fn assemble(
+    body: &[u8],
+    heads: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+) -> Result<Receipt, StoreError> {
+    let mut receipt: Receipt = serde_json::from_slice(body).map_err(corrupt)?;
     if let Some(head) = heads.get(id).map_err(unavailable)? {
         let head: Head = serde_json::from_slice(head.value()).map_err(corrupt)?;
         (receipt.updated_at_ms, receipt.jobs_enqueued, receipt.actions) =
             (head.updated_at_ms, head.jobs_enqueued, head.actions);
     }
-    Ok(Some(receipt))
+    Ok(receipt)
 }
 
 fn dedupe_key(r: &Receipt) -> String {
@@ -251,8 +262,8 @@ impl ReceiptStore for EmbeddedStore {
                 if out.len() >= query.limit {
                     break;
                 }
-                let (id, _) = entry.map_err(unavailable)?;
-                let Some(receipt) = read(&receipts, &heads, id.value())? else { continue };
+                let (id, body) = entry.map_err(unavailable)?;
+                let receipt = assemble(body.value(), &heads, id.value())?;
                 if query.state.is_none_or(|s| receipt.actions.iter().any(|a| a.state == s)) {
                     out.push(receipt);
                 }

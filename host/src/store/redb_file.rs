@@ -27,7 +27,7 @@
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
@@ -193,10 +193,29 @@ impl RedbFile {
         rx.await.unwrap_or_else(|_| Err(Unavailable("the write was dropped".into()).into()))
     }
 
-    /// Read on a snapshot. Blocking (cheap: mostly cached pages).
+    /// Read on a snapshot. Blocking (cheap: mostly cached pages, but it
+    /// waits while the file is reopened after a storage fault).
     pub fn read<T, E: From<Unavailable>>(&self, f: impl FnOnce(&Database) -> Result<T, E>) -> Result<T, E> {
-        let guard = self.shared.db.read().unwrap_or_else(|e| e.into_inner());
-        let Some(db) = guard.as_ref() else {
+        self.read_open(&self.shared.db.read().unwrap_or_else(|e| e.into_inner()), f)
+    }
+
+    /// `read`, or None while the file is being reopened after a storage
+    /// fault, instead of waiting for it.
+    pub fn try_read<T, E: From<Unavailable>>(&self, f: impl FnOnce(&Database) -> Result<T, E>) -> Option<Result<T, E>> {
+        let guard = match self.shared.db.try_read() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(self.read_open(&guard, f))
+    }
+
+    fn read_open<T, E: From<Unavailable>>(
+        &self,
+        db: &Option<Database>,
+        f: impl FnOnce(&Database) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let Some(db) = db.as_ref() else {
             let why = self.fault_reason().unwrap_or_else(|| "closed".into());
             return Err(Unavailable(format!("{}: {why}", self.shared.path.display())).into());
         };
