@@ -255,13 +255,33 @@ fn from_json<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, QueueError> {
     serde_json::from_slice(b).map_err(|e| QueueError::Corrupt(e.to_string()))
 }
 
-/// Jobs queued as new, due at `now`, and their stored form.
-fn encode_jobs(jobs: Vec<Job>, now: u64) -> Result<Vec<(Job, Vec<u8>)>, QueueError> {
+/// What the schedule takes of a job: the job stays in the file.
+#[derive(Clone)]
+struct Scheduled {
+    id: String,
+    order_key: String,
+}
+
+impl Scheduled {
+    fn of(job: &Job) -> Scheduled {
+        Scheduled { id: job.id.clone(), order_key: job.order_key.clone() }
+    }
+}
+
+/// A job queued as new: its stored form, and what the schedule takes of it.
+struct NewJob {
+    scheduled: Scheduled,
+    bytes: Vec<u8>,
+}
+
+/// Jobs queued as new, due at `now`, encoded.
+fn encode_jobs(jobs: Vec<Job>, now: u64) -> Result<Vec<NewJob>, QueueError> {
     jobs.into_iter()
         .map(|job| {
             let stored = StoredJob { job, due_ms: now, running: false };
             let bytes = to_json(&stored)?;
-            Ok((stored.job, bytes))
+            let Job { id, order_key, .. } = stored.job;
+            Ok(NewJob { scheduled: Scheduled { id, order_key }, bytes })
         })
         .collect()
 }
@@ -286,18 +306,17 @@ fn lookup(db: &Database, id: &str) -> Result<Option<StoredJob>, QueueError> {
 }
 
 /// Add the jobs not live or dead yet; the ones added.
-fn enqueue_in(txn: &WriteTransaction, jobs: &[(Job, Vec<u8>)]) -> Result<Vec<Job>, QueueError> {
+fn enqueue_in(txn: &WriteTransaction, jobs: &[NewJob]) -> Result<Vec<Scheduled>, QueueError> {
     let mut table = txn.open_table(JOBS).map_err(unavailable)?;
     let dead = txn.open_table(DEAD).map_err(unavailable)?;
     let mut added = Vec::new();
-    for (job, bytes) in jobs {
-        let exists = table.get(job.id.as_str()).map_err(unavailable)?.is_some()
-            || dead.get(job.id.as_str()).map_err(unavailable)?.is_some();
-        if exists {
+    for NewJob { scheduled, bytes } in jobs {
+        let id = scheduled.id.as_str();
+        if table.get(id).map_err(unavailable)?.is_some() || dead.get(id).map_err(unavailable)?.is_some() {
             continue;
         }
-        table.insert(job.id.as_str(), bytes.as_slice()).map_err(unavailable)?;
-        added.push(job.clone());
+        table.insert(id, bytes.as_slice()).map_err(unavailable)?;
+        added.push(scheduled.clone());
     }
     Ok(added)
 }
@@ -522,7 +541,7 @@ impl EmbeddedQueue {
     }
 
     /// The schedule after jobs were committed as added.
-    fn added(&self, jobs: &[Job], now: u64) {
+    fn added(&self, jobs: &[Scheduled], now: u64) {
         if !jobs.is_empty() {
             let mut s = self.schedule();
             for job in jobs {
@@ -694,7 +713,7 @@ impl JobQueue for EmbeddedQueue {
                             let mut s = queue.schedule();
                             s.dead = s.dead.saturating_sub(1);
                         }
-                        queue.added(std::slice::from_ref(job), now);
+                        queue.added(&[Scheduled::of(job)], now);
                     }
                 },
             )
