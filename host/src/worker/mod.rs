@@ -193,11 +193,14 @@ async fn settle(app: &App, reserved: Reserved, verdict: Verdict) {
         Verdict::Defer { reason } => {
             let mut record = attempt_record(job, DeliveryState::Retrying, None, Some(reason.clone()), None);
             record.attempts -= 1;
-            let (later, delay) = put_off(app, &reserved, &reason);
+            let (later, delay) = put_off(app, &reserved);
             match write(app, later.clone(), record, Settle::Retry(delay)).await {
-                Ok(()) => {}
+                Ok(()) => report_put_off(app, &later, delay, &reason),
                 // Put off already: the queue alone is told.
-                Err(StoreError::Unavailable(_)) => tell_queue(app, later, Settle::Retry(delay)).await,
+                Err(StoreError::Unavailable(_)) => {
+                    report_put_off(app, &later, delay, &reason);
+                    tell_queue(app, later, Settle::Retry(delay)).await
+                }
                 Err(e) => unrecorded(app, reserved, e).await,
             }
         }
@@ -206,15 +209,20 @@ async fn settle(app: &App, reserved: Reserved, verdict: Verdict) {
 
 /// The job as put off without spending its attempt, and when it is due,
 /// backing off by how often it was put off.
-fn put_off(app: &App, reserved: &Reserved, reason: &str) -> (Reserved, Duration) {
+fn put_off(app: &App, reserved: &Reserved) -> (Reserved, Duration) {
     let mut later = reserved.clone();
     let job = &mut later.job;
     job.attempts = job.attempts.saturating_sub(1);
     job.deferrals += 1;
     let delay = app.config.retry.delay(job.deferrals, None, fastrand::f64()).max(OUTAGE_PAUSE);
+    (later, delay)
+}
+
+/// Count and log a job put off (once it is, not before).
+fn report_put_off(app: &App, later: &Reserved, delay: Duration, reason: &str) {
+    let job = &later.job;
     app.metrics.delivery(&job.destination, "deferred");
     tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, deferrals = job.deferrals, "delivery put off; the attempt does not count");
-    (later, delay)
 }
 
 fn attempt_record(
@@ -288,7 +296,8 @@ async fn unrecorded(app: &App, reserved: Reserved, error: StoreError) {
             (reserved, Settle::Dead(reason))
         }
         StoreError::Unavailable(_) => {
-            let (later, delay) = put_off(app, &reserved, &format!("could not record the delivery outcome: {error}"));
+            let (later, delay) = put_off(app, &reserved);
+            report_put_off(app, &later, delay, &format!("could not record the delivery outcome: {error}"));
             (later, Settle::Retry(delay))
         }
     };
