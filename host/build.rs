@@ -36,6 +36,7 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let target_dir = out_dir.ancestors().nth(4).unwrap_or(&out_dir).join("plugins");
 
+    ensure_wasm_target();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
@@ -51,14 +52,49 @@ fn main() {
     }
     let status = cmd.status().expect("could not run cargo to build the plugins");
     if !status.success() {
-        panic!(
-            "building the plugins for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`)"
-        );
+        fail("building the plugins for wasm32-wasip2 failed; the compiler's errors are above");
     }
     for (dir, package, file) in GUESTS {
         let built = target_dir.join("wasm32-wasip2/plugin").join(format!("{}.wasm", package.replace('-', "_")));
         copy_if_changed(&built, &root.join(dir).join(file));
     }
+}
+
+/// The plugins need the standard library for `wasm32-wasip2`. rustup
+/// installs a toolchain file's targets only with the toolchain itself, so a
+/// machine that already had this toolchain lacks it: add it through rustup
+/// when rustup manages this compiler, or stop with the one line to run.
+fn ensure_wasm_target() {
+    const TARGET: &str = "wasm32-wasip2";
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output().ok().filter(|out| out.status.success());
+    let Some(sysroot) = sysroot.map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())) else {
+        return; // the nested build reports the compiler's own error
+    };
+    if sysroot.join("lib/rustlib").join(TARGET).join("lib").is_dir() {
+        return;
+    }
+    let Ok(toolchain) = std::env::var("RUSTUP_TOOLCHAIN") else {
+        fail(&format!(
+            "the Rust standard library for {TARGET} is not installed in {}; install it for this compiler \
+             (with rustup: `rustup target add {TARGET}`)",
+            sysroot.display()
+        ));
+    };
+    println!("cargo:warning=installing the {TARGET} target for toolchain {toolchain} (rustup target add)");
+    let added = Command::new("rustup")
+        .args(["target", "add", "--toolchain", &toolchain, TARGET])
+        .status()
+        .is_ok_and(|status| status.success());
+    if !added {
+        fail(&format!("could not add the {TARGET} target; run `rustup target add --toolchain {toolchain} {TARGET}`"));
+    }
+}
+
+/// Stops the build with one line, not a build-script panic's backtrace.
+fn fail(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(1);
 }
 
 fn copy_if_changed(from: &Path, to: &Path) {
