@@ -15,7 +15,7 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-use support::flows::{self, Flow};
+use support::flows::{self, Flow, action_state, receipt};
 
 struct Setup {
     redis: Server,
@@ -181,6 +181,34 @@ async fn redis_down_answers_503_and_recovers_without_restart() {
     assert_eq!(status, 200);
     eventually("the Lead", WAIT, async || (s.meta.events().len() == 1).then_some(())).await;
     assert_eq!(reqwest::get(format!("{}/ready", host.url)).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_job_settles_once_even_when_redis_lost_its_scripts_during_the_delivery() {
+    let s = setup("script-flush").await;
+    let host = Host::start(&s.vars).await;
+    s.meta.hold(1);
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("O-3", "Qualified")).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the Lead in flight", WAIT, async || (s.meta.received().len() == 1).then_some(())).await;
+    // As after a Redis restart or failover: the ack's script is unknown.
+    let mut redis =
+        redis::Client::open(s.redis.uri.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut redis).await.unwrap();
+    s.meta.release();
+
+    let id = body["receipt_id"].as_str().unwrap();
+    eventually("the Lead delivered", WAIT, async || {
+        (action_state(&receipt(&host, id).await, "meta-capi").0 == "delivered").then_some(())
+    })
+    .await;
+    // An unsettled job would be taken over and sent again after the 2 s
+    // visibility timeout.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(s.meta.received().len(), 1, "the Lead was sent again: its ack was lost");
+    let metrics = reqwest::get(format!("{}/metrics", host.url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"crm_queue_depth{queue="jobs",state="in_flight"} 0"#), "{metrics}");
 }
 
 #[tokio::test]

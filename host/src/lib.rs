@@ -8,6 +8,7 @@
 //! recorded on the receipt. This file wires those parts together.
 
 pub mod api;
+mod batch;
 pub mod config;
 pub mod dry_run;
 pub mod event;

@@ -114,7 +114,7 @@ pub struct QueueDepth {
 }
 
 /// Queue failures. On the accept path they mean 503.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
     #[error("job queue unavailable: {0}")]
     Unavailable(String),

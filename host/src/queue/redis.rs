@@ -23,33 +23,35 @@
 //! Every multi-key change is one Lua script, so it is atomic; claiming a
 //! read entry and settling a job (ack, retry, dead-letter) first check that
 //! this consumer still holds its entry. Requests per delivery: the blocking
-//! read, one claim (job, attempt count and the order-per-deal check) and one
-//! settle; a webhook's jobs are enqueued in one pipelined request. The claim
-//! script derives a deal's keys from the job, so the queue needs one Redis
-//! node (not a cluster). A reserved
-//! entry stays pending in the group until acknowledged; an entry idle longer
-//! than the visibility timeout (its worker died) is taken over with
-//! XAUTOCLAIM. Due retries are moved from `delayed` into the stream by
-//! whichever worker looks first.
+//! read, one claim (job, attempt count and the order-per-deal check) and a
+//! share of one settle request: the settles of concurrent workers go
+//! together in one pipelined request, as do the jobs of concurrent webhooks.
+//! The claim script derives a deal's keys from the job, so the queue needs
+//! one Redis node (not a cluster). A reserved entry stays pending in the
+//! group until acknowledged; an entry idle longer than the visibility
+//! timeout (its worker died) is taken over with XAUTOCLAIM. Due retries are
+//! moved from `delayed` into the stream by whichever worker looks first.
 //!
 //! Attempts: the stored job counts the attempts settled so far; the group's
 //! delivery count of an entry counts the attempts started on it (Redis
 //! raises it before handing the entry out). A reserved job's `attempts` is
 //! their sum, so an entry taken over after its worker died carries the
-//! attempt that was cut short (also counted in `interrupted`). Blocking reads run on their own connections
-//! without a response timeout; everything else uses a ConnectionManager,
-//! which reconnects after an outage.
+//! attempt that was cut short (also counted in `interrupted`). Blocking
+//! reads run on their own connections without a response timeout;
+//! everything else uses a ConnectionManager, which reconnects after an
+//! outage.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, AsyncConnectionConfig, Script};
+use redis::{AsyncCommands, AsyncConnectionConfig, Script, ScriptInvocation};
 
 use super::{DeadLetter, Job, JobQueue, QueueDepth, QueueError, Reserved};
+use crate::batch::Batcher;
 use crate::store::now_ms;
 
 const GROUP: &str = "workers";
@@ -161,17 +163,33 @@ return 1";
 /// Jobs in Redis Streams.
 pub struct RedisQueue {
     client: redis::Client,
-    conn: ConnectionManager,
+    core: Arc<Core>,
     /// Connections for blocking reads (no response timeout), reused.
     blocking: Mutex<Vec<MultiplexedConnection>>,
-    prefix: String,
-    consumer: String,
     visibility: Duration,
     last_reclaim: Mutex<Instant>,
     last_promote: Mutex<Instant>,
+    /// Concurrent webhooks' jobs, enqueued in one request.
+    enqueues: Batcher<Vec<(Job, String)>, Result<usize, QueueError>>,
+    /// Concurrent workers' acks, retries and dead letters, in one request.
+    settles: Batcher<Settlement, Result<(), QueueError>>,
+}
+
+/// What every request needs, shared with the batching tasks.
+struct Core {
+    conn: ConnectionManager,
+    prefix: String,
+    consumer: String,
     scripts: Scripts,
     /// Requests sent so far (a pipeline counts once).
     trips: AtomicU64,
+}
+
+/// How a reserved job is settled: one script run in a batched request.
+enum Settlement {
+    Ack { lease: String, job_id: String, order_key: String },
+    Retry { lease: String, job_id: String, job: String, due_ms: u64 },
+    Dead { lease: String, job_id: String, order_key: String, letter: String, failed_at_ms: u64 },
 }
 
 /// The Lua scripts, hashed once (EVALSHA, falling back to EVAL).
@@ -204,8 +222,141 @@ fn unavailable(e: redis::RedisError) -> QueueError {
     QueueError::Unavailable(e.to_string())
 }
 
+fn batch_failed() -> QueueError {
+    QueueError::Unavailable("the Redis request failed unexpectedly".into())
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, QueueError> {
     serde_json::to_string(v).map_err(|e| QueueError::Corrupt(e.to_string()))
+}
+
+impl Core {
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    fn job_key(&self, id: &str) -> String {
+        format!("{}:job:{id}", self.prefix)
+    }
+
+    /// The order and parked keys of a deal (unused names for a job that is
+    /// not ordered).
+    fn order_keys(&self, order_key: &str) -> (String, String) {
+        (format!("{}:order:{order_key}", self.prefix), format!("{}:parked:{order_key}", self.prefix))
+    }
+
+    /// One more request to Redis (for the round-trip count).
+    fn trip(&self) -> ConnectionManager {
+        self.trips.fetch_add(1, Ordering::Relaxed);
+        self.conn.clone()
+    }
+
+    /// Run script invocations in one pipelined request, each answered on its
+    /// own. When Redis has lost the scripts (a restart), they are loaded and
+    /// the invocations it refused run once more: a refused script did not run.
+    async fn invoke_all(&self, calls: &[ScriptInvocation<'_>]) -> Vec<Result<i64, QueueError>> {
+        let mut answers: Vec<Result<i64, QueueError>> =
+            calls.iter().map(|_| Err(QueueError::Unavailable("not sent".into()))).collect();
+        let mut pending: Vec<usize> = (0..calls.len()).collect();
+        for first in [true, false] {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &i in &pending {
+                pipe.invoke_script(&calls[i]);
+            }
+            let mut c = self.trip();
+            let replies: Vec<redis::RedisResult<i64>> = match pipe.query_async(&mut c).await {
+                Ok(replies) => replies,
+                Err(e) => {
+                    let e = e.to_string();
+                    for &i in &pending {
+                        answers[i] = Err(QueueError::Unavailable(e.clone()));
+                    }
+                    break;
+                }
+            };
+            let mut lost = Vec::new();
+            for (&i, reply) in pending.iter().zip(replies) {
+                match reply {
+                    Err(e) if first && e.code() == Some("NOSCRIPT") => lost.push(i),
+                    reply => answers[i] = reply.map_err(unavailable),
+                }
+            }
+            if lost.is_empty() {
+                break;
+            }
+            if let Err(e) = self.load_scripts(&mut c).await {
+                for &i in &lost {
+                    answers[i] = Err(e.clone());
+                }
+                break;
+            }
+            pending = lost;
+        }
+        answers
+    }
+
+    async fn load_scripts(&self, c: &mut ConnectionManager) -> Result<(), QueueError> {
+        let s = &self.scripts;
+        let mut pipe = redis::pipe();
+        for script in [&s.enqueue, &s.promote, &s.claim, &s.ack, &s.retry, &s.dead, &s.replay] {
+            pipe.load_script(script).ignore();
+        }
+        self.trips.fetch_add(1, Ordering::Relaxed);
+        pipe.query_async::<()>(c).await.map_err(unavailable)
+    }
+
+    /// Every webhook's jobs of a batch (each with its JSON) in one request;
+    /// each webhook learns how many of its jobs were new.
+    async fn enqueue_batch(&self, batch: Vec<Vec<(Job, String)>>) -> Vec<Result<usize, QueueError>> {
+        let (stream, dead) = (self.key("jobs"), self.key("dead"));
+        let calls: Vec<ScriptInvocation<'_>> = batch
+            .iter()
+            .flatten()
+            .map(|(job, json)| {
+                let mut call = self.scripts.enqueue.key(self.job_key(&job.id));
+                call.key(&stream).key(&dead).key(self.order_keys(&job.order_key).0);
+                call.arg(json).arg(&job.id).arg(if job.order_key.is_empty() { "0" } else { "1" });
+                call
+            })
+            .collect();
+        let mut replies = self.invoke_all(&calls).await.into_iter();
+        batch
+            .iter()
+            .map(|jobs| replies.by_ref().take(jobs.len()).try_fold(0, |added, reply| Ok(added + reply? as usize)))
+            .collect()
+    }
+
+    async fn settle_batch(&self, batch: Vec<Settlement>) -> Vec<Result<(), QueueError>> {
+        let (stream, count) = (self.key("jobs"), self.key("parked:count"));
+        let calls: Vec<ScriptInvocation<'_>> = batch
+            .iter()
+            .map(|settle| match settle {
+                Settlement::Ack { lease, job_id, order_key } => {
+                    let (order, parked) = self.order_keys(order_key);
+                    let mut call = self.scripts.ack.key(&stream);
+                    call.key(self.job_key(job_id)).key(order).key(parked).key(&count);
+                    call.arg(GROUP).arg(lease).arg(&self.consumer).arg(job_id);
+                    call
+                }
+                Settlement::Retry { lease, job_id, job, due_ms } => {
+                    let mut call = self.scripts.retry.key(&stream);
+                    call.key(self.job_key(job_id)).key(self.key("delayed"));
+                    call.arg(GROUP).arg(lease).arg(&self.consumer).arg(job).arg(due_ms).arg(job_id);
+                    call
+                }
+                Settlement::Dead { lease, job_id, order_key, letter, failed_at_ms } => {
+                    let (order, parked) = self.order_keys(order_key);
+                    let mut call = self.scripts.dead.key(&stream);
+                    call.key(self.job_key(job_id)).key(self.key("dead")).key(self.key("dead:index"));
+                    call.key(order).key(parked).key(&count);
+                    call.arg(GROUP).arg(lease).arg(&self.consumer).arg(letter).arg(job_id).arg(failed_at_ms);
+                    call
+                }
+            })
+            .collect();
+        self.invoke_all(&calls).await.into_iter().map(|reply| reply.map(|_| ())).collect()
+    }
 }
 
 impl RedisQueue {
@@ -218,39 +369,37 @@ impl RedisQueue {
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client.clone(), config).await.map_err(unavailable)?;
-        let queue = RedisQueue {
-            client,
+        let core = Arc::new(Core {
             conn,
-            blocking: Mutex::new(Vec::new()),
             prefix: prefix.to_string(),
             consumer: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
+            scripts: Scripts::new(),
+            trips: AtomicU64::new(0),
+        });
+        let (a, b) = (core.clone(), core.clone());
+        let queue = RedisQueue {
+            client,
+            core,
+            blocking: Mutex::new(Vec::new()),
             visibility,
             last_reclaim: Mutex::new(Instant::now() - RECLAIM_EVERY),
             last_promote: Mutex::new(Instant::now() - PROMOTE_EVERY),
-            scripts: Scripts::new(),
-            trips: AtomicU64::new(0),
+            enqueues: Batcher::spawn(move |batch| {
+                let core = a.clone();
+                async move { core.enqueue_batch(batch).await }
+            }),
+            settles: Batcher::spawn(move |batch| {
+                let core = b.clone();
+                async move { core.settle_batch(batch).await }
+            }),
         };
         queue.ensure_group().await?;
         Ok(queue)
     }
 
-    fn key(&self, name: &str) -> String {
-        format!("{}:{name}", self.prefix)
-    }
-
-    fn job_key(&self, id: &str) -> String {
-        format!("{}:job:{id}", self.prefix)
-    }
-
-    /// The order and parked keys of a job's deal (unused names when the job
-    /// is not ordered).
-    fn order_keys(&self, job: &Job) -> (String, String) {
-        (format!("{}:order:{}", self.prefix, job.order_key), format!("{}:parked:{}", self.prefix, job.order_key))
-    }
-
     async fn ensure_group(&self) -> Result<(), QueueError> {
-        let mut c = self.trip();
-        let created: Result<(), redis::RedisError> = c.xgroup_create_mkstream(self.key("jobs"), GROUP, "0").await;
+        let mut c = self.core.trip();
+        let created: Result<(), redis::RedisError> = c.xgroup_create_mkstream(self.core.key("jobs"), GROUP, "0").await;
         match created {
             Ok(()) => Ok(()),
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
@@ -268,29 +417,24 @@ impl RedisQueue {
         self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(unavailable)
     }
 
-    /// One more request to Redis (for the round-trip count).
-    fn trip(&self) -> ConnectionManager {
-        self.trips.fetch_add(1, Ordering::Relaxed);
-        self.conn.clone()
-    }
-
     /// Claim a read entry in one request (see CLAIM): its job, with the
     /// attempts started on the entry counted (more than one means earlier
     /// holders stopped mid-attempt), or None.
     async fn claim(&self, entry_id: &str, job_id: Option<String>) -> Result<Option<Reserved>, QueueError> {
         let job_id = job_id.unwrap_or_default();
-        let mut c = self.trip();
+        let mut c = self.core.trip();
         let reply: Vec<redis::Value> = self
+            .core
             .scripts
             .claim
-            .key(self.key("jobs"))
-            .key(self.job_key(&job_id))
-            .key(self.key("parked:count"))
+            .key(self.core.key("jobs"))
+            .key(self.core.job_key(&job_id))
+            .key(self.core.key("parked:count"))
             .arg(GROUP)
             .arg(entry_id)
-            .arg(&self.consumer)
+            .arg(&self.core.consumer)
             .arg(&job_id)
-            .arg(&self.prefix)
+            .arg(&self.core.prefix)
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
@@ -321,12 +465,13 @@ impl RedisQueue {
             *last = Instant::now();
         }
         loop {
-            let mut c = self.trip();
+            let mut c = self.core.trip();
             let moved: i64 = self
+                .core
                 .scripts
                 .promote
-                .key(self.key("delayed"))
-                .key(self.key("jobs"))
+                .key(self.core.key("delayed"))
+                .key(self.core.key("jobs"))
                 .arg(now_ms())
                 .arg(PROMOTE_BATCH)
                 .invoke_async(&mut c)
@@ -347,12 +492,12 @@ impl RedisQueue {
             }
             *last = Instant::now();
         }
-        let mut c = self.trip();
+        let mut c = self.core.trip();
         let reply: StreamAutoClaimReply = c
             .xautoclaim_options(
-                self.key("jobs"),
+                self.core.key("jobs"),
                 GROUP,
-                &self.consumer,
+                &self.core.consumer,
                 self.visibility.as_millis() as u64,
                 "0-0",
                 StreamAutoClaimOptions::default().count(1),
@@ -372,39 +517,13 @@ impl RedisQueue {
 
 #[async_trait]
 impl JobQueue for RedisQueue {
-    /// All the jobs in one pipelined request.
+    /// With the jobs of concurrent webhooks, in one pipelined request.
     async fn enqueue(&self, jobs: Vec<Job>) -> Result<usize, QueueError> {
         if jobs.is_empty() {
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
-        for job in &jobs {
-            let (order, _) = self.order_keys(job);
-            pipe.cmd("EVALSHA")
-                .arg(self.scripts.enqueue.get_hash())
-                .arg(4)
-                .arg(self.job_key(&job.id))
-                .arg(self.key("jobs"))
-                .arg(self.key("dead"))
-                .arg(order)
-                .arg(to_json(job)?)
-                .arg(&job.id)
-                .arg(if job.order_key.is_empty() { "0" } else { "1" });
-        }
-        let mut c = self.trip();
-        let added: Vec<i64> = match pipe.query_async(&mut c).await {
-            Ok(added) => added,
-            Err(e) if e.code() == Some("NOSCRIPT") => {
-                // Redis lost its scripts (a restart): load, and once more
-                // (enqueueing a job twice adds it once).
-                self.trip();
-                self.scripts.enqueue.prepare_invoke().load_async(&mut c).await.map_err(unavailable)?;
-                self.trip();
-                pipe.query_async(&mut c).await.map_err(unavailable)?
-            }
-            Err(e) => return Err(unavailable(e)),
-        };
-        Ok(added.into_iter().sum::<i64>() as usize)
+        let jobs = jobs.into_iter().map(|job| to_json(&job).map(|json| (job, json))).collect::<Result<_, _>>()?;
+        self.enqueues.call(jobs).await.ok_or_else(batch_failed)?
     }
 
     async fn reserve(&self, wait: Duration) -> Result<Option<Reserved>, QueueError> {
@@ -416,11 +535,13 @@ impl JobQueue for RedisQueue {
             }
             let block = BLOCK.min(give_up.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
             let mut conn = self.blocking_conn().await?;
-            self.trips.fetch_add(1, Ordering::Relaxed);
-            let options =
-                StreamReadOptions::default().group(GROUP, &self.consumer).count(1).block(block.as_millis() as usize);
+            self.core.trips.fetch_add(1, Ordering::Relaxed);
+            let options = StreamReadOptions::default()
+                .group(GROUP, &self.core.consumer)
+                .count(1)
+                .block(block.as_millis() as usize);
             let read: Result<StreamReadReply, redis::RedisError> =
-                conn.xread_options(&[self.key("jobs")], &[">"], &options).await;
+                conn.xread_options(&[self.core.key("jobs")], &[">"], &options).await;
             let reply = match read {
                 Ok(r) => {
                     self.blocking.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
@@ -446,86 +567,44 @@ impl JobQueue for RedisQueue {
         }
     }
 
+    /// Settles go with those of concurrent workers, in one pipelined request.
     async fn ack(&self, reserved: &Reserved) -> Result<(), QueueError> {
-        let mut c = self.trip();
-        let (order, parked) = self.order_keys(&reserved.job);
-        let _: i64 = self
-            .scripts
-            .ack
-            .key(self.key("jobs"))
-            .key(self.job_key(&reserved.job.id))
-            .key(order)
-            .key(parked)
-            .key(self.key("parked:count"))
-            .arg(GROUP)
-            .arg(&reserved.lease)
-            .arg(&self.consumer)
-            .arg(&reserved.job.id)
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        let job = &reserved.job;
+        let settle =
+            Settlement::Ack { lease: reserved.lease.clone(), job_id: job.id.clone(), order_key: job.order_key.clone() };
+        self.settles.call(settle).await.ok_or_else(batch_failed)?
     }
 
     async fn retry(&self, reserved: Reserved, delay: Duration) -> Result<(), QueueError> {
-        let mut c = self.trip();
-        let due = now_ms() + delay.as_millis() as u64;
-        let job = &reserved.job;
-        let _: i64 = self
-            .scripts
-            .retry
-            .key(self.key("jobs"))
-            .key(self.job_key(&job.id))
-            .key(self.key("delayed"))
-            .arg(GROUP)
-            .arg(&reserved.lease)
-            .arg(&self.consumer)
-            .arg(to_json(job)?)
-            .arg(due)
-            .arg(&job.id)
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        let job = to_json(&reserved.job)?;
+        let due_ms = now_ms() + delay.as_millis() as u64;
+        let settle = Settlement::Retry { lease: reserved.lease, job_id: reserved.job.id, job, due_ms };
+        self.settles.call(settle).await.ok_or_else(batch_failed)?
     }
 
     async fn dead_letter(&self, reserved: Reserved, reason: String) -> Result<(), QueueError> {
-        let mut c = self.trip();
-        let lease = reserved.lease;
-        let (order, parked) = self.order_keys(&reserved.job);
+        let (job_id, order_key) = (reserved.job.id.clone(), reserved.job.order_key.clone());
         let letter = DeadLetter { job: reserved.job, reason, failed_at_ms: now_ms() };
-        let _: i64 = self
-            .scripts
-            .dead
-            .key(self.key("jobs"))
-            .key(self.job_key(&letter.job.id))
-            .key(self.key("dead"))
-            .key(self.key("dead:index"))
-            .key(order)
-            .key(parked)
-            .key(self.key("parked:count"))
-            .arg(GROUP)
-            .arg(lease)
-            .arg(&self.consumer)
-            .arg(to_json(&letter)?)
-            .arg(&letter.job.id)
-            .arg(letter.failed_at_ms)
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        let settle = Settlement::Dead {
+            lease: reserved.lease,
+            job_id,
+            order_key,
+            letter: to_json(&letter)?,
+            failed_at_ms: letter.failed_at_ms,
+        };
+        self.settles.call(settle).await.ok_or_else(batch_failed)?
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let mut c = self.trip();
+        let mut c = self.core.trip();
         let stop = if limit == usize::MAX { -1 } else { limit as isize - 1 };
-        let ids: Vec<String> = c.zrange(self.key("dead:index"), 0, stop).await.map_err(unavailable)?;
+        let ids: Vec<String> = c.zrange(self.core.key("dead:index"), 0, stop).await.map_err(unavailable)?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        self.trips.fetch_add(1, Ordering::Relaxed);
+        self.core.trips.fetch_add(1, Ordering::Relaxed);
         let letters: Vec<Option<String>> =
-            redis::cmd("HMGET").arg(self.key("dead")).arg(&ids).query_async(&mut c).await.map_err(unavailable)?;
+            redis::cmd("HMGET").arg(self.core.key("dead")).arg(&ids).query_async(&mut c).await.map_err(unavailable)?;
         letters
             .into_iter()
             .flatten()
@@ -534,22 +613,23 @@ impl JobQueue for RedisQueue {
     }
 
     async fn replay(&self, job_id: &str) -> Result<Option<Job>, QueueError> {
-        let mut c = self.trip();
-        let json: Option<String> = c.hget(self.key("dead"), job_id).await.map_err(unavailable)?;
+        let mut c = self.core.trip();
+        let json: Option<String> = c.hget(self.core.key("dead"), job_id).await.map_err(unavailable)?;
         let Some(json) = json else { return Ok(None) };
         let letter: DeadLetter = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let mut job = letter.job;
         job.budget_start = job.attempts;
         job.deferrals = 0;
-        let (order, _) = self.order_keys(&job);
-        self.trips.fetch_add(1, Ordering::Relaxed);
+        let (order, _) = self.core.order_keys(&job.order_key);
+        self.core.trips.fetch_add(1, Ordering::Relaxed);
         let moved: i64 = self
+            .core
             .scripts
             .replay
-            .key(self.key("dead"))
-            .key(self.key("dead:index"))
-            .key(self.job_key(job_id))
-            .key(self.key("jobs"))
+            .key(self.core.key("dead"))
+            .key(self.core.key("dead:index"))
+            .key(self.core.job_key(job_id))
+            .key(self.core.key("jobs"))
             .key(order)
             .arg(job_id)
             .arg(to_json(&job)?)
@@ -560,15 +640,19 @@ impl JobQueue for RedisQueue {
         Ok((moved == 1).then_some(job))
     }
 
+    /// One pipelined request.
     async fn depth(&self) -> Result<QueueDepth, QueueError> {
-        let mut c = self.trip();
-        let groups: redis::streams::StreamInfoGroupsReply =
-            c.xinfo_groups(self.key("jobs")).await.map_err(unavailable)?;
+        let mut c = self.core.trip();
+        let (groups, delayed, parked, dead): (redis::streams::StreamInfoGroupsReply, u64, Option<i64>, u64) =
+            redis::pipe()
+                .xinfo_groups(self.core.key("jobs"))
+                .zcard(self.core.key("delayed"))
+                .get(self.core.key("parked:count"))
+                .hlen(self.core.key("dead"))
+                .query_async(&mut c)
+                .await
+                .map_err(unavailable)?;
         let group = groups.groups.into_iter().find(|g| g.name == GROUP);
-        self.trips.fetch_add(3, Ordering::Relaxed);
-        let delayed: u64 = c.zcard(self.key("delayed")).await.map_err(unavailable)?;
-        let parked: Option<i64> = c.get(self.key("parked:count")).await.map_err(unavailable)?;
-        let dead: u64 = c.hlen(self.key("dead")).await.map_err(unavailable)?;
         Ok(QueueDepth {
             ready: group.as_ref().and_then(|g| g.lag).unwrap_or(0) as u64,
             // Parked jobs wait for an earlier one of their deal: delayed too.
@@ -579,12 +663,12 @@ impl JobQueue for RedisQueue {
     }
 
     fn round_trips(&self) -> u64 {
-        self.trips.load(Ordering::Relaxed)
+        self.core.trips.load(Ordering::Relaxed)
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        let mut c = self.trip();
-        let _: () = c.set_ex(self.key("ready"), now_ms(), 60).await.map_err(unavailable)?;
+        let mut c = self.core.trip();
+        let _: () = c.set_ex(self.core.key("ready"), now_ms(), 60).await.map_err(unavailable)?;
         Ok(())
     }
 }

@@ -43,7 +43,8 @@ use mongodb::bson::{self, Document, doc};
 use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, IndexModel};
-use tokio::sync::{mpsc, oneshot};
+
+use crate::batch::Batcher;
 
 use super::{AttemptRecord, Inserted, ListQuery, Receipt, ReceiptStore, StoreError, apply_attempt, now_ms};
 
@@ -56,6 +57,9 @@ pub struct MongoStore {
     inner: Arc<Inner>,
     inserts: Batcher<(Document, Receipt), Result<Inserted, StoreError>>,
     marks: Batcher<String, Result<(), StoreError>>,
+    /// A receipt changed by another host between the read and the write of
+    /// a record batch is recorded again inside that batch, which then takes
+    /// longer.
     records: Batcher<(String, AttemptRecord), Result<(), StoreError>>,
 }
 
@@ -65,57 +69,12 @@ struct Inner {
     trips: AtomicU64,
 }
 
-/// Most requests one batched round trip carries.
-const MAX_BATCH: usize = 256;
-
-/// Requests that share round trips: a task takes every request waiting (up
-/// to MAX_BATCH) and runs them together; one batch at a time, so those that
-/// arrive during a round trip form the next batch. Alone, a request goes at
-/// once. (A receipt changed by another host between the read and the write
-/// of a record batch is recorded again inside that batch, which then takes
-/// longer.)
-struct Batcher<I, O> {
-    requests: mpsc::UnboundedSender<(I, oneshot::Sender<O>)>,
-}
-
-impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
-    fn spawn<F, Fut>(run: F) -> Batcher<I, O>
-    where
-        F: Fn(Vec<I>) -> Fut + Send + 'static,
-        Fut: Future<Output = Vec<O>> + Send + 'static,
-    {
-        let (requests, mut waiting) = mpsc::unbounded_channel::<(I, oneshot::Sender<O>)>();
-        tokio::spawn(async move {
-            while let Some(first) = waiting.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match waiting.try_recv() {
-                        Ok(request) => batch.push(request),
-                        Err(_) => break,
-                    }
-                }
-                let (inputs, answers): (Vec<I>, Vec<oneshot::Sender<O>>) = batch.into_iter().unzip();
-                // In a task of its own: a panic fails this batch only.
-                if let Ok(outputs) = tokio::spawn(run(inputs)).await {
-                    for (answer, output) in answers.into_iter().zip(outputs) {
-                        let _ = answer.send(output);
-                    }
-                }
-            }
-        });
-        Batcher { requests }
-    }
-
-    async fn call(&self, input: I) -> Result<O, StoreError> {
-        let stopped = || StoreError::Unavailable("the MongoDB request failed unexpectedly".into());
-        let (answer, answered) = oneshot::channel();
-        self.requests.send((input, answer)).map_err(|_| stopped())?;
-        answered.await.map_err(|_| stopped())
-    }
-}
-
 fn unavailable(e: mongodb::error::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+fn batch_failed() -> StoreError {
+    StoreError::Unavailable("the MongoDB request failed unexpectedly".into())
 }
 
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
@@ -382,15 +341,15 @@ impl ReceiptStore for MongoStore {
         d.insert("_id", receipt.id.clone());
         d.insert("status_key", receipt.event.status_key());
         d.insert("rev", 0i64);
-        self.inserts.call((d, receipt)).await?
+        self.inserts.call((d, receipt)).await.ok_or_else(batch_failed)?
     }
 
     async fn mark_enqueued(&self, id: &str) -> Result<(), StoreError> {
-        self.marks.call(id.to_string()).await?
+        self.marks.call(id.to_string()).await.ok_or_else(batch_failed)?
     }
 
     async fn record_attempt(&self, id: &str, attempt: AttemptRecord) -> Result<(), StoreError> {
-        self.records.call((id.to_string(), attempt)).await?
+        self.records.call((id.to_string(), attempt)).await.ok_or_else(batch_failed)?
     }
 
     async fn get(&self, id: &str) -> Result<Option<Receipt>, StoreError> {
