@@ -22,6 +22,7 @@ fn main() {
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
     println!("cargo:rerun-if-changed={}", root.join("plugins/support/src").display());
     println!("cargo:rerun-if-changed={}", root.join("Cargo.lock").display());
+    println!("cargo:rerun-if-changed={}", root.join("Cargo.toml").display()); // the plugin profile
     for (dir, _, _) in GUESTS {
         println!("cargo:rerun-if-changed={}", root.join(dir).join("src").display());
         println!("cargo:rerun-if-changed={}", root.join(dir).join("Cargo.toml").display());
