@@ -246,7 +246,7 @@ impl Role {
 /// environment, logging, the API and the workers, until SIGINT or SIGTERM.
 pub async fn run(role: Role) -> anyhow::Result<()> {
     let config = Config::from_env()?;
-    telemetry::init_logging(config.log_format);
+    let _log_writer = telemetry::init_logging(config.log_format);
     let addr = std::net::SocketAddr::new(config.host, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -11,21 +11,31 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 use crate::queue::QueueDepth;
 
-/// Install the global tracing subscriber (once per process).
-pub fn init_logging(format: LogFormat) {
+/// Install the global tracing subscriber (once per process). Lines are
+/// written to stderr by a thread of their own, many per write when they come
+/// fast, so a request never waits on the log; keep the guard until the end
+/// (dropping it writes out what is left). No line is dropped: under a flood,
+/// callers wait for room.
+pub fn init_logging(format: LogFormat) -> WorkerGuard {
     let filter = EnvFilter::try_from_env("LOG").unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.compact().try_init() };
+    guard
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
