@@ -123,7 +123,9 @@ impl ResourceLimiter for MemoryLimiter {
 
 /// The data of one call's store.
 pub struct PluginState {
-    wasi: WasiCtx,
+    /// Built when the plugin first uses WASI (clocks, random): most calls
+    /// never do, and building one costs more than a plugin's own parse.
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
     pub limiter: MemoryLimiter,
     pub plugin: Arc<PluginContext>,
@@ -153,14 +155,8 @@ pub fn clip(text: &str, max: usize) -> String {
 
 impl PluginState {
     pub fn new(plugin: Arc<PluginContext>, memory_bytes: usize, time: Duration) -> Self {
-        let wasi = WasiCtxBuilder::new()
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .socket_addr_check(|_, _| Box::pin(async { false }))
-            .build();
         PluginState {
-            wasi,
+            wasi: None,
             table: ResourceTable::new(),
             limiter: MemoryLimiter { max_bytes: memory_bytes, used: 0, exceeded: false },
             log_budget: LOG_LINES_PER_CALL,
@@ -182,7 +178,15 @@ impl PluginState {
 
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        let ctx = self.wasi.get_or_insert_with(|| {
+            WasiCtxBuilder::new()
+                .allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false)
+                .socket_addr_check(|_, _| Box::pin(async { false }))
+                .build()
+        });
+        WasiCtxView { ctx, table: &mut self.table }
     }
 }
 
