@@ -211,6 +211,64 @@ async fn a_job_settles_once_even_when_redis_lost_its_scripts_during_the_delivery
     assert!(metrics.contains(r#"crm_queue_depth{queue="jobs",state="in_flight"} 0"#), "{metrics}");
 }
 
+/// The setup with a visibility timeout far longer than the tests wait.
+async fn setup_slow_takeover(name: &str, extra: &[(&'static str, &str)]) -> Setup {
+    let mut s = setup(name).await;
+    for (k, v) in [("QUEUE_VISIBILITY_TIMEOUT_MS", "120000")].iter().chain(extra) {
+        s.flow.vars.retain(|(name, _)| name != k);
+        s.flow.vars.push((k, v.to_string()));
+    }
+    s
+}
+
+#[tokio::test]
+async fn a_host_restarted_after_a_kill_takes_back_its_jobs_at_once() {
+    let s = setup_slow_takeover("take-back", &[("WORKER_ID", "host-a")]).await;
+    let mut host = Host::start(&s.vars).await;
+    s.meta.hold(1);
+    let (_, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("K-1", "Qualified")).await;
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    eventually("the Lead in flight", WAIT, async || (s.meta.received().len() == 1).then_some(())).await;
+    host.kill();
+    s.meta.release();
+
+    // Same WORKER_ID: its held job comes back at once, not after 120 s.
+    let started = std::time::Instant::now();
+    let host = Host::start(&s.vars).await;
+    let receipt = eventually("the Lead delivered", Duration::from_secs(20), async || {
+        let r = receipt(&host, &id).await;
+        (action_state(&r, "meta-capi").0 == "delivered").then_some(r)
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(s.meta.received().len(), 2);
+    assert_eq!(action_state(&receipt, "meta-capi").1, 2, "the attempt cut off by the kill counts: {receipt}");
+    assert!(host.log_text().contains("taking them back first"), "{}", host.log_text());
+}
+
+#[tokio::test]
+async fn a_host_stopped_past_its_timeout_hands_its_job_to_another_host_at_once() {
+    let s = setup_slow_takeover("hand-back", &[("SHUTDOWN_TIMEOUT_MS", "300")]).await;
+    let mut a = Host::start(&s.vars).await;
+    s.meta.hold(1);
+    let (_, body) = post_webhook(&a.url, "/api/v1/webhook/crm", "deal_updated", &payload("K-2", "Qualified")).await;
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    eventually("the Lead in flight", WAIT, async || (s.meta.received().len() == 1).then_some(())).await;
+    let b = Host::start(&s.vars).await;
+    a.terminate();
+    assert_eq!(a.exit_code(Duration::from_secs(10)).await, Some(0), "{}", a.log_text());
+    assert!(a.log_text().contains("handed back"), "{}", a.log_text());
+    s.meta.release();
+
+    let receipt = eventually("the Lead delivered by the other host", Duration::from_secs(20), async || {
+        let r = receipt(&b, &id).await;
+        (action_state(&r, "meta-capi").0 == "delivered").then_some(r)
+    })
+    .await;
+    assert_eq!(s.meta.received().len(), 2);
+    assert_eq!(action_state(&receipt, "meta-capi").1, 2, "{receipt}");
+}
+
 #[tokio::test]
 async fn mongodb_down_answers_503_and_recovers_without_restart() {
     let mut s = setup("mongo-outage").await;

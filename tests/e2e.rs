@@ -390,3 +390,66 @@ async fn metas_transient_codes_are_retried_under_400_and_brevo_keeps_one_uuid_ke
     };
     assert!(uuid(&keys[0]), "Brevo wants a UUID: {}", keys[0]);
 }
+
+#[tokio::test]
+async fn sigterm_stops_intake_lets_the_delivery_in_flight_finish_and_exits_0() {
+    let s = setup(&[]).await;
+    let mut host = Host::start(&s.vars).await;
+    s.meta.hold(1);
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("TERM-1", "Qualified")).await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    eventually("the Lead in flight", WAIT, async || (s.meta.received().len() == 1).then_some(())).await;
+
+    host.terminate();
+    // Intake stops while the delivery in hand runs: new webhooks are refused
+    // with a reason, and readiness goes false for the load balancer.
+    let (status, refused) = eventually("webhooks refused", WAIT, async || {
+        let r = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("TERM-2", "Qualified")).await;
+        (r.0 == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(status, 503);
+    assert_eq!(refused["code"], "shutting_down", "{refused}");
+    let ready = reqwest::get(format!("{}/ready", host.url)).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.json::<serde_json::Value>().await.unwrap()["status"], "stopping");
+    assert_eq!(host.exit_code(Duration::from_millis(500)).await, None, "it must wait for the delivery in hand");
+
+    s.meta.release();
+    assert_eq!(host.exit_code(WAIT).await, Some(0), "{}", host.log_text());
+    // The outcome was recorded before it stopped: after a restart nothing
+    // is sent again, and the refused webhook left no receipt.
+    let host = Host::start(&s.vars).await;
+    assert_eq!(action_state(&receipt(&host, &id).await, "meta-capi").0, "delivered");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(s.meta.received().len(), 1);
+    let listed = get_json(&host.url, "/api/v1/receipts").await;
+    assert!(!listed.to_string().contains("TERM-2"), "{listed}");
+}
+
+#[tokio::test]
+async fn a_delivery_past_the_shutdown_timeout_is_cut_off_and_runs_again_after_the_restart() {
+    let s = setup(&[("SHUTDOWN_TIMEOUT_MS", "300")]).await;
+    let mut host = Host::start(&s.vars).await;
+    s.meta.hold(1);
+    let (_, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("TERM-3", "Qualified")).await;
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    eventually("the Lead in flight", WAIT, async || (s.meta.received().len() == 1).then_some(())).await;
+    host.terminate();
+    assert_eq!(host.exit_code(Duration::from_secs(10)).await, Some(0), "{}", host.log_text());
+    assert!(host.log_text().contains("were cut off"), "{}", host.log_text());
+    s.meta.release();
+
+    let host = Host::start(&s.vars).await;
+    eventually("the Lead sent again", WAIT, async || (s.meta.received().len() == 2).then_some(())).await;
+    let receipt = eventually("the Lead delivered", WAIT, async || {
+        let r = receipt(&host, &id).await;
+        (action_state(&r, "meta-capi").0 == "delivered").then_some(r)
+    })
+    .await;
+    // The attempt cut off counts: two attempts for one delivery.
+    assert_eq!(action_state(&receipt, "meta-capi").1, 2, "{receipt}");
+}

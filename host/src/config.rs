@@ -94,6 +94,13 @@ pub struct Config {
     pub redis_key_prefix: String,
     /// A reserved Redis job idle this long is taken over by another worker.
     pub visibility_timeout: Duration,
+    /// `WORKER_ID`: this process's name among the Redis queue's consumers,
+    /// stable across restarts so a restarted process takes back at once the
+    /// jobs it held when it was killed. Unset: the host name and the port
+    /// listened on, filled in once the port is bound.
+    pub worker_id: Option<String>,
+    /// After SIGTERM, deliveries in flight may take this long to finish.
+    pub shutdown_timeout: Duration,
     pub data_dir: PathBuf,
     pub plugins_dir: PathBuf,
     /// Compiled plugins are cached here (default `DATA_DIR/plugin-cache`).
@@ -202,7 +209,9 @@ pub const HOST_VARS: &[&str] = &[
     "RETRY_BASE_DELAY_MS",
     "RETRY_MAX_ATTEMPTS",
     "ROUTES_FILE",
+    "SHUTDOWN_TIMEOUT_MS",
     "WORKERS",
+    "WORKER_ID",
 ];
 
 /// Whether `name` is one of the host's own settings.
@@ -307,7 +316,17 @@ impl Config {
             bail!("QUEUE_VISIBILITY_TIMEOUT_MS must be at least 1000");
         }
 
+        let shutdown_ms = parse(&get, "SHUTDOWN_TIMEOUT_MS", 30_000u64, "a duration in milliseconds")?;
+        let worker_id = get("WORKER_ID");
+        if let Some(id) = &worker_id
+            && (id.is_empty() || id.len() > 200 || id.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            bail!("WORKER_ID must be 1 to 200 characters without spaces, got {id:?}");
+        }
+
         Ok(Config {
+            worker_id,
+            shutdown_timeout: Duration::from_millis(shutdown_ms),
             db_collection: get("DB_COLLECTION").unwrap_or_else(|| "webhook_receipts".to_string()),
             redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_else(|| "crm".to_string()),
             visibility_timeout: Duration::from_millis(visibility_ms),
@@ -405,6 +424,8 @@ mod tests {
         );
         assert!(err(&[("API_KEY", "k"), ("RATE_LIMIT_WINDOW_MS", "0")]).contains("RATE_LIMIT_WINDOW_MS"));
         assert!(err(&[("API_KEY", "k"), ("PLUGIN_INSTANCES", "64")]).contains("more than WORKERS (64)"));
+        assert!(err(&[("API_KEY", "k"), ("WORKER_ID", "host a")]).contains("WORKER_ID must be"));
+        assert!(err(&[("API_KEY", "k"), ("SHUTDOWN_TIMEOUT_MS", "soon")]).contains("SHUTDOWN_TIMEOUT_MS"));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod store;
 pub mod telemetry;
 pub mod worker;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, bail};
@@ -46,6 +47,9 @@ pub struct App {
     pub metrics: Metrics,
     /// The webhook and operator keys, as the API checks them.
     pub keys: api::Keys,
+    /// Set on SIGTERM: webhooks are refused (503) and `/ready` is false
+    /// while the deliveries in flight finish.
+    stopping: AtomicBool,
 }
 
 impl App {
@@ -86,9 +90,18 @@ impl App {
                 Arc::new(queue)
             }
             QueueBackend::Redis(uri) => Arc::new(
-                queue::redis::RedisQueue::connect(uri, &config.redis_key_prefix, config.visibility_timeout)
-                    .await
-                    .with_context(|| format!("cannot use Redis at REDIS_URI={}", config::redact_uri(uri)))?,
+                queue::redis::RedisQueue::connect(
+                    uri,
+                    &config.redis_key_prefix,
+                    // Processes built without `run` (tests) get a fresh name.
+                    &config
+                        .worker_id
+                        .clone()
+                        .unwrap_or_else(|| format!("{}-{}", std::process::id(), uuid::Uuid::now_v7())),
+                    config.visibility_timeout,
+                )
+                .await
+                .with_context(|| format!("cannot use Redis at REDIS_URI={}", config::redact_uri(uri)))?,
             ),
         };
 
@@ -153,7 +166,13 @@ impl App {
             plugins: registry,
             routes: RwLock::new(Arc::new(routes)),
             metrics,
+            stopping: AtomicBool::new(false),
         }))
+    }
+
+    /// Whether the process is stopping (see `serve_as`).
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// The routing table in force.
@@ -245,17 +264,22 @@ impl Role {
 /// Run the service as `crm-event-handler serve` does: configuration from the
 /// environment, logging, the API and the workers, until SIGINT or SIGTERM.
 pub async fn run(role: Role) -> anyhow::Result<()> {
-    let config = Config::from_env()?;
+    let mut config = Config::from_env()?;
     let _log_writer = telemetry::init_logging(config.log_format);
     let addr = std::net::SocketAddr::new(config.host, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (set PORT / HOST)"))?;
+    if config.worker_id.is_none() {
+        // Unique on this machine (one process per port), stable across restarts.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = if host.trim().is_empty() { "localhost" } else { host.trim() };
+        config.worker_id = Some(format!("{host}:{}", listener.local_addr()?.port()));
+    }
     let app = App::build(config).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
-        tracing::info!("shutting down: finishing jobs in hand");
         let _ = stop.send(true);
     });
     serve_as(app, listener, role, stopped).await
@@ -308,10 +332,43 @@ pub async fn serve_as(
         request_timeout: app.config.request_timeout,
         max_connections: app.config.max_connections,
     };
-    api::server::run(listener, router, limits, shutdown.clone()).await;
-    for w in workers {
-        let _ = w.await;
+    let (close, closed) = watch::channel(false);
+    let server = tokio::spawn(api::server::run(listener, router, limits, closed));
+    let mut stop = shutdown.clone();
+    let _ = stop.wait_for(|stop| *stop).await;
+
+    // Intake stops first (webhooks 503, not ready) while the server still
+    // answers, so a load balancer sees it; then the deliveries in flight
+    // finish, up to the timeout; jobs still held are handed back at once.
+    app.stopping.store(true, Ordering::Relaxed);
+    let timeout = app.config.shutdown_timeout;
+    tracing::info!(
+        timeout_ms = timeout.as_millis() as u64,
+        "shutting down: intake stopped, finishing deliveries in hand"
+    );
+    let mut workers = workers;
+    let finished = tokio::time::timeout(timeout, async {
+        for w in workers.iter_mut() {
+            let _ = w.await;
+        }
+    });
+    if finished.await.is_err() {
+        let cut = workers.iter().filter(|w| !w.is_finished()).count();
+        tracing::warn!(deliveries = cut, "deliveries still running after SHUTDOWN_TIMEOUT_MS were cut off");
+        for w in workers.into_iter().filter(|w| !w.is_finished()) {
+            w.abort();
+            let _ = w.await;
+        }
     }
+    match app.queue.release_held().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(jobs = n, "jobs held by this process handed back to the queue"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not hand back the jobs this process held; they are taken over after QUEUE_VISIBILITY_TIMEOUT_MS")
+        }
+    }
+    let _ = close.send(true);
+    let _ = server.await;
     tracing::info!("stopped");
     Ok(())
 }

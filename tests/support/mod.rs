@@ -289,6 +289,25 @@ impl Host {
         self.child.id()
     }
 
+    /// Ask the process to stop (SIGTERM), as an orchestrator does.
+    pub fn terminate(&self) {
+        let sent = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().unwrap();
+        assert!(sent.success(), "kill -TERM failed");
+    }
+
+    /// The process's exit code, once it has exited (None if it has not
+    /// within `within`).
+    pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let give_up = std::time::Instant::now() + within;
+        while std::time::Instant::now() < give_up {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     pub fn log_text(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }

@@ -73,19 +73,21 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when the store and queue answer and at least one source is loaded.
+/// Ready when the store and queue answer, at least one source is loaded,
+/// and the process is not stopping.
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let store = app.store.ping().await.err().map(|e| e.to_string());
     let queue = app.queue.ping().await.err().map(|e| e.to_string());
     let plugins = app.plugins.snapshot();
     let sources = (!plugins.sources.is_empty()).then_some(()).ok_or("no source plugin loaded").err();
-    let ok = store.is_none() && queue.is_none() && sources.is_none();
+    let stopping = app.stopping();
+    let ok = !stopping && store.is_none() && queue.is_none() && sources.is_none();
     let check = |e: Option<String>| match e {
         None => json!({ "ok": true }),
         Some(reason) => json!({ "ok": false, "reason": reason }),
     };
     let body = json!({
-        "status": if ok { "ready" } else { "not_ready" },
+        "status": if ok { "ready" } else if stopping { "stopping" } else { "not_ready" },
         "checks": {
             "store": check(store),
             "queue": check(queue),

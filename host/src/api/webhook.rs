@@ -28,6 +28,11 @@ pub async fn receive(
 ) -> Response {
     let received_at_ms = now_ms();
     let result = match read_body(&app, &headers, body).await {
+        Ok(_) if app.stopping() => Err(ApiError::unavailable(
+            "shutting_down",
+            "this instance is shutting down and takes no more webhooks; retry",
+            "intake stopped (SIGTERM)",
+        )),
         Ok(body) => {
             let request = IncomingRequest {
                 method: method.to_string(),

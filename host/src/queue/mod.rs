@@ -164,6 +164,13 @@ pub trait JobQueue: Send + Sync {
     async fn replay(&self, job_id: &str) -> Result<Option<Job>, QueueError>;
     async fn depth(&self) -> Result<QueueDepth, QueueError>;
     async fn ping(&self) -> Result<(), QueueError>;
+    /// At shutdown, after the workers stopped: make the jobs this process
+    /// still holds (deliveries cut off) available to others at once. The
+    /// embedded queue has no others: at the next start it finds them
+    /// running and counts the attempt cut off.
+    async fn release_held(&self) -> Result<usize, QueueError> {
+        Ok(0)
+    }
     /// Requests sent to a queue server so far (0 for the embedded queue).
     fn round_trips(&self) -> u64 {
         0

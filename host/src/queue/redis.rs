@@ -29,8 +29,12 @@
 //! The claim script derives a deal's keys from the job, so the queue needs
 //! one Redis node (not a cluster). A reserved entry stays pending in the
 //! group until acknowledged; an entry idle longer than the visibility
-//! timeout (its worker died) is taken over with XAUTOCLAIM. Due retries are
-//! moved from `delayed` into the stream by whichever worker looks first.
+//! timeout (its worker died) is taken over with XAUTOCLAIM. A process
+//! restarted under the same consumer name (`WORKER_ID`) takes back its own
+//! entries at once; a process stopping with entries still held (deliveries
+//! cut off at the shutdown timeout) marks them idle for the whole timeout, so
+//! the next XAUTOCLAIM anywhere takes them. Due retries are moved from
+//! `delayed` into the stream by whichever worker looks first.
 //!
 //! Attempts: the stored job counts the attempts settled so far; the group's
 //! delivery count of an entry counts the attempts started on it (Redis
@@ -64,6 +68,8 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 const PROMOTE_EVERY: Duration = Duration::from_millis(100);
 /// Retries one promotion request moves; a backlog takes several.
 const PROMOTE_BATCH: i64 = 500;
+/// Most entries one process can hold: one per worker, with room to spare.
+const MAX_HELD: usize = 100_000;
 
 const ENQUEUE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
@@ -167,6 +173,9 @@ pub struct RedisQueue {
     /// Connections for blocking reads (no response timeout), reused.
     blocking: Mutex<Vec<MultiplexedConnection>>,
     visibility: Duration,
+    /// Entries this consumer held when it last stopped, taken back first,
+    /// oldest first (from the end).
+    left_over: Mutex<Vec<String>>,
     last_reclaim: Mutex<Instant>,
     last_promote: Mutex<Instant>,
     /// Concurrent webhooks' jobs, enqueued in one request.
@@ -362,7 +371,15 @@ impl Core {
 impl RedisQueue {
     /// Connect, create the consumer group if needed. Fails when Redis cannot
     /// be reached, so a misconfigured REDIS_URI stops start-up.
-    pub async fn connect(uri: &str, prefix: &str, visibility: Duration) -> Result<RedisQueue, QueueError> {
+    /// `consumer` names this process in the consumer group; a process
+    /// restarted under the same name takes back at once the entries it held
+    /// when it stopped.
+    pub async fn connect(
+        uri: &str,
+        prefix: &str,
+        consumer: &str,
+        visibility: Duration,
+    ) -> Result<RedisQueue, QueueError> {
         let client = redis::Client::open(uri).map_err(unavailable)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -372,7 +389,7 @@ impl RedisQueue {
         let core = Arc::new(Core {
             conn,
             prefix: prefix.to_string(),
-            consumer: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
+            consumer: consumer.to_string(),
             scripts: Scripts::new(),
             trips: AtomicU64::new(0),
         });
@@ -384,6 +401,7 @@ impl RedisQueue {
             visibility,
             last_reclaim: Mutex::new(Instant::now() - RECLAIM_EVERY),
             last_promote: Mutex::new(Instant::now() - PROMOTE_EVERY),
+            left_over: Mutex::new(Vec::new()),
             enqueues: Batcher::spawn(move |batch| {
                 let core = a.clone();
                 async move { core.enqueue_batch(batch).await }
@@ -394,7 +412,44 @@ impl RedisQueue {
             }),
         };
         queue.ensure_group().await?;
+        let held = queue.held().await?;
+        if !held.is_empty() {
+            tracing::warn!(
+                consumer,
+                jobs = held.len(),
+                "this worker id held jobs when it last stopped; taking them back first"
+            );
+        }
+        *queue.left_over.lock().unwrap_or_else(|e| e.into_inner()) = held.into_iter().rev().collect();
         Ok(queue)
+    }
+
+    /// The entries pending for this consumer, oldest first.
+    async fn held(&self) -> Result<Vec<String>, QueueError> {
+        let mut c = self.core.trip();
+        let pending: redis::streams::StreamPendingCountReply = c
+            .xpending_consumer_count(self.core.key("jobs"), GROUP, "-", "+", MAX_HELD, &self.core.consumer)
+            .await
+            .map_err(unavailable)?;
+        Ok(pending.ids.into_iter().map(|p| p.id).collect())
+    }
+
+    /// Take back an entry this consumer held when it last stopped, if any
+    /// is left: the attempt it was running is counted, as after a takeover.
+    async fn take_back(&self) -> Result<Option<Reserved>, QueueError> {
+        loop {
+            let Some(id) = self.left_over.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
+                return Ok(None);
+            };
+            let mut c = self.core.trip();
+            let claimed: redis::streams::StreamClaimReply =
+                c.xclaim(self.core.key("jobs"), GROUP, &self.core.consumer, 0, &[&id]).await.map_err(unavailable)?;
+            for entry in claimed.ids {
+                if let Some(reserved) = self.claim(&entry.id, Self::entry_job_id(&entry.map)).await? {
+                    return Ok(Some(reserved));
+                }
+            }
+        }
     }
 
     async fn ensure_group(&self) -> Result<(), QueueError> {
@@ -528,6 +583,9 @@ impl JobQueue for RedisQueue {
 
     async fn reserve(&self, wait: Duration) -> Result<Option<Reserved>, QueueError> {
         let give_up = Instant::now() + wait;
+        if let Some(job) = self.take_back().await? {
+            return Ok(Some(job));
+        }
         loop {
             self.promote_due().await?;
             if let Some(job) = self.reclaim().await? {
@@ -664,6 +722,31 @@ impl JobQueue for RedisQueue {
 
     fn round_trips(&self) -> u64 {
         self.core.trips.load(Ordering::Relaxed)
+    }
+
+    /// Mark this consumer's entries idle for the whole visibility timeout
+    /// (JUSTID: their delivery counts stay as they are), so the next
+    /// takeover by any process, within a second, counts the attempt cut off.
+    async fn release_held(&self) -> Result<usize, QueueError> {
+        let held = self.held().await?;
+        if held.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.core.trip();
+        let idle = self.visibility.as_millis() as u64;
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(self.core.key("jobs"))
+            .arg(GROUP)
+            .arg(&self.core.consumer)
+            .arg(0)
+            .arg(&held)
+            .arg("IDLE")
+            .arg(idle)
+            .arg("JUSTID")
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(held.len())
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
