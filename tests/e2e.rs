@@ -453,3 +453,47 @@ async fn a_delivery_past_the_shutdown_timeout_is_cut_off_and_runs_again_after_th
     // The attempt cut off counts: two attempts for one delivery.
     assert_eq!(action_state(&receipt, "meta-capi").1, 2, "{receipt}");
 }
+
+#[tokio::test]
+async fn the_receipt_keeps_each_attempt_with_its_request_and_answer_and_no_secret() {
+    let s = setup(&[]).await;
+    let host = Host::start(&s.vars).await;
+    let failure = json!({"error": {"message": "An unknown error occurred", "type": "OAuthException", "code": 1, "fbtrace_id": "Fail1"}});
+    s.meta.script([Scripted::new(500, failure)]);
+    let (_, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("LOG-1", "Qualified")).await;
+    let id = body["receipt_id"].as_str().unwrap();
+    let receipt = eventually("the Lead delivered", WAIT, async || {
+        let r = receipt(&host, id).await;
+        (action_state(&r, "meta-capi").0 == "delivered").then_some(r)
+    })
+    .await;
+    let action = receipt["actions"].as_array().unwrap().iter().find(|a| a["destination"] == "meta-capi").unwrap();
+    let log = action["log"].as_array().unwrap_or_else(|| panic!("no attempt log: {action}"));
+    assert_eq!(log.len(), 2, "{action}");
+    let (first, second) = (&log[0], &log[1]);
+    assert_eq!(
+        (first["attempt"].as_u64(), first["outcome"].as_str(), first["status"].as_u64()),
+        (Some(1), Some("retryable"), Some(500))
+    );
+    assert_eq!(
+        (second["attempt"].as_u64(), second["outcome"].as_str(), second["status"].as_u64()),
+        (Some(2), Some("delivered"), Some(200))
+    );
+    for attempt in log {
+        assert_eq!(attempt["plugin_version"], "0.1.0");
+        assert!(attempt["duration_ms"].is_u64() && attempt["started_at_ms"].as_u64() > Some(0));
+        let request = &attempt["requests"][0];
+        assert_eq!(request["method"], "POST");
+        assert!(request["url"].as_str().unwrap().ends_with("/1234567890/events"), "{request}");
+        assert!(request["body_excerpt"].as_str().unwrap().contains("\"Lead\""), "{request}");
+    }
+    assert_eq!(first["requests"][0]["response_status"], 500);
+    assert!(first["requests"][0]["response_excerpt"].as_str().unwrap().contains("Fail1"), "{first}");
+    assert!(second["requests"][0]["response_excerpt"].as_str().unwrap().contains("fbtrace_id"), "{second}");
+    // The token Meta's body carries is stored redacted, and no header is kept.
+    let text = receipt.to_string();
+    assert!(!text.contains("meta-token"), "{text}");
+    assert!(text.contains("«redacted»"), "{text}");
+    assert!(first["requests"][0].get("headers").is_none());
+}

@@ -353,6 +353,7 @@ async fn note_replayed(app: &App, job: &Job, detail: &str) {
         status: None,
         detail: Some(detail.into()),
         replay: true,
+        log: None,
     };
     if let Err(e) = app.store.record_attempt(&job.receipt_id, pending).await {
         tracing::warn!(job_id = %job.id, error = %e, "replayed, but the receipt was not updated");

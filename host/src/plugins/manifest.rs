@@ -416,6 +416,21 @@ impl ResolvedConfig {
         }
         out
     }
+
+    /// `redact` for an excerpt cut at its end (marked `…`): a secret cut
+    /// there is redacted too, down to its first 4 characters.
+    pub fn redact_excerpt(&self, text: &str) -> String {
+        let out = self.redact(text);
+        let Some(body) = out.strip_suffix('…') else { return out };
+        for secret in self.secrets.iter().filter(|s| s.len() > 4) {
+            let cut =
+                (4..secret.len()).rev().filter(|&n| secret.is_char_boundary(n)).find(|&n| body.ends_with(&secret[..n]));
+            if let Some(n) = cut {
+                return format!("{}«redacted»…", &body[..body.len() - n]);
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -448,6 +463,15 @@ mod tests {
         let env: crate::config::Environment =
             pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>().into();
         PluginEnv::new(&env, crate::plugins::grants::Grants::default())
+    }
+
+    #[test]
+    fn an_excerpt_cut_inside_a_secret_shows_none_of_it() {
+        let config = ResolvedConfig { secrets: vec!["s3cr3t-token-value".into()], ..Default::default() };
+        assert_eq!(config.redact_excerpt("a=s3cr3t-token-value&b"), "a=«redacted»&b");
+        assert_eq!(config.redact_excerpt("{\"access_token\":\"s3cr3t-to…"), "{\"access_token\":\"«redacted»…");
+        // Not cut: an ending that looks like the start of a secret stays.
+        assert_eq!(config.redact_excerpt("ends with s3cr"), "ends with s3cr");
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub const MAX_RESPONSE_BYTES: u64 = 1 << 20;
 /// How much of a request body a live call keeps for the attempt log; the
 /// rest is dropped as soon as the request is sent.
 pub const BODY_EXCERPT_BYTES: usize = 2048;
+/// Bytes of an answer's body kept for the attempt log.
+pub const RESPONSE_EXCERPT_BYTES: usize = 1024;
 /// Headers a plugin may set on one request, and their bytes together.
 const MAX_REQUEST_HEADERS: usize = 64;
 const MAX_REQUEST_HEADER_BYTES: usize = 16 * 1024;
@@ -93,6 +95,14 @@ pub struct RecordedRequest {
     pub body_bytes: usize,
     /// Why the host refused it, if it did.
     pub denied: Option<String>,
+    /// The answer's status and the start of its body (live calls).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_excerpt: Option<String>,
+    /// Why no answer came (timeout, connection refused, too large).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Memory cap for one call, across all of the component's memories;
@@ -283,6 +293,9 @@ impl wit_http::Host for PluginState {
             body: body_text,
             body_bytes,
             denied: None,
+            response_status: None,
+            response_excerpt: None,
+            error: None,
         };
         let url = match url::Url::parse(&request.url) {
             Ok(u) => u,
@@ -316,6 +329,35 @@ impl wit_http::Host for PluginState {
             }
             HttpMode::Live(clients) => clients.get(route),
         };
+        let answer = self.exchange(client, method, url, headers, request.body, plugin.max_response_bytes).await;
+        // For the attempt log: what came back, in short.
+        if let Some(record) = self.requests.last_mut() {
+            match &answer {
+                Ok(response) => {
+                    record.response_status = Some(response.status);
+                    let excerpt = &response.body[..response.body.len().min(RESPONSE_EXCERPT_BYTES + 4)];
+                    record.response_excerpt = Some(clip(&String::from_utf8_lossy(excerpt), RESPONSE_EXCERPT_BYTES));
+                }
+                Err(e) => record.error = Some(clip(&e.to_string(), RESPONSE_EXCERPT_BYTES)),
+            }
+        }
+        answer
+    }
+}
+
+impl PluginState {
+    /// Send one allowed request and read its answer, within the call's
+    /// deadline and the response size limit.
+    async fn exchange(
+        &mut self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        url: url::Url,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        limit: u64,
+    ) -> Result<wit_http::Response, wit_http::HttpError> {
+        use wit_http::HttpError;
         // Leave the plugin a tenth of what is left (at most 500 ms) to turn a
         // timeout into its own outcome before the call's deadline.
         let left = self.deadline.saturating_duration_since(Instant::now());
@@ -323,7 +365,7 @@ impl wit_http::Host for PluginState {
         if remaining.is_zero() {
             return Err(HttpError::Timeout);
         }
-        let mut builder = client.request(method, url).timeout(remaining).body(request.body);
+        let mut builder = client.request(method, url).timeout(remaining).body(body);
         for (name, value) in &headers {
             builder = builder.header(name.as_str(), value.as_str());
         }
@@ -341,7 +383,6 @@ impl wit_http::Host for PluginState {
                 Some(wit::Header { name: n.as_str().to_string(), value: v.to_str().ok()?.to_string() })
             })
             .collect();
-        let limit = plugin.max_response_bytes;
         if response.content_length().is_some_and(|n| n > limit) {
             return Err(HttpError::ResponseTooLarge(limit));
         }

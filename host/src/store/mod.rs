@@ -51,6 +51,51 @@ pub struct ActionRecord {
     pub detail: Option<String>,
     pub delivered_at_ms: Option<u64>,
     pub updated_at_ms: u64,
+    /// The latest attempts (at most `MAX_LOGGED_ATTEMPTS`), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<LoggedAttempt>,
+}
+
+/// Attempts kept per action; older ones are dropped (their count stays in
+/// `attempts`).
+pub const MAX_LOGGED_ATTEMPTS: usize = 20;
+
+/// One delivery attempt in an action's attempt log. Secrets are redacted
+/// and excerpts bounded before it is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoggedAttempt {
+    /// The attempt's number (1 for the first).
+    pub attempt: u32,
+    pub started_at_ms: u64,
+    pub duration_ms: u64,
+    /// The destination plugin's version and component digest.
+    pub plugin_version: String,
+    pub plugin_digest: String,
+    /// `delivered`, `retryable`, `permanent` or `plugin_error`.
+    pub outcome: String,
+    pub status: Option<u16>,
+    /// The plugin's detail or reason, or the host's error.
+    pub detail: String,
+    /// The requests the plugin made, in order.
+    pub requests: Vec<LoggedRequest>,
+}
+
+/// One outbound request of a logged attempt: no headers (they carry the
+/// credentials), the body and answer in excerpts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoggedRequest {
+    pub method: String,
+    pub url: String,
+    pub body_excerpt: String,
+    pub body_bytes: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_excerpt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl ActionRecord {
@@ -67,6 +112,7 @@ impl ActionRecord {
             detail: None,
             delivered_at_ms: None,
             updated_at_ms: now,
+            log: Vec::new(),
         }
     }
 }
@@ -122,6 +168,9 @@ pub struct AttemptRecord {
     pub detail: Option<String>,
     /// An operator's replay: it may turn a delivered action back to pending.
     pub replay: bool,
+    /// The attempt as made, for the action's log (none when no attempt was
+    /// made: a replay, a job put off, a dead letter without a call).
+    pub log: Option<LoggedAttempt>,
 }
 
 #[cfg(test)]
@@ -137,6 +186,7 @@ impl AttemptRecord {
             status: Some(200),
             detail: None,
             replay: false,
+            log: None,
         }
     }
 }
@@ -220,6 +270,12 @@ pub fn apply_to_actions(
     action.detail = attempt.detail.clone().or(action.detail.take());
     if attempt.state == DeliveryState::Delivered {
         action.delivered_at_ms = Some(now);
+    }
+    if let Some(logged) = &attempt.log {
+        if action.log.len() >= MAX_LOGGED_ATTEMPTS {
+            action.log.remove(0);
+        }
+        action.log.push(logged.clone());
     }
     action.updated_at_ms = now;
     Ok(true)

@@ -25,7 +25,7 @@ use tracing::Instrument;
 use crate::App;
 use crate::plugins::{DeliveryRequest, Outcome};
 use crate::queue::{Job, Reserved, Settle};
-use crate::store::{AttemptRecord, DeliveryState, StoreError, now_ms};
+use crate::store::{AttemptRecord, DeliveryState, LoggedAttempt, LoggedRequest, StoreError, now_ms};
 
 /// How long a worker waits for a job before checking for shutdown.
 const POLL: Duration = Duration::from_secs(1);
@@ -107,22 +107,26 @@ pub async fn process(app: &App, reserved: Reserved) {
                 used - 1,
                 reserved.job.interrupted
             );
-            dead_letter(app, reserved, None, reason, true).await;
+            dead_letter(app, reserved, None, reason, true, None).await;
             return;
         }
-        let verdict = attempt_delivery(app, &reserved.job).await;
-        settle(app, reserved, verdict).await;
+        let (verdict, logged) = attempt_delivery(app, &reserved.job).await;
+        settle(app, reserved, verdict, logged).await;
     }
     .instrument(span)
     .await
 }
 
-async fn attempt_delivery(app: &App, job: &Job) -> Verdict {
+/// Make one attempt: the verdict, and the attempt as the receipt's log
+/// keeps it (none when no plugin ran).
+async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttempt>) {
     let Some(plugin) = app.plugins.destination(&job.destination) else {
-        return Verdict::Defer { reason: format!("no destination plugin named {:?} is loaded", job.destination) };
+        let reason = format!("no destination plugin named {:?} is loaded", job.destination);
+        return (Verdict::Defer { reason }, None);
     };
+    let started_at_ms = now_ms();
     let started = Instant::now();
-    let (result, _requests) = plugin
+    let (result, requests) = plugin
         .deliver(DeliveryRequest {
             event: &job.event,
             action: &job.action,
@@ -133,11 +137,14 @@ async fn attempt_delivery(app: &App, job: &Job) -> Verdict {
             idempotency_key: &job.idempotency_key,
         })
         .await;
-    app.metrics.plugin_call(plugin.name(), started.elapsed());
-    match result {
-        Ok(Outcome::Delivered { status, detail }) => Verdict::Delivered { status, detail },
-        Ok(Outcome::Retryable { status, reason, retry_after }) => Verdict::Retry { status, reason, retry_after },
-        Ok(Outcome::Permanent { status, reason }) => Verdict::Permanent { status, reason },
+    let took = started.elapsed();
+    app.metrics.plugin_call(plugin.name(), took);
+    let (verdict, outcome) = match result {
+        Ok(Outcome::Delivered { status, detail }) => (Verdict::Delivered { status, detail }, "delivered"),
+        Ok(Outcome::Retryable { status, reason, retry_after }) => {
+            (Verdict::Retry { status, reason, retry_after }, "retryable")
+        }
+        Ok(Outcome::Permanent { status, reason }) => (Verdict::Permanent { status, reason }, "permanent"),
         Err(e) => {
             app.metrics
                 .plugin_failures
@@ -146,23 +153,56 @@ async fn attempt_delivery(app: &App, job: &Job) -> Verdict {
                     kind: e.kind(),
                 })
                 .inc();
-            if e.is_plugins_fault() {
-                Verdict::Retry { status: None, reason: e.to_string(), retry_after: None }
-            } else {
-                Verdict::Defer { reason: e.to_string() }
+            if !e.is_plugins_fault() {
+                // The host could not run it (no free instance): no attempt.
+                return (Verdict::Defer { reason: e.to_string() }, None);
             }
+            (Verdict::Retry { status: None, reason: e.to_string(), retry_after: None }, "plugin_error")
         }
-    }
+    };
+    let (status, detail) = match &verdict {
+        Verdict::Delivered { status, detail } => (*status, detail.clone()),
+        Verdict::Retry { status, reason, .. } | Verdict::Permanent { status, reason } => (*status, reason.clone()),
+        Verdict::Defer { reason } => (None, reason.clone()),
+    };
+    // The plugin's own text (detail, reason) is redacted already; what it
+    // sent and got back is redacted here, before it is stored.
+    let redact = |text: &str| plugin.config.redact_excerpt(text);
+    let logged = LoggedAttempt {
+        attempt: job.attempts,
+        started_at_ms,
+        duration_ms: took.as_millis() as u64,
+        plugin_version: plugin.manifest.version.to_string(),
+        plugin_digest: plugin.digest.clone(),
+        outcome: outcome.to_string(),
+        status,
+        detail,
+        requests: requests
+            .into_iter()
+            .map(|r| LoggedRequest {
+                method: r.method,
+                url: redact(&r.url),
+                body_excerpt: redact(&r.body),
+                body_bytes: r.body_bytes,
+                denied: r.denied.map(|d| redact(&d)),
+                response_status: r.response_status,
+                response_excerpt: r.response_excerpt.map(|e| redact(&e)),
+                error: r.error.map(|e| redact(&e)),
+            })
+            .collect(),
+    };
+    (verdict, Some(logged))
 }
 
 /// Record the verdict on the receipt and tell the queue.
-async fn settle(app: &App, reserved: Reserved, verdict: Verdict) {
+async fn settle(app: &App, reserved: Reserved, verdict: Verdict, logged: Option<LoggedAttempt>) {
     let policy = app.config.retry;
     let job = &reserved.job;
     let used = job.attempts.saturating_sub(job.budget_start);
     match verdict {
         Verdict::Delivered { status, detail } => {
-            let record = attempt_record(job, DeliveryState::Delivered, status, None, Some(detail.clone()));
+            let mut record = attempt_record(job, DeliveryState::Delivered, status, None, Some(detail.clone()));
+            record.log = logged;
             if !recorded(app, &reserved, record, Settle::Ack).await {
                 return;
             }
@@ -176,7 +216,8 @@ async fn settle(app: &App, reserved: Reserved, verdict: Verdict) {
         }
         Verdict::Retry { status, reason, retry_after } if policy.may_retry(used) => {
             let delay = policy.delay(used, retry_after, fastrand::f64());
-            let record = attempt_record(job, DeliveryState::Retrying, status, Some(reason.clone()), None);
+            let mut record = attempt_record(job, DeliveryState::Retrying, status, Some(reason.clone()), None);
+            record.log = logged;
             if !recorded(app, &reserved, record, Settle::Retry(delay)).await {
                 return;
             }
@@ -185,10 +226,10 @@ async fn settle(app: &App, reserved: Reserved, verdict: Verdict) {
         }
         Verdict::Retry { status, reason, .. } => {
             let reason = format!("gave up after {used} attempts: {reason}");
-            dead_letter(app, reserved, status, reason, false).await;
+            dead_letter(app, reserved, status, reason, false, logged).await;
         }
         Verdict::Permanent { status, reason } => {
-            dead_letter(app, reserved, status, reason, false).await;
+            dead_letter(app, reserved, status, reason, false, logged).await;
         }
         Verdict::Defer { reason } => {
             let mut record = attempt_record(job, DeliveryState::Retrying, None, Some(reason.clone()), None);
@@ -241,13 +282,22 @@ fn attempt_record(
         status,
         detail,
         replay: false,
+        log: None,
     }
 }
 
 /// Dead-letter a job (`interrupted`: its last attempt never finished, so
 /// the receipt shows one fewer attempt made).
-async fn dead_letter(app: &App, reserved: Reserved, status: Option<u16>, reason: String, interrupted: bool) {
+async fn dead_letter(
+    app: &App,
+    reserved: Reserved,
+    status: Option<u16>,
+    reason: String,
+    interrupted: bool,
+    logged: Option<LoggedAttempt>,
+) {
     let mut record = attempt_record(&reserved.job, DeliveryState::Failed, status, Some(reason.clone()), None);
+    record.log = logged;
     if interrupted {
         record.attempts -= 1;
     }
