@@ -85,6 +85,8 @@ fn ensure_wasm_target() {
     println!("cargo:warning=installing the {TARGET} target for toolchain {toolchain} (rustup target add)");
     let added = Command::new("rustup")
         .args(["target", "add", "--toolchain", &toolchain, TARGET])
+        // Cargo reads a build script's stdout for its directives.
+        .stdout(std::io::stderr())
         .status()
         .is_ok_and(|status| status.success());
     if !added {

@@ -243,7 +243,26 @@ async fn a_host_restarted_after_a_kill_takes_back_its_jobs_at_once() {
     assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(s.meta.received().len(), 2);
     assert_eq!(action_state(&receipt, "meta-capi").1, 2, "the attempt cut off by the kill counts: {receipt}");
-    assert!(host.log_text().contains("taking them back first"), "{}", host.log_text());
+    assert!(host.log_text().contains("they run again at once"), "{}", host.log_text());
+}
+
+#[tokio::test]
+async fn a_second_running_process_cannot_take_a_worker_id_in_use() {
+    let s = setup_slow_takeover("worker-id", &[("WORKER_ID", "host-b")]).await;
+    let _first = Host::start(&s.vars).await;
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_crm-event-handler"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PORT", "0")
+        .env("HOST", "127.0.0.1")
+        .envs(s.vars.iter().map(|(k, v)| (k, v)))
+        .env("DATA_DIR", tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(said.contains("WORKER_ID host-b is in use by another running process"), "{said}");
 }
 
 #[tokio::test]

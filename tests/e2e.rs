@@ -403,18 +403,19 @@ async fn sigterm_stops_intake_lets_the_delivery_in_flight_finish_and_exits_0() {
     eventually("the Lead in flight", WAIT, async || (s.meta.received().len() == 1).then_some(())).await;
 
     host.terminate();
-    // Intake stops while the delivery in hand runs: new webhooks are refused
-    // with a reason, and readiness goes false for the load balancer.
-    let (status, refused) = eventually("webhooks refused", WAIT, async || {
-        let r = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("TERM-2", "Qualified")).await;
-        (r.0 == 503).then_some(r)
+    // Intake stops while the delivery in hand runs: readiness goes false for
+    // the load balancer, and new webhooks are refused with a reason.
+    eventually("not ready", WAIT, async || {
+        let ready = reqwest::get(format!("{}/ready", host.url)).await.unwrap();
+        let status = ready.status();
+        let body: serde_json::Value = ready.json().await.unwrap();
+        (status == 503 && body["status"] == "stopping").then_some(())
     })
     .await;
+    let (status, refused) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("TERM-2", "Qualified")).await;
     assert_eq!(status, 503);
     assert_eq!(refused["code"], "shutting_down", "{refused}");
-    let ready = reqwest::get(format!("{}/ready", host.url)).await.unwrap();
-    assert_eq!(ready.status(), 503);
-    assert_eq!(ready.json::<serde_json::Value>().await.unwrap()["status"], "stopping");
     assert_eq!(host.exit_code(Duration::from_millis(500)).await, None, "it must wait for the delivery in hand");
 
     s.meta.release();

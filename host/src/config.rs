@@ -96,8 +96,7 @@ pub struct Config {
     pub visibility_timeout: Duration,
     /// `WORKER_ID`: this process's name among the Redis queue's consumers,
     /// stable across restarts so a restarted process takes back at once the
-    /// jobs it held when it was killed. Unset: the host name and the port
-    /// listened on, filled in once the port is bound.
+    /// jobs it held when it was killed. Unset: a fresh name per start.
     pub worker_id: Option<String>,
     /// After SIGTERM, deliveries in flight may take this long to finish.
     pub shutdown_timeout: Duration,
@@ -316,7 +315,7 @@ impl Config {
             bail!("QUEUE_VISIBILITY_TIMEOUT_MS must be at least 1000");
         }
 
-        let shutdown_ms = parse(&get, "SHUTDOWN_TIMEOUT_MS", 30_000u64, "a duration in milliseconds")?;
+        let shutdown_ms = parse(&get, "SHUTDOWN_TIMEOUT_MS", 20_000u64, "a duration in milliseconds")?;
         let worker_id = get("WORKER_ID");
         if let Some(id) = &worker_id
             && (id.is_empty() || id.len() > 200 || id.chars().any(|c| c.is_whitespace() || c.is_control()))

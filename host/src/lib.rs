@@ -93,11 +93,7 @@ impl App {
                 queue::redis::RedisQueue::connect(
                     uri,
                     &config.redis_key_prefix,
-                    // Processes built without `run` (tests) get a fresh name.
-                    &config
-                        .worker_id
-                        .clone()
-                        .unwrap_or_else(|| format!("{}-{}", std::process::id(), uuid::Uuid::now_v7())),
+                    config.worker_id.as_deref(),
                     config.visibility_timeout,
                 )
                 .await
@@ -264,18 +260,12 @@ impl Role {
 /// Run the service as `crm-event-handler serve` does: configuration from the
 /// environment, logging, the API and the workers, until SIGINT or SIGTERM.
 pub async fn run(role: Role) -> anyhow::Result<()> {
-    let mut config = Config::from_env()?;
+    let config = Config::from_env()?;
     let _log_writer = telemetry::init_logging(config.log_format);
     let addr = std::net::SocketAddr::new(config.host, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (set PORT / HOST)"))?;
-    if config.worker_id.is_none() {
-        // Unique on this machine (one process per port), stable across restarts.
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let host = if host.trim().is_empty() { "localhost" } else { host.trim() };
-        config.worker_id = Some(format!("{host}:{}", listener.local_addr()?.port()));
-    }
     let app = App::build(config).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -360,7 +350,7 @@ pub async fn serve_as(
             let _ = w.await;
         }
     }
-    match app.queue.release_held().await {
+    match if role.workers { app.queue.release_held().await } else { Ok(0) } {
         Ok(0) => {}
         Ok(n) => tracing::info!(jobs = n, "jobs held by this process handed back to the queue"),
         Err(e) => {

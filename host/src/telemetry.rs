@@ -19,9 +19,9 @@ use crate::queue::QueueDepth;
 
 /// Install the global tracing subscriber (once per process). Lines are
 /// written to stderr by a thread of their own, many per write when they come
-/// fast, so a request never waits on the log; keep the guard until the end
-/// (dropping it writes out what is left). No line is dropped: under a flood,
-/// callers wait for room.
+/// fast; a request waits only when 128,000 lines are waiting for a stalled
+/// stderr (no line is dropped). Keep the guard until the end: dropping it
+/// writes out what is left.
 pub fn init_logging(format: LogFormat) -> WorkerGuard {
     let filter = EnvFilter::try_from_env("LOG").unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
     let json = match format {

@@ -29,12 +29,14 @@
 //! The claim script derives a deal's keys from the job, so the queue needs
 //! one Redis node (not a cluster). A reserved entry stays pending in the
 //! group until acknowledged; an entry idle longer than the visibility
-//! timeout (its worker died) is taken over with XAUTOCLAIM. A process
-//! restarted under the same consumer name (`WORKER_ID`) takes back its own
-//! entries at once; a process stopping with entries still held (deliveries
-//! cut off at the shutdown timeout) marks them idle for the whole timeout, so
-//! the next XAUTOCLAIM anywhere takes them. Due retries are moved from
-//! `delayed` into the stream by whichever worker looks first.
+//! timeout (its worker died) is taken over with XAUTOCLAIM. Entries a
+//! process hands back are marked idle for the whole timeout (HAND_BACK), so
+//! the next XAUTOCLAIM anywhere takes them at once, counting the attempt cut
+//! off: a process stopping with deliveries cut off at the shutdown timeout
+//! does it, and so does a process restarted under the `WORKER_ID` it had
+//! when it was killed (the name is leased in `{p}:worker:<id>`, so no two
+//! running processes share it). Due retries are moved from `delayed` into
+//! the stream by whichever worker looks first.
 //!
 //! Attempts: the stored job counts the attempts settled so far; the group's
 //! delivery count of an entry counts the attempts started on it (Redis
@@ -70,6 +72,9 @@ const PROMOTE_EVERY: Duration = Duration::from_millis(100);
 const PROMOTE_BATCH: i64 = 500;
 /// Most entries one process can hold: one per worker, with room to spare.
 const MAX_HELD: usize = 100_000;
+/// A WORKER_ID's lease: a process killed holding it blocks a restart under
+/// the same name this long at most; renewed every third of it.
+const LEASE_FOR: Duration = Duration::from_secs(5);
 
 const ENQUEUE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
@@ -157,6 +162,24 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[2])";
 
+/// Mark this consumer's entries idle for the visibility timeout (ARGV[3]
+/// ms), so that XAUTOCLAIM takes them at once; JUSTID leaves their delivery
+/// counts as they are.
+const HAND_BACK: &str = r"
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[4]), ARGV[2])
+for _, entry in ipairs(held) do
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry[1], 'IDLE', tonumber(ARGV[3]), 'JUSTID')
+end
+return #held";
+
+/// Take or renew a WORKER_ID's lease for ARGV[2] ms (0: give it up): 1 if
+/// this token holds it, 0 if another does.
+const LEASE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+return 1";
+
 const REPLAY: &str = r"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -172,10 +195,6 @@ pub struct RedisQueue {
     core: Arc<Core>,
     /// Connections for blocking reads (no response timeout), reused.
     blocking: Mutex<Vec<MultiplexedConnection>>,
-    visibility: Duration,
-    /// Entries this consumer held when it last stopped, taken back first,
-    /// oldest first (from the end).
-    left_over: Mutex<Vec<String>>,
     last_reclaim: Mutex<Instant>,
     last_promote: Mutex<Instant>,
     /// Concurrent webhooks' jobs, enqueued in one request.
@@ -189,6 +208,9 @@ struct Core {
     conn: ConnectionManager,
     prefix: String,
     consumer: String,
+    /// With a `WORKER_ID`: this process's token in the name's lease.
+    lease: Option<String>,
+    visibility: Duration,
     scripts: Scripts,
     /// Requests sent so far (a pipeline counts once).
     trips: AtomicU64,
@@ -210,6 +232,8 @@ struct Scripts {
     retry: Script,
     dead: Script,
     replay: Script,
+    hand_back: Script,
+    lease: Script,
 }
 
 impl Scripts {
@@ -223,6 +247,8 @@ impl Scripts {
             retry: owned(RETRY),
             dead: owned(&format!("{DEAD}\n{RELEASE}")),
             replay: Script::new(REPLAY),
+            hand_back: Script::new(HAND_BACK),
+            lease: Script::new(LEASE),
         }
     }
 }
@@ -258,6 +284,75 @@ impl Core {
     fn trip(&self) -> ConnectionManager {
         self.trips.fetch_add(1, Ordering::Relaxed);
         self.conn.clone()
+    }
+
+    fn lease_key(&self) -> String {
+        format!("{}:worker:{}", self.prefix, self.consumer)
+    }
+
+    /// Take this WORKER_ID's lease, waiting out one left by a process that
+    /// was killed; refused while another running process renews it.
+    async fn take_lease(&self, token: &str) -> Result<(), QueueError> {
+        let give_up = Instant::now() + LEASE_FOR + LEASE_FOR / 2;
+        loop {
+            let mut c = self.trip();
+            let ms = LEASE_FOR.as_millis() as u64;
+            let taken: i64 = self
+                .scripts
+                .lease
+                .key(self.lease_key())
+                .arg(token)
+                .arg(ms)
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            if taken == 1 {
+                return Ok(());
+            }
+            if Instant::now() >= give_up {
+                return Err(QueueError::Unavailable(format!(
+                    "WORKER_ID {} is in use by another running process; give each process its own",
+                    self.consumer
+                )));
+            }
+            tokio::time::sleep(LEASE_FOR / 10).await;
+        }
+    }
+
+    /// Renew the lease until the queue is dropped.
+    async fn keep_lease(core: std::sync::Weak<Core>, token: String) {
+        loop {
+            tokio::time::sleep(LEASE_FOR / 3).await;
+            let Some(core) = core.upgrade() else { return };
+            let mut c = core.trip();
+            let ms = LEASE_FOR.as_millis() as u64;
+            let renewed: Result<i64, _> =
+                core.scripts.lease.key(core.lease_key()).arg(&token).arg(ms).invoke_async(&mut c).await;
+            match renewed {
+                Ok(1) => {}
+                Ok(_) => tracing::error!(worker_id = %core.consumer, "another running process holds this WORKER_ID"),
+                Err(e) => tracing::warn!(error = %e, "cannot renew the WORKER_ID lease"),
+            }
+        }
+    }
+
+    /// Make the entries this consumer holds look idle for the whole
+    /// visibility timeout (their delivery counts unchanged), in one script:
+    /// the next takeover by any process counts the attempt cut off.
+    async fn hand_back(&self) -> Result<usize, QueueError> {
+        let mut c = self.trip();
+        let handed: i64 = self
+            .scripts
+            .hand_back
+            .key(self.key("jobs"))
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(self.visibility.as_millis() as u64)
+            .arg(MAX_HELD)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(handed as usize)
     }
 
     /// Run script invocations in one pipelined request, each answered on its
@@ -308,7 +403,7 @@ impl Core {
     async fn load_scripts(&self, c: &mut ConnectionManager) -> Result<(), QueueError> {
         let s = &self.scripts;
         let mut pipe = redis::pipe();
-        for script in [&s.enqueue, &s.promote, &s.claim, &s.ack, &s.retry, &s.dead, &s.replay] {
+        for script in [&s.enqueue, &s.promote, &s.claim, &s.ack, &s.retry, &s.dead, &s.replay, &s.hand_back, &s.lease] {
             pipe.load_script(script).ignore();
         }
         self.trips.fetch_add(1, Ordering::Relaxed);
@@ -332,7 +427,11 @@ impl Core {
         let mut replies = self.invoke_all(&calls).await.into_iter();
         batch
             .iter()
-            .map(|jobs| replies.by_ref().take(jobs.len()).try_fold(0, |added, reply| Ok(added + reply? as usize)))
+            .map(|jobs| {
+                // Each webhook's own replies, all of them, before the next's.
+                let own: Vec<_> = replies.by_ref().take(jobs.len()).collect();
+                own.into_iter().try_fold(0, |added, reply| Ok(added + reply? as usize))
+            })
             .collect()
     }
 
@@ -371,15 +470,19 @@ impl Core {
 impl RedisQueue {
     /// Connect, create the consumer group if needed. Fails when Redis cannot
     /// be reached, so a misconfigured REDIS_URI stops start-up.
-    /// `consumer` names this process in the consumer group; a process
-    /// restarted under the same name takes back at once the entries it held
-    /// when it stopped.
+    /// `worker_id` (`WORKER_ID`) names this process in the consumer group,
+    /// the same across restarts: it is leased, so no two running processes
+    /// use it, and a process restarted under it hands the entries it held
+    /// back at once. Without one, each start gets a fresh name, and the
+    /// entries a killed process held wait out the visibility timeout.
     pub async fn connect(
         uri: &str,
         prefix: &str,
-        consumer: &str,
+        worker_id: Option<&str>,
         visibility: Duration,
     ) -> Result<RedisQueue, QueueError> {
+        let fresh = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7());
+        let consumer = worker_id.unwrap_or(&fresh);
         let client = redis::Client::open(uri).map_err(unavailable)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -390,6 +493,8 @@ impl RedisQueue {
             conn,
             prefix: prefix.to_string(),
             consumer: consumer.to_string(),
+            lease: worker_id.map(|_| uuid::Uuid::now_v7().to_string()),
+            visibility,
             scripts: Scripts::new(),
             trips: AtomicU64::new(0),
         });
@@ -398,10 +503,8 @@ impl RedisQueue {
             client,
             core,
             blocking: Mutex::new(Vec::new()),
-            visibility,
             last_reclaim: Mutex::new(Instant::now() - RECLAIM_EVERY),
             last_promote: Mutex::new(Instant::now() - PROMOTE_EVERY),
-            left_over: Mutex::new(Vec::new()),
             enqueues: Batcher::spawn(move |batch| {
                 let core = a.clone();
                 async move { core.enqueue_batch(batch).await }
@@ -412,44 +515,19 @@ impl RedisQueue {
             }),
         };
         queue.ensure_group().await?;
-        let held = queue.held().await?;
-        if !held.is_empty() {
-            tracing::warn!(
-                consumer,
-                jobs = held.len(),
-                "this worker id held jobs when it last stopped; taking them back first"
-            );
-        }
-        *queue.left_over.lock().unwrap_or_else(|e| e.into_inner()) = held.into_iter().rev().collect();
-        Ok(queue)
-    }
-
-    /// The entries pending for this consumer, oldest first.
-    async fn held(&self) -> Result<Vec<String>, QueueError> {
-        let mut c = self.core.trip();
-        let pending: redis::streams::StreamPendingCountReply = c
-            .xpending_consumer_count(self.core.key("jobs"), GROUP, "-", "+", MAX_HELD, &self.core.consumer)
-            .await
-            .map_err(unavailable)?;
-        Ok(pending.ids.into_iter().map(|p| p.id).collect())
-    }
-
-    /// Take back an entry this consumer held when it last stopped, if any
-    /// is left: the attempt it was running is counted, as after a takeover.
-    async fn take_back(&self) -> Result<Option<Reserved>, QueueError> {
-        loop {
-            let Some(id) = self.left_over.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
-                return Ok(None);
-            };
-            let mut c = self.core.trip();
-            let claimed: redis::streams::StreamClaimReply =
-                c.xclaim(self.core.key("jobs"), GROUP, &self.core.consumer, 0, &[&id]).await.map_err(unavailable)?;
-            for entry in claimed.ids {
-                if let Some(reserved) = self.claim(&entry.id, Self::entry_job_id(&entry.map)).await? {
-                    return Ok(Some(reserved));
-                }
+        if let Some(token) = &queue.core.lease {
+            queue.core.take_lease(token).await?;
+            tokio::spawn(Core::keep_lease(Arc::downgrade(&queue.core), token.clone()));
+            let held = queue.core.hand_back().await?;
+            if held > 0 {
+                tracing::warn!(
+                    worker_id = consumer,
+                    jobs = held,
+                    "this WORKER_ID held jobs when it last stopped; they run again at once"
+                );
             }
         }
+        Ok(queue)
     }
 
     async fn ensure_group(&self) -> Result<(), QueueError> {
@@ -538,7 +616,8 @@ impl RedisQueue {
         }
     }
 
-    /// Take over one entry idle past the visibility timeout, if any.
+    /// Take over one entry idle past the visibility timeout, if any: every
+    /// RECLAIM_EVERY, and at once again while there are some.
     async fn reclaim(&self) -> Result<Option<Reserved>, QueueError> {
         {
             let mut last = self.last_reclaim.lock().unwrap_or_else(|e| e.into_inner());
@@ -553,12 +632,16 @@ impl RedisQueue {
                 self.core.key("jobs"),
                 GROUP,
                 &self.core.consumer,
-                self.visibility.as_millis() as u64,
+                self.core.visibility.as_millis() as u64,
                 "0-0",
                 StreamAutoClaimOptions::default().count(1),
             )
             .await
             .map_err(unavailable)?;
+        if !reply.claimed.is_empty() {
+            // There may be more (a stopped process's jobs): look again at once.
+            *self.last_reclaim.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() - RECLAIM_EVERY;
+        }
         for entry in reply.claimed {
             if let Some(reserved) = self.claim(&entry.id, Self::entry_job_id(&entry.map)).await? {
                 let interrupted = reserved.job.interrupted;
@@ -583,9 +666,6 @@ impl JobQueue for RedisQueue {
 
     async fn reserve(&self, wait: Duration) -> Result<Option<Reserved>, QueueError> {
         let give_up = Instant::now() + wait;
-        if let Some(job) = self.take_back().await? {
-            return Ok(Some(job));
-        }
         loop {
             self.promote_due().await?;
             if let Some(job) = self.reclaim().await? {
@@ -724,29 +804,23 @@ impl JobQueue for RedisQueue {
         self.core.trips.load(Ordering::Relaxed)
     }
 
-    /// Mark this consumer's entries idle for the whole visibility timeout
-    /// (JUSTID: their delivery counts stay as they are), so the next
-    /// takeover by any process, within a second, counts the attempt cut off.
     async fn release_held(&self) -> Result<usize, QueueError> {
-        let held = self.held().await?;
-        if held.is_empty() {
-            return Ok(0);
+        let held = self.core.hand_back().await?;
+        if let Some(token) = &self.core.lease {
+            // A restart under the same WORKER_ID need not wait for it.
+            let mut c = self.core.trip();
+            let _: i64 = self
+                .core
+                .scripts
+                .lease
+                .key(self.core.lease_key())
+                .arg(token)
+                .arg(0)
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
         }
-        let mut c = self.core.trip();
-        let idle = self.visibility.as_millis() as u64;
-        let _: redis::Value = redis::cmd("XCLAIM")
-            .arg(self.core.key("jobs"))
-            .arg(GROUP)
-            .arg(&self.core.consumer)
-            .arg(0)
-            .arg(&held)
-            .arg("IDLE")
-            .arg(idle)
-            .arg("JUSTID")
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        Ok(held.len())
+        Ok(held)
     }
 
     async fn ping(&self) -> Result<(), QueueError> {

@@ -66,16 +66,14 @@ pub fn spawn(app: Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<(
         .collect()
 }
 
-async fn run(app: Arc<App>, worker: usize, mut shutdown: watch::Receiver<bool>) {
+async fn run(app: Arc<App>, worker: usize, shutdown: watch::Receiver<bool>) {
     loop {
         if *shutdown.borrow() {
             return;
         }
-        let reserved = tokio::select! {
-            r = app.queue.reserve(POLL) => r,
-            _ = shutdown.changed() => return,
-        };
-        match reserved {
+        // Not cut short at shutdown: a reservation half made could leave
+        // the job held, its attempt counted without having run.
+        match app.queue.reserve(POLL).await {
             Ok(Some(job)) => process(&app, job).await,
             Ok(None) => {}
             Err(e) => {
