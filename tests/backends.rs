@@ -289,6 +289,32 @@ async fn a_host_stopped_past_its_timeout_hands_its_job_to_another_host_at_once()
 }
 
 #[tokio::test]
+async fn two_hosts_send_one_backlog_alert_per_cooldown_between_them() {
+    let s = setup_slow_takeover(
+        "alerts",
+        &[
+            ("RETRY_BASE_DELAY_MS", "5000"),
+            ("ALERT_QUEUE_WAITING_THRESHOLD", "2"),
+            ("ALERT_QUEUE_BACKLOG_MINUTES", "0.02"),
+            ("ALERT_QUEUE_COOLDOWN_MINUTES", "10"),
+            ("ALERT_RECIPIENTS", "ops@example.com"),
+        ],
+    )
+    .await;
+    s.meta.script((0..50).map(|_| Scripted::new(500, serde_json::json!({"error": {"message": "down", "code": 2}}))));
+    let (a, _b) = (Host::start(&s.vars).await, Host::start(&s.vars).await);
+    for deal in ["AL-1", "AL-2", "AL-3"] {
+        let (status, _) =
+            post_webhook(&a.url, "/api/v1/webhook/crm", "deal_updated", &payload(deal, "Qualified")).await;
+        assert_eq!(status, 200);
+    }
+    eventually("the alert e-mail", WAIT, async || (!s.brevo.operator_alerts().is_empty()).then_some(())).await;
+    // Both hosts see the backlog; one e-mail goes out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(s.brevo.operator_alerts().len(), 1);
+}
+
+#[tokio::test]
 async fn mongodb_down_answers_503_and_recovers_without_restart() {
     let mut s = setup("mongo-outage").await;
     let host = Host::start(&s.vars).await;

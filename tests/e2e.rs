@@ -498,3 +498,54 @@ async fn the_receipt_keeps_each_attempt_with_its_request_and_answer_and_no_secre
     assert!(text.contains("«redacted»"), "{text}");
     assert!(first["requests"][0].get("headers").is_none());
 }
+
+#[tokio::test]
+async fn a_lasting_backlog_e_mails_the_operators_once_per_cooldown() {
+    let s = setup(&[
+        ("RETRY_BASE_DELAY_MS", "5000"),
+        ("ALERT_QUEUE_WAITING_THRESHOLD", "2"),
+        ("ALERT_QUEUE_BACKLOG_MINUTES", "0.02"),
+        ("ALERT_QUEUE_COOLDOWN_MINUTES", "10"),
+        ("ALERT_RECIPIENTS", "ops@example.com, oncall@example.com"),
+    ])
+    .await;
+    s.meta.script((0..50).map(|_| Scripted::new(500, json!({"error": {"message": "down", "code": 2}}))));
+    let host = Host::start(&s.vars).await;
+    for deal in ["BL-1", "BL-2", "BL-3"] {
+        let (status, _) =
+            post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload(deal, "Qualified")).await;
+        assert_eq!(status, 200);
+    }
+    let emails = eventually("the alert e-mail", WAIT, async || {
+        let emails = s.brevo.operator_alerts();
+        (!emails.is_empty()).then_some(emails)
+    })
+    .await;
+    let email = &emails[0];
+    assert_eq!(email["to"], json!([{ "email": "ops@example.com" }, { "email": "oncall@example.com" }]));
+    assert_eq!(email["subject"], "crm-event-handler: 3 jobs waiting");
+    assert!(email["textContent"].as_str().unwrap().contains("3 due again after a failure"), "{email}");
+    // Still backlogged, but inside the cooldown: no second e-mail.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(s.brevo.operator_alerts().len(), 1);
+    assert!(host.log_text().contains("alert: 3 jobs have been waiting"), "{}", host.log_text());
+    let metrics = reqwest::get(format!("{}/metrics", host.url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"crm_alerts_total{kind="queue_backlog",outcome="sent"} 1"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_dead_letter_e_mails_the_operators() {
+    let s = setup(&[("ALERT_RECIPIENTS", "ops@example.com")]).await;
+    s.meta.script([Scripted::new(400, json!({"error": {"message": "Invalid parameter", "code": 100}}))]);
+    let host = Host::start(&s.vars).await;
+    let (status, _) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("DL-1", "Qualified")).await;
+    assert_eq!(status, 200);
+    let emails = eventually("the alert e-mail", WAIT, async || {
+        let emails = s.brevo.operator_alerts();
+        (!emails.is_empty()).then_some(emails)
+    })
+    .await;
+    assert_eq!(emails[0]["subject"], "crm-event-handler: 1 job(s) dead-lettered");
+    assert!(emails[0]["textContent"].as_str().unwrap().contains("/api/v1/dead-letters"));
+}

@@ -110,6 +110,7 @@ pub struct Config {
     /// Routing table file; `None` means the built-in default table.
     pub routes_file: Option<PathBuf>,
     pub retry: RetryPolicy,
+    pub alerts: AlertSettings,
     /// Concurrent deliveries per process.
     pub workers: usize,
     /// Plugin instances that may run at once (parses and deliveries); the
@@ -119,6 +120,20 @@ pub struct Config {
     /// The environment as plugins may see it: host settings removed, reads
     /// checked against `PLUGIN_GRANTS`.
     pub plugin_env: PluginEnv,
+}
+
+/// The original service's alert settings (`ALERT_*`), working here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertSettings {
+    pub enabled: bool,
+    /// Alert when more jobs than this wait (ready or due for retry)...
+    pub waiting_threshold: u64,
+    /// ...for longer than this.
+    pub backlog: Duration,
+    /// At most one alert e-mail per this.
+    pub cooldown: Duration,
+    /// `ALERT_RECIPIENTS`; none: alerts are only logged and counted.
+    pub recipients: Vec<String>,
 }
 
 /// `RATE_LIMIT_MAX` requests per `RATE_LIMIT_WINDOW_MS`, per client address.
@@ -180,6 +195,11 @@ impl From<HashMap<String, String>> for Environment {
 /// plugin (see `plugins::grants`); the loader below may read no other.
 pub const HOST_VARS: &[&str] = &[
     "ADMIN_API_KEY",
+    "ALERT_QUEUE_BACKLOG_MINUTES",
+    "ALERT_QUEUE_COOLDOWN_MINUTES",
+    "ALERT_QUEUE_ENABLED",
+    "ALERT_QUEUE_WAITING_THRESHOLD",
+    "ALERT_RECIPIENTS",
     "API_KEY",
     "API_KEY_PREVIOUS",
     "AUTH_FAILURE_STATUS",
@@ -315,6 +335,22 @@ impl Config {
             bail!("QUEUE_VISIBILITY_TIMEOUT_MS must be at least 1000");
         }
 
+        let alerts = AlertSettings {
+            enabled: match get("ALERT_QUEUE_ENABLED").as_deref().map(str::trim) {
+                None | Some("true" | "1" | "yes") => true,
+                Some("false" | "0" | "no") => false,
+                Some(other) => bail!("ALERT_QUEUE_ENABLED must be true or false, got {other:?}"),
+            },
+            waiting_threshold: parse(&get, "ALERT_QUEUE_WAITING_THRESHOLD", 50u64, "a whole number of jobs")?,
+            backlog: minutes(&get, "ALERT_QUEUE_BACKLOG_MINUTES", 5.0)?,
+            cooldown: minutes(&get, "ALERT_QUEUE_COOLDOWN_MINUTES", 30.0)?,
+            recipients: get("ALERT_RECIPIENTS")
+                .map(|list| list.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect())
+                .unwrap_or_default(),
+        };
+        if let Some(bad) = alerts.recipients.iter().find(|a| !a.contains('@')) {
+            bail!("ALERT_RECIPIENTS must be e-mail addresses separated by commas, got {bad:?}");
+        }
         let shutdown_ms = parse(&get, "SHUTDOWN_TIMEOUT_MS", 20_000u64, "a duration in milliseconds")?;
         let worker_id = get("WORKER_ID");
         if let Some(id) = &worker_id
@@ -324,6 +360,7 @@ impl Config {
         }
 
         Ok(Config {
+            alerts,
             worker_id,
             shutdown_timeout: Duration::from_millis(shutdown_ms),
             db_collection: get("DB_COLLECTION").unwrap_or_else(|| "webhook_receipts".to_string()),
@@ -380,6 +417,13 @@ fn parse<T: std::str::FromStr>(
     }
 }
 
+/// A number of minutes, fractions allowed.
+fn minutes(get: &impl Fn(&str) -> Option<String>, name: &str, default: f64) -> anyhow::Result<Duration> {
+    let value = parse(get, name, default, "a number of minutes (fractions allowed)")?;
+    Duration::try_from_secs_f64(value * 60.0)
+        .map_err(|_| anyhow::anyhow!("{name} must be a number of minutes, 0 or more, got {value}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,6 +468,11 @@ mod tests {
         assert!(err(&[("API_KEY", "k"), ("RATE_LIMIT_WINDOW_MS", "0")]).contains("RATE_LIMIT_WINDOW_MS"));
         assert!(err(&[("API_KEY", "k"), ("PLUGIN_INSTANCES", "64")]).contains("more than WORKERS (64)"));
         assert!(err(&[("API_KEY", "k"), ("WORKER_ID", "host a")]).contains("WORKER_ID must be"));
+        assert!(
+            err(&[("API_KEY", "k"), ("ALERT_QUEUE_BACKLOG_MINUTES", "-1")]).contains("ALERT_QUEUE_BACKLOG_MINUTES")
+        );
+        assert!(err(&[("API_KEY", "k"), ("ALERT_RECIPIENTS", "ops@x.test, ops")]).contains("\"ops\""));
+        assert!(err(&[("API_KEY", "k"), ("ALERT_QUEUE_ENABLED", "maybe")]).contains("true or false"));
         assert!(err(&[("API_KEY", "k"), ("SHUTDOWN_TIMEOUT_MS", "soon")]).contains("SHUTDOWN_TIMEOUT_MS"));
     }
 

@@ -7,6 +7,7 @@
 //! `worker` (destination plugin, retry policy, dead letters) → delivery
 //! recorded on the receipt. This file wires those parts together.
 
+pub mod alerts;
 pub mod api;
 mod batch;
 pub mod config;
@@ -310,6 +311,9 @@ pub async fn serve_as(
 ) -> anyhow::Result<()> {
     intake::recover_unqueued(&app).await;
     let workers = if role.workers { worker::spawn(app.clone(), shutdown.clone()) } else { Vec::new() };
+    if role.workers {
+        tokio::spawn(alerts::watch(app.clone(), shutdown.clone()));
+    }
     if let Some(every) = app.config.reload_interval {
         tokio::spawn(watch(app.clone(), every, shutdown.clone()));
     }

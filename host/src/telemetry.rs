@@ -89,9 +89,18 @@ pub struct Metrics {
     pub plugin_load_failures: Counter,
     pub routes_reload_failures: Counter,
     pub queue_depth: Family<QueueLabels, Gauge>,
+    pub alerts: Family<AlertLabels, Counter>,
     round_trips: Family<BackendLabels, Counter>,
     /// Two scrapes at once must not both add the same difference.
     round_trips_sync: std::sync::Mutex<()>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    /// `queue_backlog` or `dead_letter`.
+    pub kind: &'static str,
+    /// `sent`, `failed` (the e-mail), or `logged` (no recipients).
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,6 +126,12 @@ impl Metrics {
         let routes_reload_failures = Counter::default();
         let queue_depth = Family::default();
         let round_trips = Family::default();
+        let alerts = Family::default();
+        registry.register(
+            "crm_alerts",
+            "Alerts raised (queue backlog, dead letters), by kind and what became of the e-mail",
+            alerts.clone(),
+        );
         registry.register(
             "crm_backend_round_trips",
             "Requests sent to the database or queue server (MongoDB, Redis); pipelined commands count once",
@@ -160,6 +175,7 @@ impl Metrics {
             plugin_load_failures,
             routes_reload_failures,
             queue_depth,
+            alerts,
             round_trips,
             round_trips_sync: std::sync::Mutex::new(()),
         }

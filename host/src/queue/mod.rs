@@ -171,6 +171,12 @@ pub trait JobQueue: Send + Sync {
     async fn release_held(&self) -> Result<usize, QueueError> {
         Ok(0)
     }
+    /// Whether this process may send an operator alert now: where several
+    /// processes share the queue, one of them per cooldown. Only the Redis
+    /// queue is shared.
+    async fn may_alert(&self, _cooldown: Duration) -> bool {
+        true
+    }
     /// Requests sent to a queue server so far (0 for the embedded queue).
     fn round_trips(&self) -> u64 {
         0

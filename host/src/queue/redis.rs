@@ -804,6 +804,21 @@ impl JobQueue for RedisQueue {
         self.core.trips.load(Ordering::Relaxed)
     }
 
+    /// The first process to set `{p}:alerted` for the cooldown; if Redis
+    /// cannot say, yes: a second e-mail beats a missed alert.
+    async fn may_alert(&self, cooldown: Duration) -> bool {
+        let mut c = self.core.trip();
+        let set: Result<Option<String>, _> = redis::cmd("SET")
+            .arg(self.core.key("alerted"))
+            .arg(&self.core.consumer)
+            .arg("NX")
+            .arg("PX")
+            .arg(cooldown.as_millis().max(1) as u64)
+            .query_async(&mut c)
+            .await;
+        set.map_or(true, |reply| reply.is_some())
+    }
+
     async fn release_held(&self) -> Result<usize, QueueError> {
         let held = self.core.hand_back().await?;
         if let Some(token) = &self.core.lease {

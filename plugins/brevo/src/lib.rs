@@ -2,6 +2,8 @@
 //!
 //! Action `property-details-email`: sends the customer the details of the
 //! property on a committed deal through `POST {api_url}/v3/smtp/email`.
+//! Action `operator-alert`: the host's alerts (queue backlog, dead letters)
+//! as a plain-text e-mail to the operators named in its `to` param.
 //! Every customer-supplied value is HTML-escaped before it enters
 //! `htmlContent`. `headers.idempotencyKey` is a UUID derived from the
 //! host's idempotency key (Brevo requires the UUID form), the same on every
@@ -27,18 +29,22 @@ struct Brevo;
 
 impl Guest for Brevo {
     fn deliver(event: CrmEvent, action: Action, context: DeliveryContext) -> Outcome {
-        if action.name != PROPERTY_DETAILS {
-            return permanent(None, format!("unknown Brevo action {:?} (known: {PROPERTY_DETAILS})", action.name));
-        }
         let settings = match Settings::from_config(config::get) {
             Ok(s) => s,
             Err(missing) => return permanent(None, missing),
         };
-        let request = match build_request(&settings, &event, &context) {
+        let request = match action.name.as_str() {
+            PROPERTY_DETAILS => {
+                log::log(log::Level::Debug, &format!("sending property details for deal {}", event.reference));
+                build_request(&settings, &event, &context)
+            }
+            OPERATOR_ALERT => alert_request(&settings, &action.params, &context),
+            other => Err(format!("unknown Brevo action {other:?} (known: {PROPERTY_DETAILS}, {OPERATOR_ALERT})")),
+        };
+        let request = match request {
             Ok(r) => r,
             Err(reason) => return permanent(None, reason),
         };
-        log::log(log::Level::Debug, &format!("sending property details for deal {}", event.reference));
         match http::send(&request) {
             Ok(response) => classify_response(&response),
             Err(e) => http_error_outcome(e),
@@ -48,8 +54,11 @@ impl Guest for Brevo {
 
 export!(Brevo);
 
-/// The one action this plugin performs.
+/// The deal action: the property's details to the customer.
 pub const PROPERTY_DETAILS: &str = "property-details-email";
+/// The host's own alerts (queue backlog, dead letters) to its operators:
+/// params `to` (comma-separated addresses), `subject` and `text`.
+pub const OPERATOR_ALERT: &str = "operator-alert";
 
 /// The plugin's configuration, read through the host's `config` import.
 #[derive(Debug, Clone)]
@@ -263,6 +272,43 @@ pub fn build_request(settings: &Settings, event: &CrmEvent, context: &DeliveryCo
             body["textContent"] = json!(email.text);
         }
     }
+    send_email(settings, &body)
+}
+
+/// An operator alert: plain text, to the operators' addresses.
+pub fn alert_request(
+    settings: &Settings,
+    params: &[(String, String)],
+    context: &DeliveryContext,
+) -> Result<Request, String> {
+    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap_or("");
+    let to: Vec<Value> =
+        param("to")
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                if a.contains('@') { Ok(json!({ "email": a })) } else { Err(format!("{a:?} is not an e-mail address")) }
+            })
+            .collect::<Result<_, _>>()?;
+    if to.is_empty() {
+        return Err("an operator alert needs `to`: one or more e-mail addresses, comma-separated".into());
+    }
+    let text = param("text");
+    let body = json!({
+        "sender": { "name": settings.sender_name, "email": settings.sender_email },
+        "to": to,
+        "tags": ["operator-alert"],
+        "subject": single_line(param("subject")),
+        "textContent": text,
+        "htmlContent": format!("<!doctype html><html><body><pre>{}</pre></body></html>", escape_html(text)),
+        "headers": { "idempotencyKey": idempotency_uuid(&context.idempotency_key) },
+    });
+    send_email(settings, &body)
+}
+
+/// `POST /v3/smtp/email` with this body.
+fn send_email(settings: &Settings, body: &Value) -> Result<Request, String> {
     Ok(Request {
         method: "POST".into(),
         url: format!("{}/v3/smtp/email", settings.api_url.trim_end_matches('/')),
@@ -271,7 +317,7 @@ pub fn build_request(settings: &Settings, event: &CrmEvent, context: &DeliveryCo
             Header { name: "accept".into(), value: "application/json".into() },
             Header { name: "api-key".into(), value: settings.api_key.clone() },
         ],
-        body: serde_json::to_vec(&body).map_err(|e| e.to_string())?,
+        body: serde_json::to_vec(body).map_err(|e| e.to_string())?,
     })
 }
 
@@ -379,6 +425,28 @@ mod tests {
 
     fn ctx() -> DeliveryContext {
         DeliveryContext { receipt_id: "r".into(), provider: "crm".into(), attempt: 2, idempotency_key: "idem-1".into() }
+    }
+
+    #[test]
+    fn an_operator_alert_goes_to_each_recipient_as_plain_text() {
+        let params = |to: &str| {
+            vec![
+                ("to".to_string(), to.to_string()),
+                ("subject".to_string(), "Queue backlog\r\nBcc: x@evil.test".to_string()),
+                ("text".to_string(), "61 jobs waiting <b>".to_string()),
+            ]
+        };
+        let r = alert_request(&settings(), &params("ops@example.com, oncall@example.com"), &ctx()).unwrap();
+        let b: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(b["to"], json!([{ "email": "ops@example.com" }, { "email": "oncall@example.com" }]));
+        assert_eq!(b["subject"], "Queue backlog  Bcc: x@evil.test", "one line");
+        assert_eq!(b["textContent"], "61 jobs waiting <b>");
+        assert!(b["htmlContent"].as_str().unwrap().contains("61 jobs waiting &lt;b&gt;"));
+        assert_eq!(b["headers"]["idempotencyKey"], idempotency_uuid("idem-1"));
+        let err = alert_request(&settings(), &params(" , "), &ctx()).unwrap_err();
+        assert!(err.contains("needs `to`"), "{err}");
+        let err = alert_request(&settings(), &params("ops"), &ctx()).unwrap_err();
+        assert!(err.contains("\"ops\" is not an e-mail address"), "{err}");
     }
 
     #[test]
