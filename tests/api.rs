@@ -92,7 +92,13 @@ async fn operator_get(app: &TestApp, path: &str, headers: &[(&str, &str)], peer:
 }
 
 async fn receipts(app: &TestApp) -> usize {
-    app.app.store.list(crm_event_handler::store::ListQuery { limit: 100, state: None }).await.unwrap().len()
+    app.app
+        .store
+        .list(crm_event_handler::store::ListQuery { limit: 100, ..Default::default() })
+        .await
+        .unwrap()
+        .receipts
+        .len()
 }
 
 #[tokio::test]

@@ -54,6 +54,11 @@ async fn qualified_then_committed_for_the_same_deal_each_deliver_once() {
 }
 
 #[tokio::test]
+async fn receipts_are_listed_a_page_at_a_time_with_filters() {
+    flows::receipts_are_listed_a_page_at_a_time_with_filters(&setup("listing").await.flow).await;
+}
+
+#[tokio::test]
 async fn meta_failing_twice_is_retried_and_the_email_is_sent_once() {
     flows::meta_failing_twice_is_retried_and_the_email_is_sent_once(&setup("retry").await.flow).await;
 }

@@ -249,3 +249,59 @@ pub async fn a_later_stage_waits_for_a_retried_earlier_one(f: &Flow) {
     assert!(at("O-1", "Purchase") > lead, "the Purchase went out only after the Lead: {sent:?}");
     assert!(at("O-2", "Lead") < lead, "another deal was not held back: {sent:?}");
 }
+
+/// The receipts listing's answer for a query string (status, body).
+async fn listing(host: &Host, query: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .get(format!("{}/api/v1/receipts?{query}", host.url))
+        .header("x-api-key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+fn references(page: &Value) -> Vec<String> {
+    page["receipts"].as_array().unwrap().iter().map(|r| format!("{}/{}", r["reference"], r["status"])).collect()
+}
+
+pub async fn receipts_are_listed_a_page_at_a_time_with_filters(f: &Flow) {
+    let host = Host::start(&f.vars).await;
+    let mut received = Vec::new();
+    for (deal, status) in [("LS-1", "Qualified"), ("LS-1", "Committed"), ("LS-2", "Qualified")] {
+        let (code, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload(deal, status)).await;
+        assert_eq!(code, 200, "{body}");
+        received.push(receipt(&host, body["receipt_id"].as_str().unwrap()).await["received_at_ms"].as_u64().unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eventually("all delivered", WAIT, async || {
+        let (_, page) = listing(&host, "state=delivered&limit=10").await;
+        (page["receipts"].as_array().unwrap().len() == 3).then_some(())
+    })
+    .await;
+
+    // Two pages, newest first, then the end.
+    let (_, first) = listing(&host, "limit=2").await;
+    assert_eq!(references(&first), [r#""LS-2"/"Qualified""#, r#""LS-1"/"Committed""#]);
+    let cursor = first["next"].as_str().expect("a cursor to the next page");
+    let (_, second) = listing(&host, &format!("limit=2&cursor={cursor}")).await;
+    assert_eq!(references(&second), [r#""LS-1"/"Qualified""#]);
+    assert!(second["next"].is_null(), "{second}");
+
+    // Filters, alone and together.
+    assert_eq!(references(&listing(&host, "reference=LS-1").await.1).len(), 2);
+    assert_eq!(references(&listing(&host, "status=COMMITTED&provider=crm").await.1), [r#""LS-1"/"Committed""#]);
+    assert_eq!(references(&listing(&host, "destination=brevo&state=delivered").await.1), [r#""LS-1"/"Committed""#]);
+    assert!(references(&listing(&host, "state=failed").await.1).is_empty());
+    assert!(references(&listing(&host, "provider=hubspot").await.1).is_empty());
+    let window = format!("since_ms={}&until_ms={}", received[1], received[2]);
+    assert_eq!(references(&listing(&host, &window).await.1), [r#""LS-1"/"Committed""#]);
+
+    // Bad filters are named.
+    let (code, body) = listing(&host, "state=sideways").await;
+    assert_eq!((code, body["code"].as_str()), (400, Some("invalid_query")), "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("state"), "{body}");
+    let (code, body) = listing(&host, "colour=red").await;
+    assert_eq!(code, 400);
+    assert!(body["detail"].as_str().unwrap().contains("colour"), "{body}");
+}

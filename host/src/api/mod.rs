@@ -12,6 +12,7 @@ mod webhook;
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::from_fn_with_state;
@@ -111,20 +112,59 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 #[derive(Deserialize)]
 struct ListParams {
     limit: Option<usize>,
-    state: Option<DeliveryState>,
 }
 
+/// The receipts listing's filters, as the query string gives them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiptFilters {
+    limit: Option<usize>,
+    /// The `next` of the previous page.
+    cursor: Option<String>,
+    provider: Option<String>,
+    reference: Option<String>,
+    status: Option<String>,
+    state: Option<DeliveryState>,
+    destination: Option<String>,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+}
+
+/// Receipts, newest first, a page at a time: `next` is the cursor of the
+/// next page (null at the end). A page can hold fewer than `limit` when the
+/// filters match few receipts; follow `next` until it is null.
 async fn list_receipts(
     State(app): State<Arc<App>>,
-    Query(params): Query<ListParams>,
+    params: Result<Query<ReceiptFilters>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let limit = params.limit.unwrap_or(50).clamp(1, 1000);
-    let receipts = app
+    let Query(f) = params.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!(
+                "{}; expected limit, cursor, provider, reference, status, state (pending, retrying, delivered, failed), \
+                 destination, since_ms, until_ms",
+                e.body_text()
+            ),
+        )
+    })?;
+    let query = ListQuery {
+        limit: f.limit.unwrap_or(50).clamp(1, 1000),
+        before: f.cursor,
+        provider: f.provider,
+        reference: f.reference,
+        status: f.status,
+        state: f.state,
+        destination: f.destination,
+        since_ms: f.since_ms,
+        until_ms: f.until_ms,
+    };
+    let page = app
         .store
-        .list(ListQuery { limit, state: params.state })
+        .list(query)
         .await
         .map_err(|e| ApiError::unavailable("store_unavailable", "the receipt store is unavailable", e))?;
-    Ok(Json(json!({ "receipts": receipts })))
+    Ok(Json(json!({ "receipts": page.receipts, "next": page.next })))
 }
 
 async fn get_receipt(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {

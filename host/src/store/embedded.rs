@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use super::redb_file::{RedbFile, Unavailable};
 use super::{
-    ActionRecord, AttemptRecord, Inserted, ListQuery, Receipt, ReceiptStore, StoreError, StoredRequest,
-    apply_to_actions, now_ms,
+    ActionRecord, AttemptRecord, Inserted, ListQuery, MAX_LISTING_SCAN, Page, Receipt, ReceiptStore, StoreError,
+    StoredRequest, apply_to_actions, now_ms,
 };
 use crate::event::Event;
 
@@ -252,23 +252,39 @@ impl ReceiptStore for EmbeddedStore {
         .await
     }
 
-    async fn list(&self, query: ListQuery) -> Result<Vec<Receipt>, StoreError> {
+    /// Newest first from the cursor, filtered as it reads; at most
+    /// MAX_LISTING_SCAN receipts read per page.
+    async fn list(&self, query: ListQuery) -> Result<Page, StoreError> {
         self.reading(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
             let heads = txn.open_table(HEADS).map_err(unavailable)?;
-            let mut out = Vec::new();
-            for entry in receipts.iter().map_err(unavailable)?.rev() {
-                if out.len() >= query.limit {
+            let rows = match query.before.as_deref() {
+                Some(before) => receipts.range::<&str>(..before),
+                None => receipts.range::<&str>(..),
+            }
+            .map_err(unavailable)?;
+            let mut page = Page::default();
+            let mut last_read = None;
+            for (scanned, entry) in rows.rev().enumerate() {
+                if page.receipts.len() >= query.limit || scanned >= MAX_LISTING_SCAN {
+                    // More may match: the next page reads on from here.
+                    page.next = last_read;
                     break;
                 }
                 let (id, body) = entry.map_err(unavailable)?;
                 let receipt = assemble(body.value(), &heads, id.value())?;
-                if query.state.is_none_or(|s| receipt.actions.iter().any(|a| a.state == s)) {
-                    out.push(receipt);
+                // Ids follow the time of receipt: well before `since`, the
+                // rest are older still (a minute's slack for clock steps).
+                if query.since_ms.is_some_and(|t| receipt.received_at_ms.saturating_add(60_000) < t) {
+                    break;
+                }
+                last_read = Some(receipt.id.clone());
+                if query.matches(&receipt) {
+                    page.receipts.push(receipt);
                 }
             }
-            Ok(out)
+            Ok(page)
         })
         .await
     }

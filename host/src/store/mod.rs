@@ -195,8 +195,48 @@ impl AttemptRecord {
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
     pub limit: usize,
-    /// Only receipts with an action in this state.
+    /// Only receipts older than this one (the cursor: the last id of the
+    /// previous page; ids grow with time).
+    pub before: Option<String>,
+    pub provider: Option<String>,
+    /// The deal's reference in the CRM.
+    pub reference: Option<String>,
+    /// The deal status, compared as dedupe does (trimmed, any case).
+    pub status: Option<String>,
+    /// Only receipts with an action in this state...
     pub state: Option<DeliveryState>,
+    /// ...and for this destination (both: the same action).
+    pub destination: Option<String>,
+    /// Received at or after / before, unix ms.
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+}
+
+/// Receipts a listing reads past the cursor at most, for filters that
+/// match few: the page then ends early, with a cursor to read on.
+pub const MAX_LISTING_SCAN: usize = 20_000;
+
+impl ListQuery {
+    /// Whether `receipt` passes the filters (the cursor aside).
+    pub fn matches(&self, receipt: &Receipt) -> bool {
+        let action = |a: &ActionRecord| {
+            self.state.is_none_or(|s| a.state == s) && self.destination.as_ref().is_none_or(|d| &a.destination == d)
+        };
+        self.provider.as_ref().is_none_or(|p| &receipt.provider == p)
+            && self.reference.as_ref().is_none_or(|r| &receipt.reference == r)
+            && self.status.as_ref().is_none_or(|s| receipt.event.status_key() == crate::event::normalize_status(s))
+            && self.since_ms.is_none_or(|t| receipt.received_at_ms >= t)
+            && self.until_ms.is_none_or(|t| receipt.received_at_ms < t)
+            && ((self.state.is_none() && self.destination.is_none()) || receipt.actions.iter().any(action))
+    }
+}
+
+/// One page of a listing, newest first; `next` is the cursor for the next
+/// page (None: there is no more).
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub receipts: Vec<Receipt>,
+    pub next: Option<String>,
 }
 
 /// Storage failures. All mean "could not be stored now": the API answers 503.
@@ -220,7 +260,7 @@ pub trait ReceiptStore: Send + Sync {
     /// Record an attempt's result on the matching action.
     async fn record_attempt(&self, id: &str, attempt: AttemptRecord) -> Result<(), StoreError>;
     async fn get(&self, id: &str) -> Result<Option<Receipt>, StoreError>;
-    async fn list(&self, query: ListQuery) -> Result<Vec<Receipt>, StoreError>;
+    async fn list(&self, query: ListQuery) -> Result<Page, StoreError>;
     /// Receipts whose jobs were never confirmed queued.
     async fn unqueued(&self) -> Result<Vec<Receipt>, StoreError>;
     /// Cheap health check for `/ready`.

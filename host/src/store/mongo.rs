@@ -46,7 +46,7 @@ use mongodb::{Client, Collection, IndexModel};
 
 use crate::batch::Batcher;
 
-use super::{AttemptRecord, Inserted, ListQuery, Receipt, ReceiptStore, StoreError, apply_attempt, now_ms};
+use super::{AttemptRecord, Inserted, ListQuery, Page, Receipt, ReceiptStore, StoreError, apply_attempt, now_ms};
 
 const DUPLICATE_KEY: i32 = 11000;
 /// Compare-and-set attempts before giving up on a contended receipt.
@@ -356,12 +356,47 @@ impl ReceiptStore for MongoStore {
         self.inner.find(doc! { "_id": id }).await?.map(decode).transpose()
     }
 
-    async fn list(&self, query: ListQuery) -> Result<Vec<Receipt>, StoreError> {
-        let filter = match query.state {
-            Some(state) => doc! { "actions.state": bson::to_bson(&state).map_err(corrupt)? },
-            None => doc! {},
-        };
-        self.inner.many(filter, Some(query.limit as i64)).await
+    /// One query, newest first (by `_id`, which grows with time); one more
+    /// than the page is read to know whether there is a next one.
+    async fn list(&self, query: ListQuery) -> Result<Page, StoreError> {
+        let mut filter = doc! {};
+        if let Some(before) = &query.before {
+            filter.insert("_id", doc! { "$lt": before });
+        }
+        for (field, value) in [("provider", &query.provider), ("reference", &query.reference)] {
+            if let Some(value) = value {
+                filter.insert(field, value);
+            }
+        }
+        if let Some(status) = &query.status {
+            filter.insert("status_key", crate::event::normalize_status(status));
+        }
+        let mut action = doc! {};
+        if let Some(state) = query.state {
+            action.insert("state", bson::to_bson(&state).map_err(corrupt)?);
+        }
+        if let Some(destination) = &query.destination {
+            action.insert("destination", destination);
+        }
+        if !action.is_empty() {
+            filter.insert("actions", doc! { "$elemMatch": action });
+        }
+        let mut received = doc! {};
+        if let Some(t) = query.since_ms {
+            received.insert("$gte", t as i64);
+        }
+        if let Some(t) = query.until_ms {
+            received.insert("$lt", t as i64);
+        }
+        if !received.is_empty() {
+            filter.insert("received_at_ms", received);
+        }
+        let mut receipts = self.inner.many(filter, Some(query.limit as i64 + 1)).await?;
+        let next = (receipts.len() > query.limit).then(|| {
+            receipts.truncate(query.limit);
+            receipts.last().map(|r| r.id.clone())
+        });
+        Ok(Page { receipts, next: next.flatten() })
     }
 
     async fn unqueued(&self) -> Result<Vec<Receipt>, StoreError> {

@@ -581,7 +581,7 @@ mod tests {
         assert_eq!(store.get("r1").await.unwrap().unwrap().reference, "D-1");
         // A receipt stored whole takes an outcome like any other.
         store.record_attempt("r1", AttemptRecord::delivered("meta-capi", "Lead")).await.unwrap();
-        let listed = store.list(ListQuery { limit: 10, state: None }).await.unwrap();
+        let listed = store.list(ListQuery { limit: 10, ..Default::default() }).await.unwrap().receipts;
         assert_eq!(listed.len(), 1);
         assert_eq!((listed[0].reference.as_str(), listed[0].actions[0].state), ("D-1", DeliveryState::Delivered));
         assert!(listed[0].updated_at_ms > 1 && listed[0].jobs_enqueued);
