@@ -65,7 +65,8 @@ struct Alert {
 struct Watcher {
     /// Since when more jobs than the threshold have been waiting.
     over_since: Option<Instant>,
-    /// Dead letters at the last look (None before the first).
+    /// Dead letters already told of (or there at the first look): those
+    /// above it are new, even while the cooldown holds their alert back.
     dead: Option<u64>,
     /// When the last alert went out.
     last: Option<Instant>,
@@ -82,8 +83,11 @@ impl Watcher {
             self.over_since = None;
         }
         let backlogged = self.over_since.is_some_and(|since| now.duration_since(since) >= settings.backlog);
-        let new_dead = self.dead.map_or(0, |before| depth.dead.saturating_sub(before));
-        self.dead = Some(depth.dead);
+        // Replays take dead letters away: new ones count from the fewest seen.
+        let told = *self.dead.get_or_insert(depth.dead);
+        let told = told.min(depth.dead);
+        self.dead = Some(told);
+        let new_dead = depth.dead - told;
         if self.last.is_some_and(|last| now.duration_since(last) < settings.cooldown) {
             return None;
         }
@@ -105,6 +109,7 @@ impl Watcher {
                 ),
             }
         } else if new_dead > 0 {
+            self.dead = Some(depth.dead);
             Alert {
                 kind: "dead_letter",
                 subject: format!("crm-event-handler: {new_dead} job(s) dead-lettered"),
@@ -213,6 +218,18 @@ mod tests {
         assert_eq!(w.look(&s, &depth(51, 0), at(301)), None, "over again since 301");
         assert_eq!(w.look(&s, &depth(51, 0), at(600)), None);
         assert!(w.look(&s, &depth(51, 0), at(601)).is_some());
+    }
+
+    #[test]
+    fn dead_letters_held_back_by_the_cooldown_are_told_after_it() {
+        let (s, t0) = (settings(), Instant::now());
+        let mut w = Watcher::default();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        w.look(&s, &depth(0, 0), at(0));
+        assert_eq!(w.look(&s, &depth(0, 1), at(1)).unwrap().kind, "dead_letter");
+        assert_eq!(w.look(&s, &depth(0, 3), at(60)), None, "in the cooldown");
+        let alert = w.look(&s, &depth(0, 3), at(1802)).unwrap();
+        assert_eq!(alert.subject, "crm-event-handler: 2 job(s) dead-lettered");
     }
 
     #[test]

@@ -348,6 +348,9 @@ impl Config {
                 .map(|list| list.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect())
                 .unwrap_or_default(),
         };
+        if alerts.cooldown < Duration::from_secs(60) {
+            bail!("ALERT_QUEUE_COOLDOWN_MINUTES must be at least 1 (one alert e-mail per cooldown)");
+        }
         if let Some(bad) = alerts.recipients.iter().find(|a| !a.contains('@')) {
             bail!("ALERT_RECIPIENTS must be e-mail addresses separated by commas, got {bad:?}");
         }
@@ -473,6 +476,7 @@ mod tests {
         );
         assert!(err(&[("API_KEY", "k"), ("ALERT_RECIPIENTS", "ops@x.test, ops")]).contains("\"ops\""));
         assert!(err(&[("API_KEY", "k"), ("ALERT_QUEUE_ENABLED", "maybe")]).contains("true or false"));
+        assert!(err(&[("API_KEY", "k"), ("ALERT_QUEUE_COOLDOWN_MINUTES", "0")]).contains("at least 1"));
         assert!(err(&[("API_KEY", "k"), ("SHUTDOWN_TIMEOUT_MS", "soon")]).contains("SHUTDOWN_TIMEOUT_MS"));
     }
 

@@ -274,9 +274,11 @@ pub async fn receipts_are_listed_a_page_at_a_time_with_filters(f: &Flow) {
         received.push(receipt(&host, body["receipt_id"].as_str().unwrap()).await["received_at_ms"].as_u64().unwrap());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    eventually("all delivered", WAIT, async || {
-        let (_, page) = listing(&host, "state=delivered&limit=10").await;
-        (page["receipts"].as_array().unwrap().len() == 3).then_some(())
+    eventually("every action delivered", WAIT, async || {
+        let (_, page) = listing(&host, "limit=10").await;
+        let receipts = page["receipts"].as_array().unwrap();
+        let done = receipts.iter().flat_map(|r| r["actions"].as_array().unwrap()).all(|a| a["state"] == "delivered");
+        (receipts.len() == 3 && done).then_some(())
     })
     .await;
 
@@ -296,11 +298,20 @@ pub async fn receipts_are_listed_a_page_at_a_time_with_filters(f: &Flow) {
     assert!(references(&listing(&host, "provider=hubspot").await.1).is_empty());
     let window = format!("since_ms={}&until_ms={}", received[1], received[2]);
     assert_eq!(references(&listing(&host, &window).await.1), [r#""LS-1"/"Committed""#]);
+    // Filters hold across pages, and the listing leaves attempt logs out.
+    let (_, first) = listing(&host, "reference=LS-1&limit=1").await;
+    assert_eq!(references(&first), [r#""LS-1"/"Committed""#]);
+    assert!(first["receipts"][0]["actions"][0].get("log").is_none(), "{first}");
+    let cursor = first["next"].as_str().unwrap();
+    let (_, second) = listing(&host, &format!("reference=LS-1&limit=1&cursor={cursor}")).await;
+    assert_eq!(references(&second), [r#""LS-1"/"Qualified""#]);
 
     // Bad filters are named.
     let (code, body) = listing(&host, "state=sideways").await;
     assert_eq!((code, body["code"].as_str()), (400, Some("invalid_query")), "{body}");
     assert!(body["detail"].as_str().unwrap().contains("state"), "{body}");
+    let (code, body) = listing(&host, "since_ms=99999999999999999999").await;
+    assert_eq!(code, 400, "{body}");
     let (code, body) = listing(&host, "colour=red").await;
     assert_eq!(code, 400);
     assert!(body["detail"].as_str().unwrap().contains("colour"), "{body}");

@@ -177,12 +177,12 @@ impl StandIn {
         seen
     }
 
-    /// Brevo: e-mails actually sent (first use of each idempotency key).
     /// The e-mails received that are the host's operator alerts.
     pub fn operator_alerts(&self) -> Vec<Value> {
         self.received().into_iter().map(|r| r.body).filter(|b| b["tags"] == json!(["operator-alert"])).collect()
     }
 
+    /// Brevo: e-mails actually sent (first use of each idempotency key).
     pub fn sent_emails(&self) -> usize {
         self.state.lock().unwrap().keys.len()
     }

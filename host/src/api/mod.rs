@@ -148,6 +148,12 @@ async fn list_receipts(
             ),
         )
     })?;
+    for (name, value) in [("since_ms", f.since_ms), ("until_ms", f.until_ms)] {
+        if value.is_some_and(|t| t > i64::MAX as u64) {
+            let detail = format!("{name} must be a time in unix milliseconds");
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", detail).with_field(name));
+        }
+    }
     let query = ListQuery {
         limit: f.limit.unwrap_or(50).clamp(1, 1000),
         before: f.cursor,
@@ -159,11 +165,13 @@ async fn list_receipts(
         since_ms: f.since_ms,
         until_ms: f.until_ms,
     };
-    let page = app
+    let mut page = app
         .store
         .list(query)
         .await
         .map_err(|e| ApiError::unavailable("store_unavailable", "the receipt store is unavailable", e))?;
+    // Attempt logs are for one receipt at a time (GET /api/v1/receipts/{id}).
+    page.receipts.iter_mut().flat_map(|r| r.actions.iter_mut()).for_each(|a| a.log.clear());
     Ok(Json(json!({ "receipts": page.receipts, "next": page.next })))
 }
 

@@ -412,7 +412,13 @@ impl ResolvedConfig {
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();
         for s in self.secrets.iter().filter(|s| !s.is_empty()) {
-            out = out.replace(s.as_str(), "«redacted»");
+            // As written, and as a JSON string or a URL would carry it.
+            let quoted = serde_json::to_string(s).unwrap_or_default();
+            let json = quoted.strip_prefix('"').and_then(|j| j.strip_suffix('"')).unwrap_or(s);
+            let url: String = url::form_urlencoded::byte_serialize(s.as_bytes()).collect();
+            for form in [s.as_str(), json, url.as_str()] {
+                out = out.replace(form, "«redacted»");
+            }
         }
         out
     }
@@ -472,6 +478,10 @@ mod tests {
         assert_eq!(config.redact_excerpt("{\"access_token\":\"s3cr3t-to…"), "{\"access_token\":\"«redacted»…");
         // Not cut: an ending that looks like the start of a secret stays.
         assert_eq!(config.redact_excerpt("ends with s3cr"), "ends with s3cr");
+        // Encoded as a URL or a JSON string would carry it.
+        let config = ResolvedConfig { secrets: vec!["a/b+c \"d\"".into()], ..Default::default() };
+        assert_eq!(config.redact("?token=a%2Fb%2Bc+%22d%22&x"), "?token=«redacted»&x");
+        assert_eq!(config.redact(r#"{"k":"a/b+c \"d\""}"#), r#"{"k":"«redacted»"}"#);
     }
 
     #[test]

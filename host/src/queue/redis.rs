@@ -43,11 +43,11 @@
 //! raises it before handing the entry out). A reserved job's `attempts` is
 //! their sum, so an entry taken over after its worker died carries the
 //! attempt that was cut short (also counted in `interrupted`). Blocking
-//! reads run on their own connections without a response timeout;
-//! everything else uses a ConnectionManager, which reconnects after an
-//! outage.
+//! reads run on their own connections, whose response timeout covers the
+//! longest block; everything else uses a ConnectionManager, which
+//! reconnects after an outage.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,8 +73,9 @@ const PROMOTE_BATCH: i64 = 500;
 /// Most entries one process can hold: one per worker, with room to spare.
 const MAX_HELD: usize = 100_000;
 /// A WORKER_ID's lease: a process killed holding it blocks a restart under
-/// the same name this long at most; renewed every third of it.
-const LEASE_FOR: Duration = Duration::from_secs(5);
+/// the same name this long at most; renewed every third of it, so two
+/// renewals may fail (each gives up after 2 s) before it lapses.
+const LEASE_FOR: Duration = Duration::from_secs(15);
 
 const ENQUEUE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
@@ -173,12 +174,19 @@ end
 return #held";
 
 /// Take or renew a WORKER_ID's lease for ARGV[2] ms (0: give it up): 1 if
-/// this token holds it, 0 if another does.
+/// this token held it, 2 if nobody did (taken), 0 if another token does.
 const LEASE: &str = r"
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
-return 1";
+if holder then return 1 end
+return 2";
+
+/// Remove this consumer from the group if it holds no entry (removing one
+/// that does would drop its entries from the pending list).
+const FORGET: &str = r"
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])";
 
 const REPLAY: &str = r"
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -196,6 +204,8 @@ pub struct RedisQueue {
     /// Connections for blocking reads (no response timeout), reused.
     blocking: Mutex<Vec<MultiplexedConnection>>,
     last_reclaim: Mutex<Instant>,
+    /// Where the next XAUTOCLAIM starts in the pending list.
+    reclaim_from: Mutex<String>,
     last_promote: Mutex<Instant>,
     /// Concurrent webhooks' jobs, enqueued in one request.
     enqueues: Batcher<Vec<(Job, String)>, Result<usize, QueueError>>,
@@ -210,6 +220,10 @@ struct Core {
     consumer: String,
     /// With a `WORKER_ID`: this process's token in the name's lease.
     lease: Option<String>,
+    /// Another process holds the lease: deliver nothing, not ready.
+    lease_lost: AtomicBool,
+    /// Given up at shutdown: not to be renewed.
+    lease_released: AtomicBool,
     visibility: Duration,
     scripts: Scripts,
     /// Requests sent so far (a pipeline counts once).
@@ -234,6 +248,7 @@ struct Scripts {
     replay: Script,
     hand_back: Script,
     lease: Script,
+    forget: Script,
 }
 
 impl Scripts {
@@ -249,6 +264,7 @@ impl Scripts {
             replay: Script::new(REPLAY),
             hand_back: Script::new(HAND_BACK),
             lease: Script::new(LEASE),
+            forget: Script::new(FORGET),
         }
     }
 }
@@ -306,7 +322,7 @@ impl Core {
                 .invoke_async(&mut c)
                 .await
                 .map_err(unavailable)?;
-            if taken == 1 {
+            if taken != 0 {
                 return Ok(());
             }
             if Instant::now() >= give_up {
@@ -319,21 +335,44 @@ impl Core {
         }
     }
 
-    /// Renew the lease until the queue is dropped.
+    /// Renew the lease until it is given up or lost. Lost (another
+    /// process took the name while this one could not renew): this process
+    /// stops delivering and is not ready until restarted.
     async fn keep_lease(core: std::sync::Weak<Core>, token: String) {
         loop {
             tokio::time::sleep(LEASE_FOR / 3).await;
             let Some(core) = core.upgrade() else { return };
+            if core.lease_released.load(Ordering::Relaxed) {
+                return;
+            }
             let mut c = core.trip();
             let ms = LEASE_FOR.as_millis() as u64;
             let renewed: Result<i64, _> =
                 core.scripts.lease.key(core.lease_key()).arg(&token).arg(ms).invoke_async(&mut c).await;
             match renewed {
                 Ok(1) => {}
-                Ok(_) => tracing::error!(worker_id = %core.consumer, "another running process holds this WORKER_ID"),
+                Ok(2) => {
+                    tracing::warn!(worker_id = %core.consumer, "the WORKER_ID lease had lapsed (Redis slow or restarted); taken again")
+                }
+                Ok(_) => {
+                    core.lease_lost.store(true, Ordering::Relaxed);
+                    tracing::error!(worker_id = %core.consumer, "another running process holds this WORKER_ID: this one stops delivering; restart it with its own");
+                    return;
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot renew the WORKER_ID lease"),
             }
         }
+    }
+
+    /// Refused once another process holds this WORKER_ID.
+    fn check_lease(&self) -> Result<(), QueueError> {
+        if self.lease_lost.load(Ordering::Relaxed) {
+            return Err(QueueError::Unavailable(format!(
+                "another running process holds WORKER_ID {}; this one delivers nothing until restarted with its own",
+                self.consumer
+            )));
+        }
+        Ok(())
     }
 
     /// Make the entries this consumer holds look idle for the whole
@@ -403,7 +442,9 @@ impl Core {
     async fn load_scripts(&self, c: &mut ConnectionManager) -> Result<(), QueueError> {
         let s = &self.scripts;
         let mut pipe = redis::pipe();
-        for script in [&s.enqueue, &s.promote, &s.claim, &s.ack, &s.retry, &s.dead, &s.replay, &s.hand_back, &s.lease] {
+        for script in
+            [&s.enqueue, &s.promote, &s.claim, &s.ack, &s.retry, &s.dead, &s.replay, &s.hand_back, &s.lease, &s.forget]
+        {
             pipe.load_script(script).ignore();
         }
         self.trips.fetch_add(1, Ordering::Relaxed);
@@ -494,6 +535,8 @@ impl RedisQueue {
             prefix: prefix.to_string(),
             consumer: consumer.to_string(),
             lease: worker_id.map(|_| uuid::Uuid::now_v7().to_string()),
+            lease_lost: AtomicBool::new(false),
+            lease_released: AtomicBool::new(false),
             visibility,
             scripts: Scripts::new(),
             trips: AtomicU64::new(0),
@@ -504,6 +547,7 @@ impl RedisQueue {
             core,
             blocking: Mutex::new(Vec::new()),
             last_reclaim: Mutex::new(Instant::now() - RECLAIM_EVERY),
+            reclaim_from: Mutex::new("0-0".into()),
             last_promote: Mutex::new(Instant::now() - PROMOTE_EVERY),
             enqueues: Batcher::spawn(move |batch| {
                 let core = a.clone();
@@ -546,7 +590,9 @@ impl RedisQueue {
         }
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(None);
+            // The longest block, and room for an answer: a Redis that stops
+            // answering does not hold a worker (or a shutdown) forever.
+            .set_response_timeout(Some(BLOCK + Duration::from_secs(2)));
         self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(unavailable)
     }
 
@@ -626,6 +672,7 @@ impl RedisQueue {
             }
             *last = Instant::now();
         }
+        let from = self.reclaim_from.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut c = self.core.trip();
         let reply: StreamAutoClaimReply = c
             .xautoclaim_options(
@@ -633,13 +680,17 @@ impl RedisQueue {
                 GROUP,
                 &self.core.consumer,
                 self.core.visibility.as_millis() as u64,
-                "0-0",
+                &from,
                 StreamAutoClaimOptions::default().count(1),
             )
             .await
             .map_err(unavailable)?;
-        if !reply.claimed.is_empty() {
-            // There may be more (a stopped process's jobs): look again at once.
+        // Redis scans part of the pending list per call: go on from where it
+        // stopped, at once while it finds entries (a stopped process's jobs)
+        // or has more to scan.
+        let more = !reply.claimed.is_empty() || reply.next_stream_id != "0-0";
+        *self.reclaim_from.lock().unwrap_or_else(|e| e.into_inner()) = reply.next_stream_id.clone();
+        if more {
             *self.last_reclaim.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() - RECLAIM_EVERY;
         }
         for entry in reply.claimed {
@@ -665,6 +716,7 @@ impl JobQueue for RedisQueue {
     }
 
     async fn reserve(&self, wait: Duration) -> Result<Option<Reserved>, QueueError> {
+        self.core.check_lease()?;
         let give_up = Instant::now() + wait;
         loop {
             self.promote_due().await?;
@@ -819,26 +871,31 @@ impl JobQueue for RedisQueue {
         set.map_or(true, |reply| reply.is_some())
     }
 
+    /// Also gives up the WORKER_ID lease, so a restart need not wait for
+    /// it, and removes a fresh name that holds nothing from the group.
     async fn release_held(&self) -> Result<usize, QueueError> {
+        // Lost: the entries under this name are the other process's.
+        self.core.check_lease()?;
         let held = self.core.hand_back().await?;
-        if let Some(token) = &self.core.lease {
-            // A restart under the same WORKER_ID need not wait for it.
-            let mut c = self.core.trip();
-            let _: i64 = self
-                .core
-                .scripts
-                .lease
-                .key(self.core.lease_key())
-                .arg(token)
-                .arg(0)
-                .invoke_async(&mut c)
-                .await
-                .map_err(unavailable)?;
-        }
+        let mut c = self.core.trip();
+        let scripts = &self.core.scripts;
+        let mut done = match &self.core.lease {
+            None => scripts.forget.key(self.core.key("jobs")),
+            Some(_) => scripts.lease.key(self.core.lease_key()),
+        };
+        match &self.core.lease {
+            None => done.arg(GROUP).arg(&self.core.consumer),
+            Some(token) => {
+                self.core.lease_released.store(true, Ordering::Relaxed);
+                done.arg(token).arg(0)
+            }
+        };
+        let _: i64 = done.invoke_async(&mut c).await.map_err(unavailable)?;
         Ok(held)
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
+        self.core.check_lease()?;
         let mut c = self.core.trip();
         let _: () = c.set_ex(self.core.key("ready"), now_ms(), 60).await.map_err(unavailable)?;
         Ok(())

@@ -59,6 +59,9 @@ pub struct ActionRecord {
 /// Attempts kept per action; older ones are dropped (their count stays in
 /// `attempts`).
 pub const MAX_LOGGED_ATTEMPTS: usize = 20;
+/// Requests kept per logged attempt (a plugin may make many): with the
+/// excerpts' bounds, an action's log stays under about 0.5 MB.
+pub const MAX_LOGGED_REQUESTS: usize = 5;
 
 /// One delivery attempt in an action's attempt log. Secrets are redacted
 /// and excerpts bounded before it is stored.
@@ -76,8 +79,15 @@ pub struct LoggedAttempt {
     pub status: Option<u16>,
     /// The plugin's detail or reason, or the host's error.
     pub detail: String,
-    /// The requests the plugin made, in order.
+    /// The first requests the plugin made, in order...
     pub requests: Vec<LoggedRequest>,
+    /// ...and how many more it made.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requests_omitted: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One outbound request of a logged attempt: no headers (they carry the

@@ -11,7 +11,8 @@
 //!   event: { …the normalized event… },
 //!   received_at_ms, updated_at_ms, jobs_enqueued: bool,
 //!   actions: [ { destination, action, params, state, attempts, last_error,
-//!                last_status, detail, delivered_at_ms, updated_at_ms } ],
+//!                last_status, detail, delivered_at_ms, updated_at_ms,
+//!                log: [ { attempt, started_at_ms, outcome, requests, … } ] } ],
 //!   rev: <incremented on every change to `actions`> }
 //! ```
 //!

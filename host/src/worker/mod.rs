@@ -25,7 +25,9 @@ use tracing::Instrument;
 use crate::App;
 use crate::plugins::{DeliveryRequest, Outcome};
 use crate::queue::{Job, Reserved, Settle};
-use crate::store::{AttemptRecord, DeliveryState, LoggedAttempt, LoggedRequest, StoreError, now_ms};
+use crate::store::{
+    AttemptRecord, DeliveryState, LoggedAttempt, LoggedRequest, MAX_LOGGED_REQUESTS, StoreError, now_ms,
+};
 
 /// How long a worker waits for a job before checking for shutdown.
 const POLL: Duration = Duration::from_secs(1);
@@ -137,12 +139,16 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
         .await;
     let took = started.elapsed();
     app.metrics.plugin_call(plugin.name(), took);
-    let (verdict, outcome) = match result {
-        Ok(Outcome::Delivered { status, detail }) => (Verdict::Delivered { status, detail }, "delivered"),
-        Ok(Outcome::Retryable { status, reason, retry_after }) => {
-            (Verdict::Retry { status, reason, retry_after }, "retryable")
+    let (verdict, outcome, status, detail) = match result {
+        Ok(Outcome::Delivered { status, detail }) => {
+            (Verdict::Delivered { status, detail: detail.clone() }, "delivered", status, detail)
         }
-        Ok(Outcome::Permanent { status, reason }) => (Verdict::Permanent { status, reason }, "permanent"),
+        Ok(Outcome::Retryable { status, reason, retry_after }) => {
+            (Verdict::Retry { status, reason: reason.clone(), retry_after }, "retryable", status, reason)
+        }
+        Ok(Outcome::Permanent { status, reason }) => {
+            (Verdict::Permanent { status, reason: reason.clone() }, "permanent", status, reason)
+        }
         Err(e) => {
             app.metrics
                 .plugin_failures
@@ -155,13 +161,9 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
                 // The host could not run it (no free instance): no attempt.
                 return (Verdict::Defer { reason: e.to_string() }, None);
             }
-            (Verdict::Retry { status: None, reason: e.to_string(), retry_after: None }, "plugin_error")
+            let reason = e.to_string();
+            (Verdict::Retry { status: None, reason: reason.clone(), retry_after: None }, "plugin_error", None, reason)
         }
-    };
-    let (status, detail) = match &verdict {
-        Verdict::Delivered { status, detail } => (*status, detail.clone()),
-        Verdict::Retry { status, reason, .. } | Verdict::Permanent { status, reason } => (*status, reason.clone()),
-        Verdict::Defer { reason } => (None, reason.clone()),
     };
     // The plugin's own text (detail, reason) is redacted already; what it
     // sent and got back is redacted here, before it is stored.
@@ -175,8 +177,10 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
         outcome: outcome.to_string(),
         status,
         detail,
+        requests_omitted: requests.len().saturating_sub(MAX_LOGGED_REQUESTS) as u32,
         requests: requests
             .into_iter()
+            .take(MAX_LOGGED_REQUESTS)
             .map(|r| LoggedRequest {
                 method: r.method,
                 url: redact(&r.url),
