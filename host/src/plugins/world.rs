@@ -163,6 +163,12 @@ pub fn clip(text: &str, max: usize) -> String {
     format!("{}…", &text[..cut])
 }
 
+/// The start of a body as text, at most `max` bytes (`…` when cut).
+fn excerpt(body: &[u8], max: usize) -> String {
+    // A few bytes more, so a character cut at the edge is not mangled.
+    clip(&String::from_utf8_lossy(&body[..body.len().min(max + 4)]), max)
+}
+
 impl PluginState {
     pub fn new(plugin: Arc<PluginContext>, memory_bytes: usize, time: Duration) -> Self {
         PluginState {
@@ -282,7 +288,7 @@ impl wit_http::Host for PluginState {
         }
         let live = matches!(plugin.http, HttpMode::Live(_));
         let body_text = if live {
-            clip(&String::from_utf8_lossy(&request.body[..body_bytes.min(BODY_EXCERPT_BYTES + 4)]), BODY_EXCERPT_BYTES)
+            excerpt(&request.body, BODY_EXCERPT_BYTES)
         } else {
             String::from_utf8_lossy(&request.body).into_owned()
         };
@@ -335,8 +341,7 @@ impl wit_http::Host for PluginState {
             match &answer {
                 Ok(response) => {
                     record.response_status = Some(response.status);
-                    let excerpt = &response.body[..response.body.len().min(RESPONSE_EXCERPT_BYTES + 4)];
-                    record.response_excerpt = Some(clip(&String::from_utf8_lossy(excerpt), RESPONSE_EXCERPT_BYTES));
+                    record.response_excerpt = Some(excerpt(&response.body, RESPONSE_EXCERPT_BYTES));
                 }
                 Err(e) => record.error = Some(clip(&e.to_string(), RESPONSE_EXCERPT_BYTES)),
             }
