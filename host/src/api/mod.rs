@@ -17,10 +17,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use auth::Keys;
 pub use error::ApiError;
@@ -30,12 +31,10 @@ use crate::store::{DeliveryState, ListQuery};
 
 /// The whole API.
 pub fn router(app: Arc<App>) -> Router {
-    let intake = Router::new()
-        .route("/api/v1/webhook/{provider}", post(webhook::receive))
-        .route("/v1/webhooks/{provider}", post(webhook::receive))
-        // The webhook handler enforces MAX_BODY_BYTES itself, with a JSON 413;
-        // the operator routes keep axum's default limit.
-        .layer(axum::extract::DefaultBodyLimit::disable());
+    let (intake, _) = intake_routes().split_for_parts();
+    // The webhook handler enforces MAX_BODY_BYTES itself, with a JSON 413;
+    // the operator routes keep axum's default limit.
+    let intake = intake.layer(axum::extract::DefaultBodyLimit::disable());
     finish(intake.merge(operations(&app)), app)
 }
 
@@ -55,27 +54,68 @@ fn finish(routes: Router<Arc<App>>, app: Arc<App>) -> Router {
 }
 
 fn operations(app: &Arc<App>) -> Router<Arc<App>> {
-    let operator = Router::new()
-        .route("/api/v1/receipts", get(list_receipts))
-        .route("/api/v1/receipts/{id}", get(get_receipt))
-        .route("/api/v1/receipts/{id}/replay", post(replay_receipt))
-        .route("/api/v1/dead-letters", get(list_dead_letters))
-        .route("/api/v1/dead-letters/replay", post(replay))
-        .route("/api/v1/plugins", get(list_plugins))
-        .route_layer(from_fn_with_state(app.clone(), auth::require_operator));
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .merge(operator)
+    let (operator, _) = operator_routes().split_for_parts();
+    let (public, _) = public_routes().split_for_parts();
+    public.merge(operator.route_layer(from_fn_with_state(app.clone(), auth::require_operator)))
 }
 
+// The routes and their OpenAPI description come from the same lists (each
+// handler's `#[utoipa::path]`), so the two cannot drift apart.
+
+fn intake_routes() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::new().routes(routes!(webhook::receive)).routes(routes!(webhook::receive_original_path))
+}
+
+fn operator_routes() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::new()
+        .routes(routes!(list_receipts))
+        .routes(routes!(get_receipt))
+        .routes(routes!(replay_receipt))
+        .routes(routes!(list_dead_letters))
+        .routes(routes!(replay))
+        .routes(routes!(list_plugins))
+}
+
+fn public_routes() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+}
+
+/// The OpenAPI 3.1 description of every route.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut spec = intake_routes().merge(operator_routes()).merge(public_routes()).into_openapi();
+    spec.info.title = "crm-event-handler".into();
+    spec.info.version = env!("CARGO_PKG_VERSION").into();
+    spec.info.description = Some(
+        "Webhooks from CRMs in, Meta Conversions API and Brevo out. Webhook routes take the webhook key \
+         (x-api-key, or what the source plugin checks); operator routes take ADMIN_API_KEY in x-api-key or \
+         Authorization: Bearer. Errors are {code, detail, field?}."
+            .into(),
+    );
+    spec
+}
+
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "public",
+    responses((status = 200, description = "This description, as JSON")))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    static SPEC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    Json(SPEC.get_or_init(openapi).clone())
+}
+
+#[utoipa::path(get, path = "/health", tag = "public",
+    responses((status = 200, description = "The process answers: {\"status\": \"ok\"}")))]
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// Ready when the store and queue answer, at least one source is loaded,
 /// and the process is not stopping.
+#[utoipa::path(get, path = "/ready", tag = "public", responses(
+    (status = 200, description = "Ready: {status, checks: {store, queue, plugins}}"),
+    (status = 503, description = "Not ready, or stopping: the checks say which and why")))]
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let store = app.store.ping().await.err().map(|e| e.to_string());
     let queue = app.queue.ping().await.err().map(|e| e.to_string());
@@ -99,6 +139,8 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     (status, Json(body)).into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "public",
+    responses((status = 200, description = "Prometheus metrics (OpenMetrics text)")))]
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     if let Ok(depth) = app.queue.depth().await {
         app.metrics.set_queue_depth(depth);
@@ -133,6 +175,23 @@ struct ReceiptFilters {
 /// Receipts, newest first, a page at a time: `next` is the cursor of the
 /// next page (null at the end). A page can hold fewer than `limit` when the
 /// filters match few receipts; follow `next` until it is null.
+#[utoipa::path(get, path = "/api/v1/receipts", tag = "operator",
+    params(
+        ("limit" = Option<usize>, Query, description = "Receipts per page, 1 to 1000 (50)"),
+        ("cursor" = Option<String>, Query, description = "The previous page's `next`"),
+        ("provider" = Option<String>, Query, description = "The CRM (source plugin name)"),
+        ("reference" = Option<String>, Query, description = "The deal's reference in the CRM"),
+        ("status" = Option<String>, Query, description = "The deal status, any case"),
+        ("state" = Option<String>, Query, description = "An action's state: pending, retrying, delivered, failed"),
+        ("destination" = Option<String>, Query, description = "An action's destination (with state: the same action)"),
+        ("since_ms" = Option<u64>, Query, description = "Received at or after, unix ms"),
+        ("until_ms" = Option<u64>, Query, description = "Received before, unix ms"),
+    ),
+    responses(
+        (status = 200, description = "{receipts: [...], next: cursor or null}; attempt logs left out"),
+        (status = 400, description = "A filter is unknown or malformed: the detail names it"),
+        (status = 401, description = "Missing or wrong operator key"),
+        (status = 503, description = "The store is unavailable")))]
 async fn list_receipts(
     State(app): State<Arc<App>>,
     params: Result<Query<ReceiptFilters>, QueryRejection>,
@@ -175,6 +234,13 @@ async fn list_receipts(
     Ok(Json(json!({ "receipts": page.receipts, "next": page.next })))
 }
 
+#[utoipa::path(get, path = "/api/v1/receipts/{id}", tag = "operator",
+    params(("id" = String, Path, description = "The receipt's id")),
+    responses(
+        (status = 200, description = "The receipt: request, event, and each action with its attempt log"),
+        (status = 404, description = "No such receipt"),
+        (status = 401, description = "Missing or wrong operator key"),
+        (status = 503, description = "The store is unavailable")))]
 async fn get_receipt(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
     match app.store.get(&id).await {
         Ok(Some(r)) => Ok(Json(json!(r))),
@@ -183,6 +249,12 @@ async fn get_receipt(State(app): State<Arc<App>>, Path(id): Path<String>) -> Res
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "operator",
+    params(("limit" = Option<usize>, Query, description = "At most this many, 1 to 10000 (100)")),
+    responses(
+        (status = 200, description = "{dead_letters: [{job, reason, failed_at_ms}]}"),
+        (status = 401, description = "Missing or wrong operator key"),
+        (status = 503, description = "The queue is unavailable")))]
 async fn list_dead_letters(
     State(app): State<Arc<App>>,
     Query(params): Query<ListParams>,
@@ -209,6 +281,13 @@ struct ReplayRequest {
 /// Put dead letters back in the queue with a fresh retry budget. The body is
 /// `{"job_id": "…"}` or `{"all": true}`; the key is checked (by the route
 /// layer) before the body is read.
+#[utoipa::path(post, path = "/api/v1/dead-letters/replay", tag = "operator",
+    request_body(content_type = "application/json", description = "{\"job_id\": \"…\"} or {\"all\": true}"),
+    responses(
+        (status = 200, description = "The jobs queued again"),
+        (status = 400, description = "Neither or both of job_id and all"),
+        (status = 401, description = "Missing or wrong operator key"),
+        (status = 503, description = "The queue is unavailable")))]
 async fn replay(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
     let bad = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_replay_request", detail);
     let request: ReplayRequest = serde_json::from_slice(&body)
@@ -241,6 +320,17 @@ struct ReceiptReplayRequest {
 
 /// Replay a receipt's actions: `{}` for all of them, or name a destination
 /// and/or an action; delivered actions need `"force": true`.
+#[utoipa::path(post, path = "/api/v1/receipts/{id}/replay", tag = "operator",
+    params(("id" = String, Path, description = "The receipt's id")),
+    request_body(content_type = "application/json",
+        description = "{} for every action, or {\"destination\", \"action\", \"force\"}"),
+    responses(
+        (status = 200, description = "The actions queued again, with a warning past a destination's dedupe window"),
+        (status = 400, description = "The body is malformed, or names no action of the receipt"),
+        (status = 404, description = "No such receipt"),
+        (status = 409, description = "A delivered action without \"force\": true"),
+        (status = 401, description = "Missing or wrong operator key"),
+        (status = 503, description = "The store or queue is unavailable")))]
 async fn replay_receipt(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -283,6 +373,10 @@ async fn replay_receipt(
 /// Loaded plugins (version, kind, digest, load time, allowed hosts, the
 /// variables each reads and the grants that allow it, never values, missing
 /// settings) and folders whose latest contents were refused.
+#[utoipa::path(get, path = "/api/v1/plugins", tag = "operator",
+    responses(
+        (status = 200, description = "{plugins: [...], refused: [...]}"),
+        (status = 401, description = "Missing or wrong operator key")))]
 async fn list_plugins(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, ApiError> {
     let set = app.plugins.snapshot();
     let grants = app.plugins.env().grants();

@@ -18,6 +18,17 @@ use crate::intake::{self, AcceptedEvent, IntakeError};
 use crate::plugins::{IncomingRequest, ParseFailure, PluginError};
 use crate::store::now_ms;
 
+#[utoipa::path(post, path = "/api/v1/webhook/{provider}", tag = "webhooks",
+    params(("provider" = String, Path, description = "The source plugin's name, e.g. crm")),
+    request_body(content_type = "application/json", description = "The CRM's payload, as its source plugin reads it"),
+    responses(
+        (status = 200, description = "Durably accepted: {receipt_id, duplicate, events: [...]}"),
+        (status = 202, description = "Missing or wrong x-api-key, as the original answered (AUTH_FAILURE_STATUS)"),
+        (status = 400, description = "The payload is malformed or lacks a field: {code, detail, field}"),
+        (status = 401, description = "The source plugin could not authenticate the request"),
+        (status = 404, description = "No source plugin by that name"),
+        (status = 413, description = "The body is larger than MAX_BODY_BYTES"),
+        (status = 503, description = "Not stored, or stopping: retry")))]
 pub async fn receive(
     State(app): State<Arc<App>>,
     Path(provider): Path<String>,
@@ -74,6 +85,22 @@ pub async fn receive(
             e.into_response()
         }
     }
+}
+
+/// The original service's path, answered the same way.
+#[utoipa::path(post, path = "/v1/webhooks/{provider}", tag = "webhooks",
+    params(("provider" = String, Path, description = "The source plugin's name, e.g. crm")),
+    request_body(content_type = "application/json", description = "As for /api/v1/webhook/{provider}"),
+    responses((status = 200, description = "As for /api/v1/webhook/{provider}")))]
+pub async fn receive_original_path(
+    app: State<Arc<App>>,
+    provider: Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    receive(app, provider, method, uri, headers, body).await
 }
 
 /// The 200 answer: every event, and for a webhook of exactly one event its
