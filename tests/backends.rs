@@ -320,6 +320,36 @@ async fn two_hosts_send_one_backlog_alert_per_cooldown_between_them() {
     assert_eq!(s.brevo.operator_alerts().len(), 1);
 }
 
+/// A duplicate webhook that read its receipt before the first one's "jobs
+/// queued" mark may queue the jobs again, after they were delivered.
+#[tokio::test]
+async fn a_job_delivered_and_queued_again_is_not_run_again() {
+    use crm_event_handler::queue::{Job, JobQueue, redis::RedisQueue};
+    let redis = Server::redis();
+    let queue = RedisQueue::connect(&redis.uri, "done-test", None, Duration::from_secs(60)).await.unwrap();
+    let job = Job {
+        id: Job::id_for("r-1", "meta-capi", "Lead"),
+        receipt_id: "r-1".into(),
+        provider: "crm".into(),
+        destination: "meta-capi".into(),
+        action: "Lead".into(),
+        params: vec![],
+        event: test_event(),
+        idempotency_key: "r-1/meta-capi/Lead".into(),
+        order_key: String::new(),
+        attempts: 0,
+        budget_start: 0,
+        interrupted: 0,
+        deferrals: 0,
+        enqueued_at_ms: 0,
+    };
+    assert_eq!(queue.enqueue(vec![job.clone()]).await.unwrap(), 1);
+    let reserved = queue.reserve(Duration::from_secs(2)).await.unwrap().expect("the job");
+    queue.ack(&reserved).await.unwrap();
+    assert_eq!(queue.enqueue(vec![job]).await.unwrap(), 0, "queued again after its delivery");
+    assert_eq!(queue.reserve(Duration::from_millis(500)).await.unwrap(), None);
+}
+
 #[tokio::test]
 async fn mongodb_down_answers_503_and_recovers_without_restart() {
     let mut s = setup("mongo-outage").await;

@@ -6,6 +6,8 @@
 //! - `{p}:jobs`          stream; each entry is `id=<job id>`; consumer group `workers`
 //! - `{p}:job:<job id>`  string: the job as JSON (attempts included); exists
 //!   while the job is live (ready, reserved or delayed)
+//! - `{p}:done:<job id>` marker (expires after an hour) that the job was
+//!   delivered: enqueueing it again adds nothing
 //! - `{p}:delayed`       sorted set: job id → due time (unix ms) of retries
 //! - `{p}:dead`          hash: job id → dead letter as JSON
 //! - `{p}:dead:index`    sorted set: job id → time it died (unix ms)
@@ -70,6 +72,11 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 const PROMOTE_EVERY: Duration = Duration::from_millis(100);
 /// Retries one promotion request moves; a backlog takes several.
 const PROMOTE_BATCH: i64 = 500;
+/// How long a delivered job is remembered, so enqueueing it again adds
+/// nothing: a duplicate webhook racing the first one's "jobs queued" mark,
+/// or the start-up sweep after a crash between the two, would otherwise
+/// queue a job already delivered.
+const DONE_FOR: Duration = Duration::from_secs(3600);
 /// Most entries one process can hold: one per worker, with room to spare.
 const MAX_HELD: usize = 100_000;
 /// A WORKER_ID's lease: a process killed holding it blocks a restart under
@@ -78,7 +85,7 @@ const MAX_HELD: usize = 100_000;
 const LEASE_FOR: Duration = Duration::from_secs(15);
 
 const ENQUEUE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1], KEYS[5]) > 0 or redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] == '1' then redis.call('ZADD', KEYS[4], 0, ARGV[2]) end
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[2])
@@ -146,7 +153,8 @@ const ACK: &str = r"
 local stream, order, parked, count, job = KEYS[1], KEYS[3], KEYS[4], KEYS[5], ARGV[4]
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('DEL', KEYS[2])";
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[6], 1, 'PX', ARGV[5])";
 
 const RETRY: &str = r"
 redis.call('SET', KEYS[2], ARGV[4])
@@ -288,6 +296,10 @@ impl Core {
 
     fn job_key(&self, id: &str) -> String {
         format!("{}:job:{id}", self.prefix)
+    }
+
+    fn done_key(&self, id: &str) -> String {
+        format!("{}:done:{id}", self.prefix)
     }
 
     /// The order and parked keys of a deal (unused names for a job that is
@@ -460,7 +472,7 @@ impl Core {
             .flatten()
             .map(|(job, json)| {
                 let mut call = self.scripts.enqueue.key(self.job_key(&job.id));
-                call.key(&stream).key(&dead).key(self.order_keys(&job.order_key).0);
+                call.key(&stream).key(&dead).key(self.order_keys(&job.order_key).0).key(self.done_key(&job.id));
                 call.arg(json).arg(&job.id).arg(if job.order_key.is_empty() { "0" } else { "1" });
                 call
             })
@@ -484,8 +496,8 @@ impl Core {
                 Settlement::Ack { lease, job_id, order_key } => {
                     let (order, parked) = self.order_keys(order_key);
                     let mut call = self.scripts.ack.key(&stream);
-                    call.key(self.job_key(job_id)).key(order).key(parked).key(&count);
-                    call.arg(GROUP).arg(lease).arg(&self.consumer).arg(job_id);
+                    call.key(self.job_key(job_id)).key(order).key(parked).key(&count).key(self.done_key(job_id));
+                    call.arg(GROUP).arg(lease).arg(&self.consumer).arg(job_id).arg(DONE_FOR.as_millis() as u64);
                     call
                 }
                 Settlement::Retry { lease, job_id, job, due_ms } => {
