@@ -53,8 +53,8 @@ const DELIVERY_SLOT_WAIT: Duration = Duration::from_secs(10);
 pub enum LoadError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("{path}: cannot read component: {error}")]
-    ReadComponent { path: PathBuf, error: std::io::Error },
+    #[error("{path}: cannot read component: {error}; {build}")]
+    ReadComponent { path: PathBuf, error: std::io::Error, build: String },
     #[error("{path}: not a valid WebAssembly component: {message}")]
     Compile { path: PathBuf, message: String },
     #[error("{path}: {message}")]
@@ -491,7 +491,11 @@ impl PluginEngine {
         // refused before its component is even read.
         let config = manifest.resolve_config(env).map_err(|e| LoadError::Manifest(e.at(&dir.join("plugin.toml"))))?;
         let path = dir.join(&manifest.component);
-        let bytes = std::fs::read(&path).map_err(|error| LoadError::ReadComponent { path: path.clone(), error })?;
+        let bytes = std::fs::read(&path).map_err(|error| LoadError::ReadComponent {
+            build: how_to_build(dir, &path),
+            path: path.clone(),
+            error,
+        })?;
         let digest = hex(&Sha256::digest(&bytes));
         let component = self.compile(&bytes, &digest, &path)?;
         check_contract_version(&self.engine, &component)
@@ -551,6 +555,24 @@ impl PluginEngine {
 
 /// The component's imports must all be of the contract version we implement;
 /// say so plainly rather than let the linker report a missing import.
+/// The command that builds a plugin folder's component, as far as the
+/// folder shows it.
+fn how_to_build(dir: &Path, component: &Path) -> String {
+    let component = component.display();
+    if dir.join("build.sh").is_file() {
+        format!("build it with `{}`", dir.join("build.sh").display())
+    } else if dir.join("Cargo.toml").is_file() {
+        format!(
+            "build it with `cargo build --release --target wasm32-wasip2` in {} and copy \
+             target/wasm32-wasip2/release/<crate>.wasm to {component} (in this repository, `cargo build` \
+             builds the bundled plugins)",
+            dir.display()
+        )
+    } else {
+        format!("build the plugin's component into {component} (docs/plugins.md shows how, per language)")
+    }
+}
+
 fn check_contract_version(engine: &Engine, component: &Component) -> Result<(), String> {
     let ty = component.component_type();
     for (name, _) in ty.imports(engine) {
@@ -769,5 +791,23 @@ impl LoadedPlugin {
 
     fn wrong_kind(&self, expected: Kind) -> PluginError {
         PluginError::WrongKind { plugin: self.name().to_string(), expected, actual: self.manifest.kind }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_component_names_the_command_that_builds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = dir.path().join("notify.wasm");
+        assert!(how_to_build(dir.path(), &wasm).contains("docs/plugins.md"));
+        std::fs::write(dir.path().join("Cargo.toml"), "").unwrap();
+        let hint = how_to_build(dir.path(), &wasm);
+        assert!(hint.contains("cargo build --release --target wasm32-wasip2"), "{hint}");
+        assert!(hint.contains(&wasm.display().to_string()), "{hint}");
+        std::fs::write(dir.path().join("build.sh"), "").unwrap();
+        assert!(how_to_build(dir.path(), &wasm).contains("build.sh"));
     }
 }
