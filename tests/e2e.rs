@@ -557,3 +557,45 @@ async fn a_dead_letter_e_mails_the_operators() {
     assert_eq!(emails[0]["subject"], "crm-event-handler: 1 job(s) dead-lettered");
     assert!(emails[0]["textContent"].as_str().unwrap().contains("/api/v1/dead-letters"));
 }
+
+#[tokio::test]
+async fn one_destinations_dead_letters_are_listed_and_replayed_together() {
+    let s = setup(&[]).await;
+    let host = Host::start(&s.vars).await;
+    let refused = |message: &str| Scripted::new(400, json!({"error": {"message": message, "code": 100}}));
+    // A Lead Meta refuses; then a Committed deal whose e-mail Brevo refuses.
+    s.meta.script([refused("Invalid parameter")]);
+    post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("DLR-1", "Qualified")).await;
+    eventually("Meta's dead letter", WAIT, async || {
+        (get_json(&host.url, "/api/v1/dead-letters").await["dead_letters"].as_array().unwrap().len() == 1).then_some(())
+    })
+    .await;
+    s.brevo.script([refused("invalid sender")]);
+    post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("DLR-2", "Committed")).await;
+    eventually("Brevo's dead letter", WAIT, async || {
+        (get_json(&host.url, "/api/v1/dead-letters").await["dead_letters"].as_array().unwrap().len() == 2).then_some(())
+    })
+    .await;
+
+    assert_eq!(s.brevo.sent_emails(), 0);
+    let brevo = get_json(&host.url, "/api/v1/dead-letters?destination=brevo").await;
+    let listed = brevo["dead_letters"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{brevo}");
+    assert_eq!(listed[0]["job"]["destination"], "brevo");
+    let replayed: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/api/v1/dead-letters/replay", host.url))
+        .header("x-api-key", API_KEY)
+        .json(&json!({ "destination": "brevo" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replayed["replayed"].as_array().unwrap().len(), 1, "{replayed}");
+    eventually("the e-mail sent", WAIT, async || (s.brevo.sent_emails() == 1).then_some(())).await;
+    // Meta's stays, untouched.
+    let left = get_json(&host.url, "/api/v1/dead-letters").await;
+    let left = left["dead_letters"].as_array().unwrap();
+    assert_eq!((left.len(), left[0]["job"]["destination"].as_str()), (1, Some("meta-capi")));
+}

@@ -154,6 +154,8 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 #[derive(Deserialize)]
 struct ListParams {
     limit: Option<usize>,
+    /// Only this destination's dead letters.
+    destination: Option<String>,
 }
 
 /// The receipts listing's filters, as the query string gives them.
@@ -250,7 +252,9 @@ async fn get_receipt(State(app): State<Arc<App>>, Path(id): Path<String>) -> Res
 }
 
 #[utoipa::path(get, path = "/api/v1/dead-letters", tag = "operator",
-    params(("limit" = Option<usize>, Query, description = "At most this many, 1 to 10000 (100)")),
+    params(
+        ("limit" = Option<usize>, Query, description = "At most this many, 1 to 10000 (100)"),
+        ("destination" = Option<String>, Query, description = "Only this destination's")),
     responses(
         (status = 200, description = "{dead_letters: [{job, reason, failed_at_ms}]}"),
         (status = 401, description = "Missing or wrong operator key"),
@@ -260,11 +264,15 @@ async fn list_dead_letters(
     Query(params): Query<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let limit = params.limit.unwrap_or(100).clamp(1, 10_000);
-    let letters = app
-        .queue
-        .dead_letters(limit)
-        .await
-        .map_err(|e| ApiError::unavailable("queue_unavailable", "the job queue is unavailable", e))?;
+    let letters: Vec<_> = match &params.destination {
+        None => app.queue.dead_letters(limit).await,
+        Some(d) => app
+            .queue
+            .dead_letters(usize::MAX)
+            .await
+            .map(|all| all.into_iter().filter(|l| &l.job.destination == d).take(limit).collect()),
+    }
+    .map_err(|e| ApiError::unavailable("queue_unavailable", "the job queue is unavailable", e))?;
     Ok(Json(json!({ "dead_letters": letters })))
 }
 
@@ -273,16 +281,19 @@ async fn list_dead_letters(
 struct ReplayRequest {
     /// One job by id; or
     job_id: Option<String>,
+    /// every dead letter of one destination; or
+    destination: Option<String>,
     /// every dead letter (must be said explicitly).
     #[serde(default)]
     all: bool,
 }
 
 /// Put dead letters back in the queue with a fresh retry budget. The body is
-/// `{"job_id": "…"}` or `{"all": true}`; the key is checked (by the route
-/// layer) before the body is read.
+/// `{"job_id": "…"}`, `{"destination": "…"}` or `{"all": true}`; the key is
+/// checked (by the route layer) before the body is read.
 #[utoipa::path(post, path = "/api/v1/dead-letters/replay", tag = "operator",
-    request_body(content_type = "application/json", description = "{\"job_id\": \"…\"} or {\"all\": true}"),
+    request_body(content_type = "application/json",
+        description = "{\"job_id\": \"…\"}, {\"destination\": \"…\"} or {\"all\": true}"),
     responses(
         (status = 200, description = "The jobs queued again"),
         (status = 400, description = "Neither or both of job_id and all"),
@@ -290,16 +301,20 @@ struct ReplayRequest {
         (status = 503, description = "The queue is unavailable")))]
 async fn replay(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
     let bad = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_replay_request", detail);
-    let request: ReplayRequest = serde_json::from_slice(&body)
-        .map_err(|e| bad(format!("expected {{\"job_id\": \"…\"}} or {{\"all\": true}}: {e}")))?;
+    let request: ReplayRequest = serde_json::from_slice(&body).map_err(|e| {
+        bad(format!("expected {{\"job_id\": \"…\"}}, {{\"destination\": \"…\"}} or {{\"all\": true}}: {e}"))
+    })?;
     let unavailable = |e| ApiError::unavailable("queue_unavailable", "the job queue is unavailable", e);
     let one = request.job_id.is_some();
-    let ids = match (request.job_id, request.all) {
-        (Some(id), false) => vec![id],
-        (None, true) => {
-            app.queue.dead_letters(usize::MAX).await.map_err(unavailable)?.into_iter().map(|l| l.job.id).collect()
+    let ReplayRequest { job_id, destination, all } = request;
+    let ids: Vec<String> = match (job_id, destination.is_some(), all) {
+        (Some(id), false, false) => vec![id],
+        (None, true, false) | (None, false, true) => {
+            let letters = app.queue.dead_letters(usize::MAX).await.map_err(unavailable)?;
+            let chosen = letters.into_iter().filter(|l| destination.as_ref().is_none_or(|d| &l.job.destination == d));
+            chosen.map(|l| l.job.id).collect()
         }
-        _ => return Err(bad("give either job_id or \"all\": true".into())),
+        _ => return Err(bad("give one of job_id, destination, or \"all\": true".into())),
     };
     let replayed = crate::intake::replay_dead_letters(&app, ids).await.map_err(unavailable)?;
     if one && replayed.is_empty() {
