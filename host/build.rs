@@ -28,19 +28,43 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(dir).join("Cargo.toml").display());
     }
     println!("cargo:rerun-if-env-changed=CRM_SKIP_PLUGIN_BUILD");
-    if std::env::var_os("CRM_SKIP_PLUGIN_BUILD").is_some() {
-        return;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    if std::env::var_os("CRM_SKIP_PLUGIN_BUILD").is_none() {
+        build_plugins(&root, &out_dir);
     }
+    bundle(&root, &out_dir);
+}
 
+/// The plugins built into the binary (crm, meta-capi, brevo): their folder
+/// name, manifest and component, for `host/src/plugins/bundled.rs`. Empty
+/// when the components were not built (CRM_SKIP_PLUGIN_BUILD).
+fn bundle(root: &Path, out_dir: &Path) {
+    let mut list = String::from("&[\n");
+    for (dir, _, file) in &GUESTS[..3] {
+        let (manifest, component) = (root.join(dir).join("plugin.toml"), root.join(dir).join(file));
+        println!("cargo:rerun-if-changed={}", manifest.display());
+        if component.is_file() {
+            let name = Path::new(dir).file_name().and_then(|n| n.to_str()).expect("a folder name");
+            list.push_str(&format!(
+                "    ({name:?}, include_str!({:?}), include_bytes!({:?})),\n",
+                manifest.display().to_string(),
+                component.display().to_string()
+            ));
+        }
+    }
+    list.push(']');
+    std::fs::write(out_dir.join("bundled.rs"), list).expect("cannot write bundled.rs");
+}
+
+fn build_plugins(root: &Path, out_dir: &Path) {
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out: share one
     // plugin build across profiles at <target>/plugins.
-    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let target_dir = out_dir.ancestors().nth(4).unwrap_or(&out_dir).join("plugins");
+    let target_dir = out_dir.ancestors().nth(4).unwrap_or(out_dir).join("plugins");
 
     ensure_wasm_target();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
+    cmd.current_dir(root)
         .args(["build", "--locked", "--profile", "plugin", "--target", "wasm32-wasip2", "--target-dir"])
         .arg(&target_dir);
     for (_, package, _) in GUESTS {

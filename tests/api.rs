@@ -36,6 +36,7 @@ async fn app_with(extra: &[(&str, &str)], tweak: impl FnOnce(&std::path::Path)) 
         ("PLUGINS_DIR", plugins.display().to_string()),
         ("MAX_BODY_BYTES", "65536".to_string()),
         ("ADMIN_API_KEY", ADMIN_KEY.to_string()),
+        ("BUNDLED_PLUGINS", "none".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -599,3 +599,53 @@ async fn one_destinations_dead_letters_are_listed_and_replayed_together() {
     let left = left["dead_letters"].as_array().unwrap();
     assert_eq!((left.len(), left[0]["job"]["destination"].as_str()), (1, Some("meta-capi")));
 }
+
+#[tokio::test]
+async fn an_empty_plugin_folder_runs_on_the_bundled_plugins_and_a_folder_overrides_one() {
+    let s = setup(&[("BUNDLED_PLUGINS", "crm,meta-capi,brevo")]).await;
+    let empty = tempfile::tempdir().unwrap();
+    let mut vars = s.vars.clone();
+    vars.retain(|(k, _)| *k != "PLUGINS_DIR");
+    vars.push(("PLUGINS_DIR", empty.path().display().to_string()));
+    let host = Host::start(&vars).await;
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("BU-1", "Qualified")).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the Lead", WAIT, async || (s.meta.events().len() == 1).then_some(())).await;
+    drop(host);
+    // The dry run too, outside any build tree.
+    let dry = std::process::Command::new(env!("CARGO_BIN_EXE_crm-event-handler"))
+        .args(["plugin", "run", "crm", "--payload"])
+        .arg(repo().join("examples/payloads/qualified.json"))
+        .args(["-H", "x-event: deal_created"])
+        .env("PLUGINS_DIR", empty.path())
+        .current_dir(empty.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success() && said.contains("crm parsed the payload"),
+        "{said}{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+
+    // A folder providing crm (under any folder name) takes its place.
+    let over = tempfile::tempdir().unwrap();
+    let copied = plugins_dir(over.path(), &["crm"]);
+    std::fs::rename(copied.join("crm"), copied.join("crm-local")).unwrap();
+    let manifest = copied.join("crm-local/plugin.toml");
+    std::fs::write(
+        &manifest,
+        std::fs::read_to_string(&manifest).unwrap().replace("version = \"0.1.0\"", "version = \"0.1.1\""),
+    )
+    .unwrap();
+    vars.retain(|(k, _)| *k != "PLUGINS_DIR");
+    vars.push(("PLUGINS_DIR", copied.display().to_string()));
+    let host = Host::start(&vars).await;
+    let listed = get_json(&host.url, "/api/v1/plugins").await;
+    let version = |name: &str| {
+        listed["plugins"].as_array().unwrap().iter().find(|p| p["name"] == name).map(|p| p["version"].clone())
+    };
+    assert_eq!(version("crm"), Some(json!("0.1.1")), "{listed}");
+    assert_eq!(version("meta-capi"), Some(json!("0.1.0")), "bundled: {listed}");
+}

@@ -39,6 +39,7 @@ async fn start(extra: &[(&str, String)]) -> Running {
         ("META_GRAPH_URL", meta.url.clone()),
         ("RETRY_BASE_DELAY_MS", "50".to_string()),
         ("PLUGIN_RELOAD_MS", "100".to_string()),
+        ("BUNDLED_PLUGINS", "none".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

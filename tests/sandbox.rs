@@ -182,6 +182,7 @@ async fn a_looping_destination_is_retried_then_dead_lettered() {
         ("ROUTES_FILE", routes.display().to_string()),
         ("RETRY_MAX_ATTEMPTS", "2".to_string()),
         ("RETRY_BASE_DELAY_MS", "10".to_string()),
+        ("BUNDLED_PLUGINS", "none".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -104,6 +104,10 @@ pub struct Config {
     pub plugins_dir: PathBuf,
     /// Compiled plugins are cached here (default `DATA_DIR/plugin-cache`).
     pub plugin_cache_dir: PathBuf,
+    /// `BUNDLED_PLUGINS`: the plugins built into the binary that load where
+    /// no folder in PLUGINS_DIR provides one of that name (default: all;
+    /// `none`: only PLUGINS_DIR's).
+    pub bundled_plugins: Vec<String>,
     /// How often PLUGINS_DIR and ROUTES_FILE are checked for changes;
     /// `None` turns hot reload off.
     pub reload_interval: Option<Duration>,
@@ -205,6 +209,7 @@ pub const HOST_VARS: &[&str] = &[
     "AUTH_FAILURE_STATUS",
     "BASE_URL",
     "DATA_DIR",
+    "BUNDLED_PLUGINS",
     "DB_COLLECTION",
     "DB_URI",
     "HOST",
@@ -354,6 +359,15 @@ impl Config {
         if let Some(bad) = alerts.recipients.iter().find(|a| !a.contains('@')) {
             bail!("ALERT_RECIPIENTS must be e-mail addresses separated by commas, got {bad:?}");
         }
+        let known = crate::plugins::bundled::names();
+        let bundled_plugins: Vec<String> = match get("BUNDLED_PLUGINS").as_deref().map(str::trim) {
+            None => known.iter().map(|n| n.to_string()).collect(),
+            Some("none" | "") => Vec::new(),
+            Some(list) => list.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
+        };
+        if let Some(unknown) = bundled_plugins.iter().find(|n| !known.contains(&n.as_str())) {
+            bail!("BUNDLED_PLUGINS names {unknown:?}; the bundled plugins are {} (or none)", known.join(", "));
+        }
         let shutdown_ms = parse(&get, "SHUTDOWN_TIMEOUT_MS", 20_000u64, "a duration in milliseconds")?;
         let worker_id = get("WORKER_ID");
         if let Some(id) = &worker_id
@@ -369,6 +383,7 @@ impl Config {
             db_collection: get("DB_COLLECTION").unwrap_or_else(|| "webhook_receipts".to_string()),
             redis_key_prefix: get("REDIS_KEY_PREFIX").unwrap_or_else(|| "crm".to_string()),
             visibility_timeout: Duration::from_millis(visibility_ms),
+            bundled_plugins,
             plugin_cache_dir: get("PLUGIN_CACHE_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| data_dir.join("plugin-cache")),

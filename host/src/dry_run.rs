@@ -58,6 +58,12 @@ pub fn find_plugin(plugins_dir: &Path, plugin: &str) -> anyhow::Result<PathBuf> 
             return Ok(folder);
         }
     }
+    if crate::plugins::bundled::names().contains(&plugin) {
+        // Built into the binary: written out where the dry run can load it.
+        let out = std::env::temp_dir().join("crm-event-handler-bundled");
+        crate::plugins::bundled::write_out(&out).with_context(|| format!("cannot write out {}", out.display()))?;
+        return Ok(out.join(plugin));
+    }
     bail!("no plugin named {plugin:?} in {} (and no plugin.toml in a folder of that name)", plugins_dir.display())
 }
 

@@ -115,11 +115,20 @@ impl App {
             }),
             pool: PoolShares { parses: config.plugin_instances - workers, deliveries: workers },
         })?);
-        let registry = Arc::new(Registry::new(engine, config.plugin_env.clone()));
+        let mut registry = Registry::new(engine, config.plugin_env.clone());
+        let bundled = config.plugin_cache_dir.join("bundled");
+        match plugins::bundled::write_out(&bundled) {
+            Ok(()) => registry = registry.with_bundled(bundled, config.bundled_plugins.clone()),
+            Err(e) => {
+                tracing::warn!(dir = %bundled.display(), error = %e, "cannot write out the bundled plugins; only PLUGINS_DIR's load")
+            }
+        }
+        let registry = Arc::new(registry);
         let metrics = Metrics::new();
-        if plugins::plugin_folders(&config.plugins_dir).is_empty() {
+        if registry.folders(&config.plugins_dir).is_empty() {
             bail!(
-                "PLUGINS_DIR={} holds no plugin folder (a folder with a plugin.toml): every webhook would be refused",
+                "PLUGINS_DIR={} holds no plugin folder (a folder with a plugin.toml), and no plugin is bundled: \
+                 every webhook would be refused",
                 config.plugins_dir.display()
             );
         }

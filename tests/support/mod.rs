@@ -341,6 +341,9 @@ pub fn host_vars(data: &Path, plugins: &Path, meta: &StandIn, brevo: &StandIn) -
         ("BREVO_SENDER_EMAIL", "deals@example.com".to_string()),
         ("BREVO_API_URL", brevo.url.clone()),
         ("RETRY_BASE_DELAY_MS", "50".to_string()),
+        // Only the plugins a test puts in PLUGINS_DIR (the bundled ones have
+        // a test of their own).
+        ("BUNDLED_PLUGINS", "none".to_string()),
     ]
 }
 

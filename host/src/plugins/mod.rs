@@ -9,6 +9,7 @@
 //! it has stayed gone for two polls, like any other change.
 
 pub mod allow;
+pub mod bundled;
 pub mod engine;
 pub mod grants;
 pub mod manifest;
@@ -121,6 +122,8 @@ pub struct Registry {
     settling: Mutex<HashMap<PathBuf, Fingerprint>>,
     /// Sources unloaded, and when.
     gone_sources: Mutex<HashMap<String, Instant>>,
+    /// Where the bundled plugins are written out, and which of them load.
+    bundled: Option<(PathBuf, Vec<String>)>,
 }
 
 impl Registry {
@@ -134,6 +137,22 @@ impl Registry {
             folders: Mutex::default(),
             settling: Mutex::default(),
             gone_sources: Mutex::default(),
+            bundled: None,
+        }
+    }
+
+    /// Load these bundled plugins too (written out under `dir`) where no
+    /// plugin folder provides one of the same name.
+    pub fn with_bundled(mut self, dir: PathBuf, enabled: Vec<String>) -> Registry {
+        self.bundled = Some((dir, enabled));
+        self
+    }
+
+    /// The folders a sync of `dir` loads.
+    pub fn folders(&self, dir: &Path) -> Vec<PathBuf> {
+        match &self.bundled {
+            Some((bundled, enabled)) => bundled::folders(dir, bundled, enabled),
+            None => plugin_folders(dir),
         }
     }
 
@@ -154,7 +173,7 @@ impl Registry {
         let mut settling = self.settling.lock().unwrap_or_else(|e| e.into_inner());
         let mut set = (*self.snapshot()).clone();
         let mut changes = Vec::new();
-        let present = plugin_folders(dir);
+        let present = self.folders(dir);
 
         let gone: Vec<PathBuf> = folders.keys().filter(|f| !present.contains(f)).cloned().collect();
         for folder in gone {
