@@ -43,6 +43,7 @@ fn bundle(root: &Path, out_dir: &Path) {
     for (dir, _, file) in &GUESTS[..3] {
         let (manifest, component) = (root.join(dir).join("plugin.toml"), root.join(dir).join(file));
         println!("cargo:rerun-if-changed={}", manifest.display());
+        println!("cargo:rerun-if-changed={}", component.display()); // reruns when it appears or goes
         if component.is_file() {
             let name = Path::new(dir).file_name().and_then(|n| n.to_str()).expect("a folder name");
             list.push_str(&format!(

@@ -346,8 +346,12 @@ async fn a_job_delivered_and_queued_again_is_not_run_again() {
     assert_eq!(queue.enqueue(vec![job.clone()]).await.unwrap(), 1);
     let reserved = queue.reserve(Duration::from_secs(2)).await.unwrap().expect("the job");
     queue.ack(&reserved).await.unwrap();
-    assert_eq!(queue.enqueue(vec![job]).await.unwrap(), 0, "queued again after its delivery");
+    assert_eq!(queue.enqueue(vec![job.clone()]).await.unwrap(), 0, "queued again after its delivery");
     assert_eq!(queue.reserve(Duration::from_millis(500)).await.unwrap(), None);
+    // An operator's forced replay (a fresh budget past the attempts made) runs.
+    let forced = Job { attempts: 1, budget_start: 1, ..job };
+    assert_eq!(queue.enqueue(vec![forced]).await.unwrap(), 1);
+    assert!(queue.reserve(Duration::from_secs(2)).await.unwrap().is_some());
 }
 
 #[tokio::test]

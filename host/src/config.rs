@@ -362,7 +362,7 @@ impl Config {
         let known = crate::plugins::bundled::names();
         let bundled_plugins: Vec<String> = match get("BUNDLED_PLUGINS").as_deref().map(str::trim) {
             None => known.iter().map(|n| n.to_string()).collect(),
-            Some("none" | "") => Vec::new(),
+            Some("none") => Vec::new(),
             Some(list) => list.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
         };
         if let Some(unknown) = bundled_plugins.iter().find(|n| !known.contains(&n.as_str())) {

@@ -59,8 +59,10 @@ pub fn find_plugin(plugins_dir: &Path, plugin: &str) -> anyhow::Result<PathBuf> 
         }
     }
     if crate::plugins::bundled::names().contains(&plugin) {
-        // Built into the binary: written out where the dry run can load it.
-        let out = std::env::temp_dir().join("crm-event-handler-bundled");
+        // Built into the binary: written out, for this run, in a temporary
+        // folder of its own (private to this user), where the dry run can
+        // load it.
+        let out = tempfile::Builder::new().prefix("crm-event-handler-bundled-").tempdir()?.keep();
         crate::plugins::bundled::write_out(&out).with_context(|| format!("cannot write out {}", out.display()))?;
         return Ok(out.join(plugin));
     }

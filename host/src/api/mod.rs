@@ -296,7 +296,8 @@ struct ReplayRequest {
         description = "{\"job_id\": \"…\"}, {\"destination\": \"…\"} or {\"all\": true}"),
     responses(
         (status = 200, description = "The jobs queued again"),
-        (status = 400, description = "Neither or both of job_id and all"),
+        (status = 400, description = "Not exactly one of job_id, destination and all"),
+        (status = 404, description = "No dead letter with that job_id"),
         (status = 401, description = "Missing or wrong operator key"),
         (status = 503, description = "The queue is unavailable")))]
 async fn replay(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
@@ -341,8 +342,8 @@ struct ReceiptReplayRequest {
         description = "{} for every action, or {\"destination\", \"action\", \"force\"}"),
     responses(
         (status = 200, description = "The actions queued again, with a warning past a destination's dedupe window"),
-        (status = 400, description = "The body is malformed, or names no action of the receipt"),
-        (status = 404, description = "No such receipt"),
+        (status = 400, description = "The body is malformed"),
+        (status = 404, description = "No such receipt, or no such action on it"),
         (status = 409, description = "A delivered action without \"force\": true"),
         (status = 401, description = "Missing or wrong operator key"),
         (status = 503, description = "The store or queue is unavailable")))]

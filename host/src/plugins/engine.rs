@@ -553,8 +553,6 @@ impl PluginEngine {
     }
 }
 
-/// The component's imports must all be of the contract version we implement;
-/// say so plainly rather than let the linker report a missing import.
 /// The command that builds a plugin folder's component, as far as the
 /// folder shows it.
 fn how_to_build(dir: &Path, component: &Path) -> String {
@@ -573,6 +571,8 @@ fn how_to_build(dir: &Path, component: &Path) -> String {
     }
 }
 
+/// The component's imports must all be of the contract version we implement;
+/// say so plainly rather than let the linker report a missing import.
 fn check_contract_version(engine: &Engine, component: &Component) -> Result<(), String> {
     let ty = component.component_type();
     for (name, _) in ty.imports(engine) {

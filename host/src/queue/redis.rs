@@ -6,8 +6,8 @@
 //! - `{p}:jobs`          stream; each entry is `id=<job id>`; consumer group `workers`
 //! - `{p}:job:<job id>`  string: the job as JSON (attempts included); exists
 //!   while the job is live (ready, reserved or delayed)
-//! - `{p}:done:<job id>` marker (expires after an hour) that the job was
-//!   delivered: enqueueing it again adds nothing
+//! - `{p}:done:<job id>` marker (expires after 10 minutes) that the job was
+//!   delivered: enqueueing it again adds nothing, but for a forced replay
 //! - `{p}:delayed`       sorted set: job id → due time (unix ms) of retries
 //! - `{p}:dead`          hash: job id → dead letter as JSON
 //! - `{p}:dead:index`    sorted set: job id → time it died (unix ms)
@@ -76,7 +76,7 @@ const PROMOTE_BATCH: i64 = 500;
 /// nothing: a duplicate webhook racing the first one's "jobs queued" mark,
 /// or the start-up sweep after a crash between the two, would otherwise
 /// queue a job already delivered.
-const DONE_FOR: Duration = Duration::from_secs(3600);
+const DONE_FOR: Duration = Duration::from_secs(600);
 /// Most entries one process can hold: one per worker, with room to spare.
 const MAX_HELD: usize = 100_000;
 /// A WORKER_ID's lease: a process killed holding it blocks a restart under
@@ -85,6 +85,7 @@ const MAX_HELD: usize = 100_000;
 const LEASE_FOR: Duration = Duration::from_secs(15);
 
 const ENQUEUE: &str = r"
+if ARGV[4] == '1' then redis.call('DEL', KEYS[5]) end
 if redis.call('EXISTS', KEYS[1], KEYS[5]) > 0 or redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] == '1' then redis.call('ZADD', KEYS[4], 0, ARGV[2]) end
@@ -474,6 +475,9 @@ impl Core {
                 let mut call = self.scripts.enqueue.key(self.job_key(&job.id));
                 call.key(&stream).key(&dead).key(self.order_keys(&job.order_key).0).key(self.done_key(&job.id));
                 call.arg(json).arg(&job.id).arg(if job.order_key.is_empty() { "0" } else { "1" });
+                // A forced replay of a delivered job (its budget restarts
+                // past its earlier attempts) is meant to run again.
+                call.arg(if job.budget_start > 0 { "1" } else { "0" });
                 call
             })
             .collect();
