@@ -27,6 +27,7 @@ pub use auth::Keys;
 pub use error::ApiError;
 
 use crate::App;
+use crate::queue::DeadLetter;
 use crate::store::{DeliveryState, ListQuery};
 
 /// The whole API.
@@ -264,16 +265,21 @@ async fn list_dead_letters(
     Query(params): Query<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let limit = params.limit.unwrap_or(100).clamp(1, 10_000);
-    let letters: Vec<_> = match &params.destination {
+    let letters = dead_letters_of(&app, params.destination.as_deref(), limit).await?;
+    Ok(Json(json!({ "dead_letters": letters })))
+}
+
+/// At most `limit` dead letters, of one destination or of all.
+async fn dead_letters_of(app: &App, destination: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, ApiError> {
+    match destination {
         None => app.queue.dead_letters(limit).await,
         Some(d) => app
             .queue
             .dead_letters(usize::MAX)
             .await
-            .map(|all| all.into_iter().filter(|l| &l.job.destination == d).take(limit).collect()),
+            .map(|all| all.into_iter().filter(|l| l.job.destination == d).take(limit).collect()),
     }
-    .map_err(|e| ApiError::unavailable("queue_unavailable", "the job queue is unavailable", e))?;
-    Ok(Json(json!({ "dead_letters": letters })))
+    .map_err(|e| ApiError::unavailable("queue_unavailable", "the job queue is unavailable", e))
 }
 
 #[derive(Deserialize)]
@@ -311,9 +317,7 @@ async fn replay(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<
     let ids: Vec<String> = match (job_id, destination.is_some(), all) {
         (Some(id), false, false) => vec![id],
         (None, true, false) | (None, false, true) => {
-            let letters = app.queue.dead_letters(usize::MAX).await.map_err(unavailable)?;
-            let chosen = letters.into_iter().filter(|l| destination.as_ref().is_none_or(|d| &l.job.destination == d));
-            chosen.map(|l| l.job.id).collect()
+            dead_letters_of(&app, destination.as_deref(), usize::MAX).await?.into_iter().map(|l| l.job.id).collect()
         }
         _ => return Err(bad("give one of job_id, destination, or \"all\": true".into())),
     };
