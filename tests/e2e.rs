@@ -582,16 +582,7 @@ async fn one_destinations_dead_letters_are_listed_and_replayed_together() {
     let listed = brevo["dead_letters"].as_array().unwrap();
     assert_eq!(listed.len(), 1, "{brevo}");
     assert_eq!(listed[0]["job"]["destination"], "brevo");
-    let replayed: serde_json::Value = reqwest::Client::new()
-        .post(format!("{}/api/v1/dead-letters/replay", host.url))
-        .header("x-api-key", API_KEY)
-        .json(&json!({ "destination": "brevo" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let replayed = post_json(&host.url, "/api/v1/dead-letters/replay", &json!({ "destination": "brevo" })).await;
     assert_eq!(replayed["replayed"].as_array().unwrap().len(), 1, "{replayed}");
     eventually("the e-mail sent", WAIT, async || (s.brevo.sent_emails() == 1).then_some(())).await;
     // Meta's stays, untouched.

@@ -133,16 +133,7 @@ pub async fn a_permanent_meta_error_is_dead_lettered_with_the_reason_and_can_be_
     assert!(r["actions"][0]["last_error"].as_str().unwrap().contains("code 190"));
 
     // The operator fixes the token and replays: delivered, same event_id.
-    let replay: Value = reqwest::Client::new()
-        .post(format!("{}/api/v1/dead-letters/replay", host.url))
-        .header("x-api-key", API_KEY)
-        .json(&json!({ "job_id": letter["job"]["id"] }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let replay = post_json(&host.url, "/api/v1/dead-letters/replay", &json!({ "job_id": letter["job"]["id"] })).await;
     assert_eq!(replay["replayed"].as_array().map(Vec::len), Some(1));
     eventually("the replayed delivery", WAIT, async || {
         (action_state(&receipt(&host, &id).await, "meta-capi").0 == "delivered").then_some(())

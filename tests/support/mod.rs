@@ -375,6 +375,20 @@ pub async fn get_json(base: &str, path: &str) -> Value {
         .expect("json")
 }
 
+/// POST JSON to an operator endpoint with the API key; the answer's JSON.
+pub async fn post_json(base: &str, path: &str, body: &Value) -> Value {
+    reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .header("x-api-key", API_KEY)
+        .json(body)
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json")
+}
+
 /// The demo payload with a given deal id and status.
 pub fn payload(deal: &str, status: &str) -> String {
     std::fs::read_to_string(repo().join("examples/payloads/qualified.json"))
