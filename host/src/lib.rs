@@ -319,7 +319,7 @@ pub async fn serve_as(
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     intake::recover_unqueued(&app).await;
-    let workers = if role.workers { worker::spawn(app.clone(), shutdown.clone()) } else { Vec::new() };
+    let mut workers = if role.workers { worker::spawn(app.clone(), shutdown.clone()) } else { Vec::new() };
     if role.workers {
         tokio::spawn(alerts::watch(app.clone(), shutdown.clone()));
     }
@@ -349,7 +349,6 @@ pub async fn serve_as(
         timeout_ms = timeout.as_millis() as u64,
         "shutting down: intake stopped, finishing deliveries in hand"
     );
-    let mut workers = workers;
     let finished = tokio::time::timeout(timeout, async {
         for w in workers.iter_mut() {
             let _ = w.await;

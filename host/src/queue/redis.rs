@@ -895,15 +895,17 @@ impl JobQueue for RedisQueue {
         let held = self.core.hand_back().await?;
         let mut c = self.core.trip();
         let scripts = &self.core.scripts;
-        let mut done = match &self.core.lease {
-            None => scripts.forget.key(self.core.key("jobs")),
-            Some(_) => scripts.lease.key(self.core.lease_key()),
-        };
-        match &self.core.lease {
-            None => done.arg(GROUP).arg(&self.core.consumer),
+        let done = match &self.core.lease {
+            None => {
+                let mut forget = scripts.forget.key(self.core.key("jobs"));
+                forget.arg(GROUP).arg(&self.core.consumer);
+                forget
+            }
             Some(token) => {
                 self.core.lease_released.store(true, Ordering::Relaxed);
-                done.arg(token).arg(0)
+                let mut give_up = scripts.lease.key(self.core.lease_key());
+                give_up.arg(token).arg(0);
+                give_up
             }
         };
         let _: i64 = done.invoke_async(&mut c).await.map_err(unavailable)?;
