@@ -387,6 +387,9 @@ async fn the_openapi_description_lists_every_route_and_every_listed_route_is_ser
         [
             "/api/v1/dead-letters",
             "/api/v1/dead-letters/replay",
+            "/api/v1/destinations",
+            "/api/v1/destinations/{name}/pause",
+            "/api/v1/destinations/{name}/resume",
             "/api/v1/openapi.json",
             "/api/v1/plugins",
             "/api/v1/receipts",
@@ -403,7 +406,10 @@ async fn the_openapi_description_lists_every_route_and_every_listed_route_is_ser
     // router's bare 404 or 405.
     for (path, item) in paths {
         for method in item.as_object().unwrap().keys() {
-            let concrete = path.replace("{provider}", "crm").replace("{id}", "no-such-receipt");
+            let concrete = path
+                .replace("{provider}", "crm")
+                .replace("{id}", "no-such-receipt")
+                .replace("{name}", "no-such-destination");
             let key = if path.contains("webhook") { API_KEY } else { ADMIN_KEY };
             let request = Request::builder()
                 .method(method.to_uppercase().as_str())

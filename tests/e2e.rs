@@ -69,6 +69,16 @@ async fn a_later_stage_waits_for_a_retried_earlier_one() {
 }
 
 #[tokio::test]
+async fn a_paused_destination_waits_without_spending_attempts_until_resumed() {
+    flows::a_paused_destination_waits_without_spending_attempts_until_resumed(&setup(&[]).await.flow).await;
+}
+
+#[tokio::test]
+async fn failures_in_a_row_open_the_breaker_and_a_delivered_probe_closes_it() {
+    flows::failures_in_a_row_open_the_breaker_and_a_delivered_probe_closes_it(&setup(&[]).await.flow).await;
+}
+
+#[tokio::test]
 async fn a_restart_between_accept_and_delivery_still_delivers_once() {
     flows::a_restart_between_accept_and_delivery_still_delivers_once(&setup(&[]).await.flow).await;
 }

@@ -191,7 +191,7 @@ mod tests {
     }
 
     fn depth(waiting: u64, dead: u64) -> QueueDepth {
-        QueueDepth { ready: waiting, delayed: 0, in_flight: 0, dead }
+        QueueDepth { ready: waiting, dead, ..QueueDepth::default() }
     }
 
     #[test]

@@ -115,6 +115,7 @@ pub struct Config {
     pub routes_file: Option<PathBuf>,
     pub retry: RetryPolicy,
     pub alerts: AlertSettings,
+    pub breaker: BreakerSettings,
     /// Concurrent deliveries per process.
     pub workers: usize,
     /// Plugin instances that may run at once (parses and deliveries); the
@@ -138,6 +139,17 @@ pub struct AlertSettings {
     pub cooldown: Duration,
     /// `ALERT_RECIPIENTS`; none: alerts are only logged and counted.
     pub recipients: Vec<String>,
+}
+
+/// The circuit breaker: `BREAKER_FAILURES` deliveries to one destination
+/// failing in a row (retryable failures, in one process) pause it; every
+/// `BREAKER_PROBE_AFTER_MS` one waiting job probes it, and the first
+/// delivered resumes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// 0 turns the breaker off.
+    pub failures: u32,
+    pub probe_after: Duration,
 }
 
 /// `RATE_LIMIT_MAX` requests per `RATE_LIMIT_WINDOW_MS`, per client address.
@@ -208,8 +220,10 @@ pub const HOST_VARS: &[&str] = &[
     "API_KEY_PREVIOUS",
     "AUTH_FAILURE_STATUS",
     "BASE_URL",
-    "DATA_DIR",
+    "BREAKER_FAILURES",
+    "BREAKER_PROBE_AFTER_MS",
     "BUNDLED_PLUGINS",
+    "DATA_DIR",
     "DB_COLLECTION",
     "DB_URI",
     "HOST",
@@ -369,6 +383,18 @@ impl Config {
             bail!("BUNDLED_PLUGINS names {unknown:?}; the bundled plugins are {} (or none)", known.join(", "));
         }
         let shutdown_ms = parse(&get, "SHUTDOWN_TIMEOUT_MS", 20_000u64, "a duration in milliseconds")?;
+        let breaker = BreakerSettings {
+            failures: parse(&get, "BREAKER_FAILURES", 10u32, "a whole number of failures in a row (0: off)")?,
+            probe_after: Duration::from_millis(parse(
+                &get,
+                "BREAKER_PROBE_AFTER_MS",
+                30_000u64,
+                "a duration in milliseconds",
+            )?),
+        };
+        if breaker.probe_after < Duration::from_millis(100) {
+            bail!("BREAKER_PROBE_AFTER_MS must be at least 100");
+        }
         let worker_id = get("WORKER_ID");
         if let Some(id) = &worker_id
             && (id.is_empty() || id.len() > 200 || id.chars().any(|c| c.is_whitespace() || c.is_control()))
@@ -378,6 +404,7 @@ impl Config {
 
         Ok(Config {
             alerts,
+            breaker,
             worker_id,
             shutdown_timeout: Duration::from_millis(shutdown_ms),
             db_collection: get("DB_COLLECTION").unwrap_or_else(|| "webhook_receipts".to_string()),
@@ -493,6 +520,10 @@ mod tests {
         assert!(err(&[("API_KEY", "k"), ("ALERT_QUEUE_ENABLED", "maybe")]).contains("true or false"));
         assert!(err(&[("API_KEY", "k"), ("ALERT_QUEUE_COOLDOWN_MINUTES", "0")]).contains("at least 1"));
         assert!(err(&[("API_KEY", "k"), ("SHUTDOWN_TIMEOUT_MS", "soon")]).contains("SHUTDOWN_TIMEOUT_MS"));
+        assert!(
+            err(&[("API_KEY", "k"), ("BREAKER_FAILURES", "-1")]).contains("BREAKER_FAILURES must be a whole number")
+        );
+        assert!(err(&[("API_KEY", "k"), ("BREAKER_PROBE_AFTER_MS", "5")]).contains("at least 100"));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct App {
     pub plugins: Arc<Registry>,
     routes: RwLock<Arc<Routes>>,
     pub metrics: Metrics,
+    /// Failures in a row per destination, for the circuit breaker.
+    pub breaker: worker::breaker::Breaker,
     /// The webhook and operator keys, as the API checks them.
     pub keys: api::Keys,
     /// Set on SIGTERM: webhooks are refused (503) and `/ready` is false
@@ -172,6 +174,7 @@ impl App {
             plugins: registry,
             routes: RwLock::new(Arc::new(routes)),
             metrics,
+            breaker: Default::default(),
             stopping: AtomicBool::new(false),
         }))
     }

@@ -90,9 +90,12 @@ pub struct Metrics {
     pub routes_reload_failures: Counter,
     pub queue_depth: Family<QueueLabels, Gauge>,
     pub alerts: Family<AlertLabels, Counter>,
+    pub breaker_trips: Family<DestinationLabels, Counter>,
+    pub destination_paused: Family<DestinationLabels, Gauge>,
     round_trips: Family<BackendLabels, Counter>,
-    /// Two scrapes at once must not both add the same difference.
-    round_trips_sync: std::sync::Mutex<()>,
+    /// Two scrapes at once must not both add the same difference, nor
+    /// both rebuild `destination_paused`.
+    scrape_sync: std::sync::Mutex<()>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -127,6 +130,18 @@ impl Metrics {
         let queue_depth = Family::default();
         let round_trips = Family::default();
         let alerts = Family::default();
+        let breaker_trips = Family::default();
+        let destination_paused = Family::default();
+        registry.register(
+            "crm_breaker_trips",
+            "Times the circuit breaker paused a destination after failures in a row",
+            breaker_trips.clone(),
+        );
+        registry.register(
+            "crm_destination_paused",
+            "1 while a destination is paused (by an operator or the circuit breaker), else 0",
+            destination_paused.clone(),
+        );
         registry.register(
             "crm_alerts",
             "Alerts raised (queue backlog, dead letters), by kind and what became of the e-mail",
@@ -176,15 +191,17 @@ impl Metrics {
             routes_reload_failures,
             queue_depth,
             alerts,
+            breaker_trips,
+            destination_paused,
             round_trips,
-            round_trips_sync: std::sync::Mutex::new(()),
+            scrape_sync: std::sync::Mutex::new(()),
         }
     }
 
     /// Bring a backend's round-trip counter up to the total it reports.
     pub fn set_round_trips(&self, backend: &'static str, total: u64) {
         if total > 0 {
-            let _one_at_a_time = self.round_trips_sync.lock().unwrap_or_else(|e| e.into_inner());
+            let _one_at_a_time = self.scrape_sync.lock().unwrap_or_else(|e| e.into_inner());
             let counter = self.round_trips.get_or_create(&BackendLabels { backend });
             counter.inc_by(total.saturating_sub(counter.get()));
         }
@@ -204,10 +221,26 @@ impl Metrics {
     }
 
     pub fn set_queue_depth(&self, depth: QueueDepth) {
-        for (state, n) in
-            [("ready", depth.ready), ("delayed", depth.delayed), ("in_flight", depth.in_flight), ("dead", depth.dead)]
-        {
+        for (state, n) in [
+            ("ready", depth.ready),
+            ("delayed", depth.delayed),
+            ("in_flight", depth.in_flight),
+            ("dead", depth.dead),
+            ("paused", depth.paused),
+        ] {
             self.queue_depth.get_or_create(&QueueLabels { queue: "jobs", state }).set(n as i64);
+        }
+    }
+
+    /// 1 for each paused destination, 0 for the other destinations loaded.
+    pub fn set_paused<'a>(&self, loaded: &[String], paused: impl Iterator<Item = &'a str>) {
+        let _one_at_a_time = self.scrape_sync.lock().unwrap_or_else(|e| e.into_inner());
+        self.destination_paused.clear();
+        for destination in loaded {
+            self.destination_paused.get_or_create(&DestinationLabels { destination: destination.clone() }).set(0);
+        }
+        for destination in paused {
+            self.destination_paused.get_or_create(&DestinationLabels { destination: destination.into() }).set(1);
         }
     }
 

@@ -307,3 +307,122 @@ pub async fn receipts_are_listed_a_page_at_a_time_with_filters(f: &Flow) {
     assert_eq!(code, 400);
     assert!(body["detail"].as_str().unwrap().contains("colour"), "{body}");
 }
+
+/// One destination as `GET /api/v1/destinations` shows it.
+async fn destination(host: &Host, name: &str) -> Value {
+    let all = get_json(&host.url, "/api/v1/destinations").await;
+    all["destinations"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("no destination {name} in {all}"))
+}
+
+pub async fn a_paused_destination_waits_without_spending_attempts_until_resumed(f: &Flow) {
+    let host = Host::start(&f.vars).await;
+    let paused =
+        post_json(&host.url, "/api/v1/destinations/meta-capi/pause", &json!({ "reason": "Meta maintenance" })).await;
+    assert_eq!(paused["paused"]["by"], "operator", "{paused}");
+
+    let (_, body) = post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("D-P1", "Committed")).await;
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    // Brevo is not paused: the e-mail goes. Meta's job waits, unattempted.
+    eventually("the e-mail", WAIT, async || (f.brevo.sent_emails() == 1).then_some(())).await;
+    let meta = eventually("Meta's job waiting", WAIT, async || {
+        let d = destination(&host, "meta-capi").await;
+        (d["waiting"] == 1).then_some(d)
+    })
+    .await;
+    assert_eq!(meta["paused"]["reason"], "Meta maintenance");
+    assert_eq!(action_state(&receipt(&host, &id).await, "meta-capi"), ("pending".into(), 0));
+    assert!(f.meta.received().is_empty());
+    let ready = get_json(&host.url, "/ready").await;
+    assert_eq!(ready["status"], "ready", "webhooks are still accepted: {ready}");
+    assert_eq!(ready["paused_destinations"], json!([{ "destination": "meta-capi", "by": "operator" }]));
+    let metrics = reqwest::get(format!("{}/metrics", host.url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("crm_destination_paused{destination=\"meta-capi\"} 1"), "{metrics}");
+    assert!(metrics.contains("crm_queue_depth{queue=\"jobs\",state=\"paused\"} 1"), "{metrics}");
+
+    let resumed = post_json(&host.url, "/api/v1/destinations/meta-capi/resume", &json!({})).await;
+    assert_eq!((resumed["was_paused"].clone(), resumed["released"].clone()), (json!(true), json!(1)));
+    eventually("Meta delivered after the resume", WAIT, async || {
+        (action_state(&receipt(&host, &id).await, "meta-capi") == ("delivered".into(), 1)).then_some(())
+    })
+    .await;
+    assert_eq!(f.meta.received().len(), 1);
+    assert_eq!(destination(&host, "meta-capi").await["paused"], Value::Null);
+
+    let unknown = reqwest::Client::new()
+        .post(format!("{}/api/v1/destinations/slack/pause", host.url))
+        .header("x-api-key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.unwrap();
+    assert_eq!((body["code"].as_str(), body["field"].as_str()), (Some("destination_not_found"), Some("name")));
+    assert!(body["detail"].as_str().unwrap().contains("meta-capi"), "{body}");
+}
+
+pub async fn failures_in_a_row_open_the_breaker_and_a_delivered_probe_closes_it(f: &Flow) {
+    const PROBE_AFTER: Duration = Duration::from_millis(1500);
+    let mut vars = f.vars.clone();
+    vars.extend([
+        ("WORKERS", "1".to_string()),
+        ("BREAKER_FAILURES", "3".to_string()),
+        ("BREAKER_PROBE_AFTER_MS", PROBE_AFTER.as_millis().to_string()),
+    ]);
+    let down = json!({ "error": { "message": "Service temporarily unavailable", "type": "OAuthException", "code": 2, "is_transient": true, "fbtrace_id": "z" } });
+    // Three failures open the breaker; the first probe fails too.
+    f.meta.script(std::iter::repeat_n(Scripted::new(503, down), 4));
+    let host = Host::start(&vars).await;
+    // Five Lead jobs, due together.
+    post_json(&host.url, "/api/v1/destinations/meta-capi/pause", &json!({})).await;
+    let mut ids = Vec::new();
+    for n in 1..=5 {
+        let (_, body) =
+            post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload(&format!("D-B{n}"), "Qualified"))
+                .await;
+        ids.push(body["receipt_id"].as_str().unwrap().to_string());
+    }
+    post_json(&host.url, "/api/v1/destinations/meta-capi/resume", &json!({})).await;
+
+    let open = eventually("the breaker open", WAIT, async || {
+        let d = destination(&host, "meta-capi").await;
+        (d["paused"]["by"] == "breaker").then_some(d)
+    })
+    .await;
+    let reason = open["paused"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("3 deliveries in a row failed; the last:") && reason.contains("503"), "{reason}");
+    assert_eq!(f.meta.received().len(), 3);
+    // While it is open, the jobs not yet tried wait with no attempt spent.
+    let untried = eventually("jobs waiting for the breaker", WAIT, async || {
+        let mut untried = 0;
+        for id in &ids {
+            if action_state(&receipt(&host, id).await, "meta-capi") == ("pending".into(), 0) {
+                untried += 1;
+            }
+        }
+        (destination(&host, "meta-capi").await["waiting"].as_u64() >= Some(2)).then_some(untried)
+    })
+    .await;
+    assert_eq!(untried, 2, "two jobs never ran");
+    let metrics = reqwest::get(format!("{}/metrics", host.url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("crm_breaker_trips_total{destination=\"meta-capi\"} 1"), "{metrics}");
+
+    eventually("every Lead delivered after a probe got through", WAIT, async || {
+        let mut delivered = 0;
+        for id in &ids {
+            delivered += usize::from(action_state(&receipt(&host, id).await, "meta-capi").0 == "delivered");
+        }
+        (delivered == 5).then_some(())
+    })
+    .await;
+    assert_eq!(destination(&host, "meta-capi").await["paused"], Value::Null, "resumed");
+    // 3 failures, a failed probe, a delivered probe, then the other four.
+    let sent = f.meta.received();
+    assert_eq!(sent.len(), 9);
+    // Meta heard nothing between the breaker opening and each probe.
+    let quiet = PROBE_AFTER.mul_f64(0.9);
+    assert!(sent[3].at - sent[2].at >= quiet, "the first probe came {:?} after the trip", sent[3].at - sent[2].at);
+    assert!(sent[4].at - sent[3].at >= quiet, "the second probe came {:?} after the first", sent[4].at - sent[3].at);
+}

@@ -87,6 +87,8 @@ impl Scripted {
 /// One request a stand-in received.
 #[derive(Clone, Debug)]
 pub struct Received {
+    /// When it arrived.
+    pub at: Instant,
     pub path: String,
     pub headers: HashMap<String, String>,
     pub body: Value,
@@ -193,6 +195,7 @@ async fn answer(State(s): State<StandIn>, uri: axum::http::Uri, headers: HeaderM
     let held = {
         let mut st = s.state.lock().unwrap();
         st.received.push(Received {
+            at: Instant::now(),
             path: uri.path().to_string(),
             headers: headers.iter().map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string())).collect(),
             body: body.clone(),

@@ -5,6 +5,7 @@
 //! `server` bounds slow clients.
 
 mod auth;
+mod destinations;
 mod error;
 mod limit;
 pub mod server;
@@ -75,6 +76,9 @@ fn operator_routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(list_dead_letters))
         .routes(routes!(replay))
         .routes(routes!(list_plugins))
+        .routes(routes!(destinations::list_destinations))
+        .routes(routes!(destinations::pause_destination))
+        .routes(routes!(destinations::resume_destination))
 }
 
 fn public_routes() -> OpenApiRouter<Arc<App>> {
@@ -113,13 +117,23 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 /// Ready when the store and queue answer, at least one source is loaded,
-/// and the process is not stopping.
+/// and the process is not stopping. Paused destinations (by an operator or
+/// the circuit breaker) are listed, and do not make it unready: webhooks
+/// are still accepted, and their jobs wait.
 #[utoipa::path(get, path = "/ready", tag = "public", responses(
-    (status = 200, description = "Ready: {status, checks: {store, queue, plugins}}"),
+    (status = 200, description = "Ready: {status, checks: {store, queue, plugins}, paused_destinations: [{destination, by}]}"),
     (status = 503, description = "Not ready, or stopping: the checks say which and why")))]
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let store = app.store.ping().await.err().map(|e| e.to_string());
     let queue = app.queue.ping().await.err().map(|e| e.to_string());
+    let paused: Vec<serde_json::Value> = app
+        .queue
+        .paused()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| json!({ "destination": p.destination, "by": p.pause.by }))
+        .collect();
     let plugins = app.plugins.snapshot();
     let sources = (!plugins.sources.is_empty()).then_some(()).ok_or("no source plugin loaded").err();
     let stopping = app.stopping();
@@ -135,6 +149,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
             "queue": check(queue),
             "plugins": check(sources.map(str::to_string)),
         },
+        "paused_destinations": paused,
     });
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
@@ -145,6 +160,10 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     if let Ok(depth) = app.queue.depth().await {
         app.metrics.set_queue_depth(depth);
+    }
+    if let Ok(paused) = app.queue.paused().await {
+        let loaded = app.plugins.snapshot().destinations.keys().cloned().collect::<Vec<_>>();
+        app.metrics.set_paused(&loaded, paused.iter().map(|p| p.destination.as_str()));
     }
     app.metrics.set_round_trips("mongodb", app.store.round_trips());
     app.metrics.set_round_trips("redis", app.queue.round_trips());

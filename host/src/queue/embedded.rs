@@ -12,6 +12,7 @@
 //!   (`JobState`, 25 bytes), once it has been reserved; it overrides those
 //!   of `jobs`, so reserving and retrying rewrite 25 bytes, not the job
 //! - `dead`: job id → `{"job": …, "reason": …, "failed_at_ms": …}`
+//! - `paused`: destination → its `Pause`
 //!
 //! Reserving a job writes its state with `attempts` raised and `running`
 //! set before the worker gets it, so an attempt during which the process
@@ -35,8 +36,13 @@
 //! destination) run in the order their receipts were accepted. A due job
 //! whose group has a live job from an earlier receipt is held (in memory,
 //! spending nothing) until that job is acknowledged or dead-lettered.
+//!
+//! Paused destinations: a due job of a paused destination is set aside (in
+//! memory, spending nothing) when a worker would take it, and is due again
+//! when the destination is resumed; at start-up it is simply due, and set
+//! aside again.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +51,10 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, Writ
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{DeadLetter, Job, JobQueue, QueueDepth, QueueError, Reserved, Settle};
+use super::{
+    DeadLetter, Job, JobQueue, Pause, PausedBy, PausedDestination, QueueDepth, QueueError, Reserved, Settle,
+    destination_of,
+};
 use crate::store::embedded::{encode, insert_in, mark_enqueued_in, record_in};
 use crate::store::now_ms;
 use crate::store::redb_file::{RedbFile, Unavailable};
@@ -54,6 +63,7 @@ use crate::store::{AttemptRecord, Inserted, Receipt, StoreError};
 pub(crate) const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 pub(crate) const DEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("dead");
 pub(crate) const JOB_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("job_state");
+pub(crate) const PAUSED: TableDefinition<&str, &[u8]> = TableDefinition::new("paused");
 
 /// How soon a job is due again after a storage fault kept it from starting
 /// or settling.
@@ -165,6 +175,10 @@ struct Schedule {
     groups: HashMap<Key, Vec<Key>>,
     /// Due jobs waiting for an earlier job of their group.
     held: HashMap<Key, Vec<Key>>,
+    /// Paused destinations.
+    paused: HashMap<String, Pause>,
+    /// Due jobs of each paused destination, oldest first.
+    paused_jobs: HashMap<String, VecDeque<Key>>,
 }
 
 /// The receipt part of a job id (`{receipt}/{destination}/{action}`).
@@ -213,6 +227,24 @@ impl Schedule {
         }
     }
 
+    /// Pause a destination, or resume it (`None`): its set-aside jobs are
+    /// due at `now`; how many.
+    fn set_pause(&mut self, destination: &str, pause: Option<Pause>, now: u64) -> u64 {
+        match pause {
+            Some(pause) => {
+                self.paused.insert(destination.to_string(), pause);
+                0
+            }
+            None => {
+                self.paused.remove(destination);
+                let jobs = self.paused_jobs.remove(destination).unwrap_or_default();
+                let released = jobs.len() as u64;
+                self.waiting.extend(jobs.into_iter().map(|id| (now, id)));
+                released
+            }
+        }
+    }
+
     /// Whether an earlier receipt's job of job `id`'s group is still live.
     fn held_back(&self, id: &str, order_key: &str) -> bool {
         let first = self.groups.get(order_key).and_then(|g| g.first());
@@ -226,6 +258,10 @@ pub struct EmbeddedQueue {
     file: Arc<RedbFile>,
     schedule: Arc<Mutex<Schedule>>,
     notify: Arc<Notify>,
+    /// Held by pause, resume and probe from their look at the schedule
+    /// until their write is committed, so that none decides on a state
+    /// another is changing.
+    control: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl From<Unavailable> for QueueError {
@@ -384,18 +420,28 @@ impl EmbeddedQueue {
                 schedule.add(&stored.job.id, &stored.job.order_key, stored.due_ms, stored.running);
             }
             schedule.dead = txn.open_table(DEAD).map_err(unavailable)?.len().map_err(unavailable)?;
+            for entry in txn.open_table(PAUSED).map_err(unavailable)?.iter().map_err(unavailable)? {
+                let (destination, bytes) = entry.map_err(unavailable)?;
+                schedule.paused.insert(destination.value().to_string(), from_json(bytes.value())?);
+            }
             Ok::<_, QueueError>(())
         })?;
-        Ok(EmbeddedQueue { file, schedule: Arc::new(Mutex::new(schedule)), notify: Arc::new(Notify::new()) })
+        Ok(EmbeddedQueue {
+            file,
+            schedule: Arc::new(Mutex::new(schedule)),
+            notify: Arc::new(Notify::new()),
+            control: Arc::default(),
+        })
     }
 
     fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {
         self.schedule.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Take the first due job not held back by an earlier one of its deal,
-    /// or say when the next one is due.
-    fn take_due(&self, now: u64) -> Result<String, Option<u64>> {
+    /// Take the first due job not held back by an earlier one of its deal
+    /// or by its destination's pause (and whether it is that destination's
+    /// probe), or say when the next one is due.
+    fn take_due(&self, now: u64) -> Result<(String, bool), Option<u64>> {
         let mut s = self.schedule();
         loop {
             let Some((due, id)) = s.waiting.first().cloned() else {
@@ -406,20 +452,31 @@ impl EmbeddedQueue {
             }
             s.waiting.pop_first();
             let Some(live) = s.jobs.get(&id) else { continue };
-            if let Some(key) = live.order_key.clone()
+            let order_key = live.order_key.clone();
+            let destination = destination_of(&id);
+            let probe = match s.paused.get(destination) {
+                None => false,
+                Some(pause) if pause.probe_job.as_deref() == Some(&*id) => true,
+                Some(_) => {
+                    let destination = destination.to_string();
+                    s.paused_jobs.entry(destination).or_default().push_back(id);
+                    continue;
+                }
+            };
+            if let Some(key) = order_key
                 && s.held_back(&id, &key)
             {
                 s.held.entry(key).or_default().push(id);
                 continue;
             }
             s.reserved.insert(id.clone());
-            return Ok(id.to_string());
+            return Ok((id.to_string(), probe));
         }
     }
 
     /// Read a taken job from the file and count the attempt it is for, on
     /// disk, before handing it out. None: the job is no longer in the file.
-    async fn start(&self, id: String) -> Result<Option<Reserved>, QueueError> {
+    async fn start(&self, id: String, probe: bool) -> Result<Option<Reserved>, QueueError> {
         // On the executor (two lookups, mostly in cache), unless the file is
         // being reopened after a storage fault: then off it.
         let found = match self.file.try_read(|db| lookup(db, &id)) {
@@ -468,7 +525,7 @@ impl EmbeddedQueue {
                 },
             )
             .await?;
-        Ok(Some(Reserved { job, lease: String::new() }))
+        Ok(Some(Reserved { job, lease: String::new(), probe }))
     }
 
     /// Settling failed: the file still holds the job as reserved, so it is
@@ -579,6 +636,35 @@ impl EmbeddedQueue {
             )
             .await
     }
+
+    /// Write a destination's pause (None: remove it), and once committed
+    /// set it in the schedule; the jobs a removed pause released.
+    async fn write_pause(&self, destination: &str, pause: Option<Pause>) -> Result<u64, QueueError> {
+        let bytes = pause.as_ref().map(to_json).transpose()?;
+        let (key, destination) = (destination.to_string(), destination.to_string());
+        let (queue, now) = (self.clone(), now_ms());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.file
+            .write_then(
+                move |txn| {
+                    let mut table = txn.open_table(PAUSED).map_err(unavailable)?;
+                    match &bytes {
+                        Some(bytes) => table.insert(key.as_str(), bytes.as_slice()).map(drop),
+                        None => table.remove(key.as_str()).map(drop),
+                    }
+                    .map_err(unavailable)
+                },
+                move |written| {
+                    if written.is_some() {
+                        let released = queue.schedule().set_pause(&destination, pause, now);
+                        queue.notify.notify_waiters();
+                        let _ = tx.send(released);
+                    }
+                },
+            )
+            .await?;
+        Ok(rx.await.unwrap_or(0))
+    }
 }
 
 #[async_trait]
@@ -611,7 +697,7 @@ impl JobQueue for EmbeddedQueue {
             notified.as_mut().enable();
             let now = now_ms();
             let next_due = match self.take_due(now) {
-                Ok(id) => match self.start(id).await? {
+                Ok((id, probe)) => match self.start(id, probe).await? {
                     Some(reserved) => return Ok(Some(reserved)),
                     None => continue,
                 },
@@ -730,7 +816,65 @@ impl JobQueue for EmbeddedQueue {
             delayed: s.waiting.len() as u64 - ready + held as u64,
             in_flight: s.reserved.len() as u64,
             dead: s.dead,
+            paused: s.paused_jobs.values().map(|jobs| jobs.len() as u64).sum(),
         })
+    }
+
+    async fn pause(&self, destination: &str, pause: Pause) -> Result<bool, QueueError> {
+        let _control = self.control.lock().await;
+        let operators = self.schedule().paused.get(destination).is_some_and(|p| p.by == PausedBy::Operator);
+        if operators && pause.by == PausedBy::Breaker {
+            return Ok(false);
+        }
+        self.write_pause(destination, Some(pause)).await?;
+        Ok(true)
+    }
+
+    async fn resume(&self, destination: &str, by: Option<PausedBy>) -> Result<Option<u64>, QueueError> {
+        let _control = self.control.lock().await;
+        let paused = self.schedule().paused.get(destination).map(|p| p.by);
+        match paused {
+            Some(was) if by.is_none_or(|by| by == was) => self.write_pause(destination, None).await.map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    async fn paused(&self) -> Result<Vec<PausedDestination>, QueueError> {
+        let s = self.schedule();
+        let mut out: Vec<PausedDestination> = s
+            .paused
+            .iter()
+            .map(|(destination, pause)| PausedDestination {
+                destination: destination.clone(),
+                pause: pause.clone(),
+                waiting: s.paused_jobs.get(destination).map_or(0, |jobs| jobs.len() as u64),
+            })
+            .collect();
+        out.sort_by(|a, b| a.destination.cmp(&b.destination));
+        Ok(out)
+    }
+
+    async fn probe(&self, destination: &str, now_ms: u64, next_ms: u64) -> Result<Option<String>, QueueError> {
+        let _control = self.control.lock().await;
+        let (pause, job) = {
+            let s = self.schedule();
+            let Some(pause) = s.paused.get(destination) else { return Ok(None) };
+            let Some(job) = s.paused_jobs.get(destination).and_then(|jobs| jobs.front()) else { return Ok(None) };
+            if pause.by != PausedBy::Breaker || pause.probe_at_ms.is_some_and(|at| at > now_ms) {
+                return Ok(None);
+            }
+            (Pause { probe_at_ms: Some(next_ms), probe_job: Some(job.to_string()), ..pause.clone() }, job.clone())
+        };
+        self.write_pause(destination, Some(pause)).await?;
+        {
+            let mut s = self.schedule();
+            if let Some(jobs) = s.paused_jobs.get_mut(destination) {
+                jobs.retain(|id| *id != job);
+            }
+            s.waiting.insert((now_ms, job.clone()));
+        }
+        self.notify.notify_waiters();
+        Ok(Some(job.to_string()))
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
@@ -840,6 +984,64 @@ mod tests {
         q.ack(&again).await.unwrap();
         let second = q.reserve(Duration::from_secs(5)).await.unwrap().unwrap();
         assert_eq!((second.job.receipt_id.as_str(), second.job.attempts), ("r2", 1));
+    }
+
+    fn paused_by(by: PausedBy, probe_at_ms: Option<u64>) -> Pause {
+        Pause { by, reason: "test".into(), since_ms: 1, probe_at_ms, probe_job: None }
+    }
+
+    #[tokio::test]
+    async fn a_paused_destinations_jobs_wait_spending_nothing_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let email = Job { id: "r2/brevo/Email".into(), destination: "brevo".into(), ..job("x") };
+        {
+            let q = open(dir.path());
+            assert!(q.pause("meta-capi", paused_by(PausedBy::Operator, None)).await.unwrap());
+            q.enqueue(vec![ordered("r1", ""), email]).await.unwrap();
+            // Brevo is not paused: its job goes; Meta's waits.
+            let sent = q.reserve(Duration::ZERO).await.unwrap().unwrap();
+            assert_eq!(sent.job.destination, "brevo");
+            q.ack(&sent).await.unwrap();
+            assert_eq!(q.reserve(Duration::ZERO).await.unwrap(), None);
+            assert_eq!(q.depth().await.unwrap().paused, 1);
+            let paused = q.paused().await.unwrap();
+            assert_eq!((paused.len(), paused[0].destination.as_str(), paused[0].waiting), (1, "meta-capi", 1));
+            // The breaker neither replaces an operator's pause nor probes it.
+            assert!(!q.pause("meta-capi", paused_by(PausedBy::Breaker, Some(0))).await.unwrap());
+            assert_eq!(q.probe("meta-capi", u64::MAX - 1, u64::MAX).await.unwrap(), None);
+        }
+        let q = open(dir.path());
+        assert_eq!(q.reserve(Duration::ZERO).await.unwrap(), None, "still paused after a restart");
+        assert_eq!(q.resume("meta-capi", Some(PausedBy::Breaker)).await.unwrap(), None, "an operator paused it");
+        assert_eq!(q.resume("meta-capi", None).await.unwrap(), Some(1));
+        let j = q.reserve(Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!((j.job.id.as_str(), j.job.attempts, j.probe), ("r1/meta-capi/Lead", 1, false));
+        assert_eq!(q.resume("meta-capi", None).await.unwrap(), None, "no longer paused");
+        assert!(q.paused().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_breaker_lets_one_job_through_as_a_probe_when_its_time_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        q.enqueue(vec![ordered("r1", ""), ordered("r2", "")]).await.unwrap();
+        assert!(q.pause("meta-capi", paused_by(PausedBy::Breaker, Some(1000))).await.unwrap());
+        assert_eq!(q.reserve(Duration::ZERO).await.unwrap(), None);
+        assert_eq!(q.probe("meta-capi", 999, 5000).await.unwrap(), None, "not yet");
+        assert_eq!(q.probe("meta-capi", 1000, 5000).await.unwrap().as_deref(), Some("r1/meta-capi/Lead"));
+        let probe = q.reserve(Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!((probe.job.receipt_id.as_str(), probe.probe), ("r1", true));
+        assert_eq!(q.reserve(Duration::ZERO).await.unwrap(), None, "one probe at a time");
+        assert_eq!(q.probe("meta-capi", 2000, 6000).await.unwrap(), None, "the next probe is due at 5000");
+        let paused = q.paused().await.unwrap();
+        assert_eq!(paused[0].pause.probe_job.as_deref(), Some("r1/meta-capi/Lead"));
+        assert_eq!(paused[0].waiting, 1);
+        // An operator's pause replaces the breaker's.
+        assert!(q.pause("meta-capi", paused_by(PausedBy::Operator, None)).await.unwrap());
+        assert_eq!(q.resume("meta-capi", Some(PausedBy::Breaker)).await.unwrap(), None);
+        assert_eq!(q.resume("meta-capi", Some(PausedBy::Operator)).await.unwrap(), Some(1));
+        let rest = q.reserve(Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!((rest.job.receipt_id.as_str(), rest.probe), ("r2", false));
     }
 
     #[tokio::test]

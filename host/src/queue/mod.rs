@@ -62,6 +62,9 @@ pub struct Reserved {
     pub job: Job,
     /// The backend's handle on the reservation (the stream entry, for Redis).
     pub(crate) lease: String,
+    /// Let through a destination the circuit breaker paused, to see whether
+    /// it works again (`JobQueue::probe`).
+    pub probe: bool,
 }
 
 impl Job {
@@ -101,6 +104,49 @@ pub struct DeadLetter {
     pub failed_at_ms: u64,
 }
 
+/// Who paused a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PausedBy {
+    /// An operator (`POST /api/v1/destinations/{name}/pause`): it stays
+    /// paused until resumed.
+    Operator,
+    /// The circuit breaker, after consecutive failures: one job at a time
+    /// probes it, and the first delivered resumes it.
+    Breaker,
+}
+
+/// A paused destination: its jobs wait, spending no attempts, until it is
+/// resumed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pause {
+    pub by: PausedBy,
+    pub reason: String,
+    pub since_ms: u64,
+    /// Breaker: the next probe may start at this time (unix ms).
+    #[serde(default)]
+    pub probe_at_ms: Option<u64>,
+    /// Breaker: the job let through as the latest probe.
+    #[serde(default)]
+    pub probe_job: Option<String>,
+}
+
+/// A destination that is paused, and how many of its jobs wait for it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PausedDestination {
+    pub destination: String,
+    #[serde(flatten)]
+    pub pause: Pause,
+    /// Jobs that came due while it was paused; jobs scheduled for a later
+    /// retry join them when due.
+    pub waiting: u64,
+}
+
+/// The destination part of a job id (`{receipt}/{destination}/{action}`).
+pub fn destination_of(job_id: &str) -> &str {
+    job_id.split('/').nth(1).unwrap_or_default()
+}
+
 /// Counts by state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct QueueDepth {
@@ -111,6 +157,8 @@ pub struct QueueDepth {
     /// Reserved by a worker.
     pub in_flight: u64,
     pub dead: u64,
+    /// Waiting for their destination to be resumed.
+    pub paused: u64,
 }
 
 /// Queue failures. On the accept path they mean 503.
@@ -163,6 +211,20 @@ pub trait JobQueue: Send + Sync {
     /// Move a dead letter back to the queue with a fresh retry budget.
     async fn replay(&self, job_id: &str) -> Result<Option<Job>, QueueError>;
     async fn depth(&self) -> Result<QueueDepth, QueueError>;
+    /// Pause a destination: from now on its jobs wait when they come due,
+    /// spending nothing. An operator's pause replaces any; the breaker's
+    /// replaces none of an operator's (then false).
+    async fn pause(&self, destination: &str, pause: Pause) -> Result<bool, QueueError>;
+    /// Resume a destination paused (by anyone, or only by `by`): its
+    /// waiting jobs are due at once. How many there were; None if it was
+    /// not paused (so).
+    async fn resume(&self, destination: &str, by: Option<PausedBy>) -> Result<Option<u64>, QueueError>;
+    /// The paused destinations.
+    async fn paused(&self) -> Result<Vec<PausedDestination>, QueueError>;
+    /// If the breaker paused `destination` and its probe time has come, let
+    /// its oldest waiting job through as the probe; the next probe may
+    /// start at `next_ms`. The job let through, if any.
+    async fn probe(&self, destination: &str, now_ms: u64, next_ms: u64) -> Result<Option<String>, QueueError>;
     async fn ping(&self) -> Result<(), QueueError>;
     /// At shutdown, after the workers stopped: make the jobs this process
     /// still holds (deliveries cut off) available to others at once. The

@@ -18,6 +18,10 @@
 //!   moved back into the stream when a job of the group is acknowledged or
 //!   dead-lettered
 //! - `{p}:parked:count`  integer: parked jobs in all, for the queue depth
+//! - `{p}:paused`        hash: destination → its `Pause` as JSON
+//! - `{p}:waiting:<destination>` list: ids of a paused destination's jobs that
+//!   came due, oldest first; back into the stream when it is resumed
+//! - `{p}:paused:count`  integer: jobs in those lists, for the queue depth
 //! - `{p}:ready`         string written by `/ready` (expires after a minute): a
 //!   Redis that answers but refuses writes (out of memory, MISCONF, a
 //!   read-only replica) is not ready
@@ -58,7 +62,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, AsyncConnectionConfig, Script, ScriptInvocation};
 
-use super::{DeadLetter, Job, JobQueue, QueueDepth, QueueError, Reserved};
+use super::{DeadLetter, Job, JobQueue, Pause, PausedBy, PausedDestination, QueueDepth, QueueError, Reserved};
 use crate::batch::Batcher;
 use crate::store::now_ms;
 
@@ -93,11 +97,14 @@ redis.call('XADD', KEYS[2], '*', 'id', ARGV[2])
 return 1";
 
 /// Take a read entry in one request: its job with the times the group has
-/// handed the entry out ({2, job, deliveries}), unless the entry is no
-/// longer this consumer's ({3}), its job is gone, finished elsewhere (the
-/// entry is dropped: {0}), or an earlier receipt's job of its deal is live
-/// (the entry goes, no attempt spent, and the job id waits in the deal's
-/// parked set: {1}). The deal's keys come from the job's `order_key`.
+/// handed the entry out and whether it is its destination's probe ({2,
+/// job, deliveries, probe}), unless the entry is no longer this consumer's
+/// ({3}), its job is gone, finished elsewhere (the entry is dropped: {0}),
+/// its destination is paused (the entry goes, no attempt spent, and the
+/// job id waits in the destination's list: {4}), or an earlier receipt's
+/// job of its deal is live (the entry goes, no attempt spent, and the job
+/// id waits in the deal's parked set: {1}). The deal's keys come from the
+/// job's `order_key`.
 const CLAIM: &str = r"
 local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #held == 0 or held[1][2] ~= ARGV[3] then return {3} end
@@ -108,7 +115,20 @@ if not job then
   redis.call('XDEL', KEYS[1], ARGV[2])
   return {0}
 end
-local order = cjson.decode(job)['order_key']
+local fields = cjson.decode(job)
+local probe = 0
+local pause = redis.call('HGET', KEYS[4], fields['destination'])
+if pause then
+  if cjson.decode(pause)['probe_job'] ~= ARGV[4] then
+    redis.call('RPUSH', ARGV[5] .. ':waiting:' .. fields['destination'], ARGV[4])
+    redis.call('INCR', KEYS[5])
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+    redis.call('XDEL', KEYS[1], ARGV[2])
+    return {4}
+  end
+  probe = 1
+end
+local order = fields['order_key']
 if type(order) == 'string' and order ~= '' then
   local first = redis.call('ZRANGE', ARGV[5] .. ':order:' .. order, 0, 0)[1]
   if first and string.match(first, '^[^/]*') < string.match(ARGV[4], '^[^/]*') then
@@ -118,7 +138,50 @@ if type(order) == 'string' and order ~= '' then
     return {1}
   end
 end
-return {2, job, held[1][4]}";
+return {2, job, held[1][4], probe}";
+
+/// Pause destination ARGV[1] (pause ARGV[2], by ARGV[3]), unless the
+/// breaker would replace an operator's pause (0).
+const PAUSE: &str = r"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old and ARGV[3] == 'breaker' and cjson.decode(old)['by'] == 'operator' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1";
+
+/// Resume destination ARGV[1] if it is paused (by ARGV[2], or by anyone
+/// if empty; -1 if not), moving up to ARGV[3] of its waiting jobs back into
+/// the stream; with ARGV[4] = '0', only move more of them. How many moved.
+const RESUME: &str = r"
+if ARGV[4] == '1' then
+  local old = redis.call('HGET', KEYS[1], ARGV[1])
+  if not old or (ARGV[2] ~= '' and cjson.decode(old)['by'] ~= ARGV[2]) then return -1 end
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+local ids = redis.call('LPOP', KEYS[2], tonumber(ARGV[3]))
+if not ids then return 0 end
+for _, id in ipairs(ids) do
+  redis.call('XADD', KEYS[3], '*', 'id', id)
+end
+redis.call('DECRBY', KEYS[4], #ids)
+return #ids";
+
+/// If the breaker paused destination ARGV[1] and the probe time has come
+/// (ARGV[2] is now), let its oldest waiting job through as the probe, the
+/// next one due at ARGV[3]: the job id, or false.
+const PROBE: &str = r"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return false end
+local pause = cjson.decode(old)
+local at = pause['probe_at_ms']
+if pause['by'] ~= 'breaker' or (type(at) == 'number' and at > tonumber(ARGV[2])) then return false end
+local id = redis.call('LPOP', KEYS[2])
+if not id then return false end
+redis.call('DECR', KEYS[4])
+pause['probe_job'] = id
+pause['probe_at_ms'] = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(pause))
+redis.call('XADD', KEYS[3], '*', 'id', id)
+return id";
 
 /// Suffix of the settling scripts that end a job: it leaves its deal's
 /// order, and the jobs parked behind it go back into the stream (each is
@@ -258,6 +321,9 @@ struct Scripts {
     hand_back: Script,
     lease: Script,
     forget: Script,
+    pause: Script,
+    resume: Script,
+    probe: Script,
 }
 
 impl Scripts {
@@ -274,6 +340,9 @@ impl Scripts {
             hand_back: Script::new(HAND_BACK),
             lease: Script::new(LEASE),
             forget: Script::new(FORGET),
+            pause: Script::new(PAUSE),
+            resume: Script::new(RESUME),
+            probe: Script::new(PROBE),
         }
     }
 }
@@ -625,6 +694,8 @@ impl RedisQueue {
             .key(self.core.key("jobs"))
             .key(self.core.job_key(&job_id))
             .key(self.core.key("parked:count"))
+            .key(self.core.key("paused"))
+            .key(self.core.key("paused:count"))
             .arg(GROUP)
             .arg(entry_id)
             .arg(&self.core.consumer)
@@ -633,7 +704,7 @@ impl RedisQueue {
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
-        let [code, json, deliveries] = <[redis::Value; 3]>::try_from(reply).unwrap_or_default();
+        let [code, json, deliveries, probe] = <[redis::Value; 4]>::try_from(reply).unwrap_or_default();
         if redis::from_redis_value::<i64>(code).ok() != Some(2) {
             return Ok(None);
         }
@@ -643,7 +714,8 @@ impl RedisQueue {
         let deliveries = deliveries.max(1);
         job.attempts += deliveries;
         job.interrupted += deliveries - 1;
-        Ok(Some(Reserved { job, lease: entry_id.to_string() }))
+        let probe = redis::from_redis_value::<i64>(probe).ok() == Some(1);
+        Ok(Some(Reserved { job, lease: entry_id.to_string(), probe }))
     }
 
     fn entry_job_id(map: &std::collections::HashMap<String, redis::Value>) -> Option<String> {
@@ -849,15 +921,16 @@ impl JobQueue for RedisQueue {
     /// One pipelined request.
     async fn depth(&self) -> Result<QueueDepth, QueueError> {
         let mut c = self.core.trip();
-        let (groups, delayed, parked, dead): (redis::streams::StreamInfoGroupsReply, u64, Option<i64>, u64) =
-            redis::pipe()
-                .xinfo_groups(self.core.key("jobs"))
-                .zcard(self.core.key("delayed"))
-                .get(self.core.key("parked:count"))
-                .hlen(self.core.key("dead"))
-                .query_async(&mut c)
-                .await
-                .map_err(unavailable)?;
+        type Reply = (redis::streams::StreamInfoGroupsReply, u64, Option<i64>, u64, Option<i64>);
+        let (groups, delayed, parked, dead, paused): Reply = redis::pipe()
+            .xinfo_groups(self.core.key("jobs"))
+            .zcard(self.core.key("delayed"))
+            .get(self.core.key("parked:count"))
+            .hlen(self.core.key("dead"))
+            .get(self.core.key("paused:count"))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
         let group = groups.groups.into_iter().find(|g| g.name == GROUP);
         Ok(QueueDepth {
             ready: group.as_ref().and_then(|g| g.lag).unwrap_or(0) as u64,
@@ -865,7 +938,102 @@ impl JobQueue for RedisQueue {
             delayed: delayed + parked.unwrap_or(0).max(0) as u64,
             in_flight: group.map(|g| g.pending).unwrap_or(0) as u64,
             dead,
+            paused: paused.unwrap_or(0).max(0) as u64,
         })
+    }
+
+    async fn pause(&self, destination: &str, pause: Pause) -> Result<bool, QueueError> {
+        let by = if pause.by == PausedBy::Breaker { "breaker" } else { "operator" };
+        let mut c = self.core.trip();
+        let set: i64 = self
+            .core
+            .scripts
+            .pause
+            .key(self.core.key("paused"))
+            .arg(destination)
+            .arg(to_json(&pause)?)
+            .arg(by)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(set == 1)
+    }
+
+    /// A few thousand waiting jobs per request, so that resuming a long
+    /// pause does not stall Redis.
+    async fn resume(&self, destination: &str, by: Option<PausedBy>) -> Result<Option<u64>, QueueError> {
+        const PER_REQUEST: u64 = 2_000;
+        let by = match by {
+            None => "",
+            Some(PausedBy::Breaker) => "breaker",
+            Some(PausedBy::Operator) => "operator",
+        };
+        let mut released = 0;
+        loop {
+            let mut c = self.core.trip();
+            let moved: i64 = self
+                .core
+                .scripts
+                .resume
+                .key(self.core.key("paused"))
+                .key(self.core.key(&format!("waiting:{destination}")))
+                .key(self.core.key("jobs"))
+                .key(self.core.key("paused:count"))
+                .arg(destination)
+                .arg(by)
+                .arg(PER_REQUEST)
+                .arg(if released == 0 { "1" } else { "0" })
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            if moved < 0 {
+                return Ok(None);
+            }
+            released += moved as u64;
+            if (moved as u64) < PER_REQUEST {
+                return Ok(Some(released));
+            }
+        }
+    }
+
+    async fn paused(&self) -> Result<Vec<PausedDestination>, QueueError> {
+        let mut c = self.core.trip();
+        let pauses: std::collections::BTreeMap<String, String> =
+            c.hgetall(self.core.key("paused")).await.map_err(unavailable)?;
+        if pauses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut lengths = redis::pipe();
+        for destination in pauses.keys() {
+            lengths.llen(self.core.key(&format!("waiting:{destination}")));
+        }
+        self.core.trips.fetch_add(1, Ordering::Relaxed);
+        let lengths: Vec<u64> = lengths.query_async(&mut c).await.map_err(unavailable)?;
+        pauses
+            .into_iter()
+            .zip(lengths)
+            .map(|((destination, json), waiting)| {
+                let pause = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+                Ok(PausedDestination { destination, pause, waiting })
+            })
+            .collect()
+    }
+
+    async fn probe(&self, destination: &str, now_ms: u64, next_ms: u64) -> Result<Option<String>, QueueError> {
+        let mut c = self.core.trip();
+        self.core
+            .scripts
+            .probe
+            .key(self.core.key("paused"))
+            .key(self.core.key(&format!("waiting:{destination}")))
+            .key(self.core.key("jobs"))
+            .key(self.core.key("paused:count"))
+            .arg(destination)
+            .arg(now_ms)
+            .arg(next_ms)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)
     }
 
     fn round_trips(&self) -> u64 {

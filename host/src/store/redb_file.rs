@@ -386,7 +386,7 @@ fn create(path: &Path) -> Result<Database, redb::DatabaseError> {
 /// earlier version next to `crm.redb` mean that version ran here after this
 /// one: that is refused, with what to do.
 pub fn open_embedded(dir: &Path, embedded_queue: bool) -> Result<Arc<RedbFile>, String> {
-    use crate::queue::embedded::{DEAD, JOB_STATE, JOBS};
+    use crate::queue::embedded::{DEAD, JOB_STATE, JOBS, PAUSED};
     use crate::store::embedded::{DEDUPE, HEADS, RECEIPTS, UNQUEUED};
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let path = dir.join("crm.redb");
@@ -417,6 +417,7 @@ pub fn open_embedded(dir: &Path, embedded_queue: bool) -> Result<Arc<RedbFile>, 
         txn.open_table(DEDUPE).map_err(Box::new)?;
         txn.open_table(UNQUEUED).map_err(Box::new)?;
         txn.open_table(JOB_STATE).map_err(Box::new)?;
+        txn.open_table(PAUSED).map_err(Box::new)?;
         let mut jobs = txn.open_table(JOBS).map_err(Box::new)?;
         let mut dead = txn.open_table(DEAD).map_err(Box::new)?;
         for (live, key, value) in import.iter().flatten() {

@@ -13,6 +13,7 @@
 //! instance, the receipt store down) give the attempt back: the job is put
 //! off with backoff and spends nothing.
 
+pub mod breaker;
 pub mod retry;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use crate::queue::{Job, Reserved, Settle};
 use crate::store::{
     AttemptRecord, DeliveryState, LoggedAttempt, LoggedRequest, MAX_LOGGED_REQUESTS, StoreError, now_ms,
 };
+use breaker::Health;
 
 /// How long a worker waits for a job before checking for shutdown.
 const POLL: Duration = Duration::from_secs(1);
@@ -56,16 +58,18 @@ enum Verdict {
     },
 }
 
-/// Start `config.workers` workers; they stop when `shutdown` turns true,
-/// finishing the job in hand.
+/// Start `config.workers` workers, and the circuit breaker's prober; they
+/// stop when `shutdown` turns true, the workers finishing the job in hand.
 pub fn spawn(app: Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
-    (0..app.config.workers)
+    let mut tasks: Vec<JoinHandle<()>> = (0..app.config.workers)
         .map(|n| {
             let app = app.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move { run(app, n, shutdown).await })
         })
-        .collect()
+        .collect();
+    tasks.push(tokio::spawn(breaker::probe(app, shutdown)));
+    tasks
 }
 
 async fn run(app: Arc<App>, worker: usize, shutdown: watch::Receiver<bool>) {
@@ -111,7 +115,17 @@ pub async fn process(app: &App, reserved: Reserved) {
             return;
         }
         let (verdict, logged) = attempt_delivery(app, &reserved.job).await;
+        let health = match &verdict {
+            Verdict::Delivered { .. } => Some((Health::Up, String::new())),
+            Verdict::Retry { reason, .. } => Some((Health::Failing, reason.clone())),
+            Verdict::Permanent { .. } => Some((Health::Answering, String::new())),
+            Verdict::Defer { .. } => None,
+        };
+        let probe = reserved.clone();
         settle(app, reserved, verdict, logged).await;
+        if let Some((health, reason)) = health {
+            app.breaker.observe(app, &probe, health, &reason).await;
+        }
     }
     .instrument(span)
     .await
