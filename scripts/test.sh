@@ -5,6 +5,8 @@
 #   - redis-server (tests start their own on free ports);
 #   - nx-27017, a MongoDB wire-protocol server, in a venv (tests start their
 #     own on free ports; NX_27017 tells them where it is);
+#   - Debian's chromium and Playwright for Python (in a venv), for the web
+#     page's browser test (UI_PYTHON tells it where);
 #   - Python tooling for the example Python plugin is installed by its own
 #     build script, which a test runs.
 set -euo pipefail
@@ -35,6 +37,20 @@ if [ ! -x "$venv/bin/nx-27017" ]; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'nx-27017==0.8.1'
 fi
 export NX_27017="$venv/bin/nx-27017"
+
+# The web page's test drives Debian's Chromium with Playwright for Python
+# (which cannot download its own browsers here; it is pointed at this one).
+if ! command -v chromium >/dev/null; then
+    echo "installing chromium"
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+ui_venv="$target_dir/ui-venv"
+if [ ! -x "$ui_venv/bin/python" ] || ! "$ui_venv/bin/python" -c 'import playwright' 2>/dev/null; then
+    echo "installing Playwright for Python into $ui_venv"
+    python3 -m venv "$ui_venv"
+    "$ui_venv/bin/pip" install --quiet --disable-pip-version-check 'playwright==1.65.2'
+fi
+export UI_PYTHON="$ui_venv/bin/python" CHROMIUM="$(command -v chromium)"
 
 # Lints are part of the suite.
 cargo fmt --all --check

@@ -399,6 +399,9 @@ async fn the_openapi_description_lists_every_route_and_every_listed_route_is_ser
             "/health",
             "/metrics",
             "/ready",
+            "/ui",
+            "/ui/app.js",
+            "/ui/style.css",
             "/v1/webhooks/{provider}",
         ]
     );

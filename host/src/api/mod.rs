@@ -9,6 +9,7 @@ mod destinations;
 mod error;
 mod limit;
 pub mod server;
+mod ui;
 mod webhook;
 
 use std::sync::Arc;
@@ -87,6 +88,9 @@ fn public_routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(ready))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
+        .routes(routes!(ui::page))
+        .routes(routes!(ui::script))
+        .routes(routes!(ui::style))
 }
 
 /// The OpenAPI 3.1 description of every route.
