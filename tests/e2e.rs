@@ -79,6 +79,33 @@ async fn failures_in_a_row_open_the_breaker_and_a_delivered_probe_closes_it() {
 }
 
 #[tokio::test]
+async fn a_destinations_concurrency_cap_from_the_routes_file_holds_the_next_delivery_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.toml");
+    let table = format!(
+        "{}\n[destination.meta-capi]\nmax_concurrency = 1\n",
+        std::fs::read_to_string(repo().join("host/src/routes.default.toml")).unwrap()
+    );
+    std::fs::write(&routes, table).unwrap();
+    let s = setup(&[("ROUTES_FILE", routes.to_str().unwrap())]).await;
+    // Meta leaves the first request hanging.
+    s.meta.hold(1);
+    let host = Host::start(&s.vars).await;
+    for deal in ["D-CAP-1", "D-CAP-2"] {
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload(deal, "Qualified")).await;
+    }
+    eventually("the first Lead at Meta", WAIT, async || (s.meta.received().len() == 1).then_some(())).await;
+    // With 64 workers and no cap, the second would be at Meta at once.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(s.meta.received().len(), 1, "the second delivery waits for the first");
+    s.meta.release();
+    eventually("both Leads delivered", WAIT, async || (s.meta.unique_events().len() == 2).then_some(())).await;
+    let shown = get_json(&host.url, "/api/v1/destinations").await;
+    let meta = shown["destinations"].as_array().unwrap().iter().find(|d| d["name"] == "meta-capi").unwrap().clone();
+    assert_eq!(meta["limits"], json!({ "max_concurrency": 1, "max_per_second": null }));
+}
+
+#[tokio::test]
 async fn a_restart_between_accept_and_delivery_still_delivers_once() {
     flows::a_restart_between_accept_and_delivery_still_delivers_once(&setup(&[]).await.flow).await;
 }

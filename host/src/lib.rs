@@ -48,6 +48,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Failures in a row per destination, for the circuit breaker.
     pub breaker: worker::breaker::Breaker,
+    /// Per-destination concurrency caps and rates (routes file).
+    pub limiter: worker::limits::Limiter,
     /// The webhook and operator keys, as the API checks them.
     pub keys: api::Keys,
     /// Set on SIGTERM: webhooks are refused (503) and `/ready` is false
@@ -175,6 +177,7 @@ impl App {
             routes: RwLock::new(Arc::new(routes)),
             metrics,
             breaker: Default::default(),
+            limiter: Default::default(),
             stopping: AtomicBool::new(false),
         }))
     }

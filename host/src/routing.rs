@@ -1,6 +1,6 @@
-//! Routing: which destination actions a deal status triggers. Configuration,
-//! not code: a TOML table (`ROUTES_FILE`, default `routes.default.toml`),
-//! parsed strictly.
+//! Routing: which destination actions a deal status triggers, and how hard
+//! each destination may be driven. Configuration, not code: a TOML table
+//! (`ROUTES_FILE`, default `routes.default.toml`), parsed strictly.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -33,12 +33,24 @@ pub struct Route {
     pub actions: Vec<ActionSpec>,
 }
 
+/// How hard one destination may be driven, per process (`[destination.NAME]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationLimits {
+    /// Deliveries to it at once.
+    pub max_concurrency: Option<u32>,
+    /// Deliveries to it started per second (fractions allowed).
+    pub max_per_second: Option<f64>,
+}
+
 /// The routing table.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Routes {
     #[serde(rename = "route", default)]
     routes: Vec<Route>,
+    #[serde(rename = "destination", default)]
+    limits: BTreeMap<String, DestinationLimits>,
 }
 
 /// A routing table that could not be used.
@@ -53,7 +65,7 @@ pub enum RoutesError {
 impl Routes {
     /// The built-in default table.
     pub fn default_table() -> Routes {
-        Routes::parse(DEFAULT_ROUTES, "built-in").unwrap_or(Routes { routes: Vec::new() })
+        Routes::parse(DEFAULT_ROUTES, "built-in").unwrap_or(Routes { routes: Vec::new(), limits: BTreeMap::new() })
     }
 
     /// Load from a file.
@@ -81,7 +93,20 @@ impl Routes {
                 }
             }
         }
+        for (name, limits) in &routes.limits {
+            if limits.max_concurrency == Some(0) {
+                return Err(invalid(format!("destination.{name}.max_concurrency must be at least 1")));
+            }
+            if limits.max_per_second.is_some_and(|rate| !(rate.is_finite() && rate > 0.0)) {
+                return Err(invalid(format!("destination.{name}.max_per_second must be a number above 0")));
+            }
+        }
         Ok(routes)
+    }
+
+    /// The limits set for a destination (none: unlimited).
+    pub fn limits(&self, destination: &str) -> DestinationLimits {
+        self.limits.get(destination).copied().unwrap_or_default()
     }
 
     /// The actions for a provider's event with this status, in table order,
@@ -147,6 +172,19 @@ mod tests {
         assert_eq!(r.actions_for("hubspot", "Won").len(), 1);
         assert_eq!(r.actions_for("hubspot", "Won")[0].params["note"], "x");
         assert!(r.actions_for("crm", "Won")[0].params.is_empty());
+    }
+
+    #[test]
+    fn destination_limits_are_read_and_checked() {
+        let r = Routes::parse("[destination.brevo]\nmax_concurrency = 8\nmax_per_second = 1000", "f.toml").unwrap();
+        assert_eq!(r.limits("brevo"), DestinationLimits { max_concurrency: Some(8), max_per_second: Some(1000.0) });
+        assert_eq!(r.limits("meta-capi"), DestinationLimits::default());
+        let err = Routes::parse("[destination.brevo]\nmax_concurrency = 0", "f.toml").unwrap_err();
+        assert!(err.to_string().contains("destination.brevo.max_concurrency must be at least 1"), "{err}");
+        let err = Routes::parse("[destination.brevo]\nmax_per_second = -1", "f.toml").unwrap_err();
+        assert!(err.to_string().contains("max_per_second must be a number above 0"), "{err}");
+        let err = Routes::parse("[destination.brevo]\nburst = 3", "f.toml").unwrap_err();
+        assert!(err.to_string().contains("unknown field `burst`"), "{err}");
     }
 
     #[test]

@@ -242,11 +242,16 @@ async function loadDestinations() {
         ? `paused by ${paused.by === "breaker" ? "the circuit breaker" : "an operator"} since ${time(paused.since_ms)}: ${paused.reason}`
         : "running";
       const verb = paused ? "resume" : "pause";
+      const limits = [
+        d.limits.max_concurrency ? `${d.limits.max_concurrency} at once` : null,
+        d.limits.max_per_second ? `${d.limits.max_per_second}/s` : null,
+      ].filter(Boolean);
       return el(
         "tr",
         { class: "destination", "data-name": d.name },
         el("td", {}, d.name),
         el("td", {}, d.loaded ? `v${d.version}` : "not loaded"),
+        el("td", {}, limits.length ? limits.join(", ") : "none"),
         el("td", { class: paused ? "state paused" : "state" }, state),
         el("td", { class: "waiting" }, d.waiting),
         el("td", {}, el("button", { type: "button", class: verb, onclick: () => steer(d.name, verb) }, paused ? "Resume" : "Pause")),

@@ -29,17 +29,18 @@ fn known(app: &App, paused: &[PausedDestination]) -> BTreeSet<String> {
     names
 }
 
-/// Each destination: its plugin version if loaded, whether it is paused, by
-/// whom and why, and how many jobs wait for it.
+/// Each destination: its plugin version if loaded, its limits, whether it
+/// is paused, by whom and why, and how many jobs wait for it.
 #[utoipa::path(get, path = "/api/v1/destinations", tag = "operator",
     responses(
-        (status = 200, description = "{destinations: [{name, loaded, version, paused: {by, reason, since_ms, \
-            probe_at_ms, probe_job} or null, waiting}]}"),
+        (status = 200, description = "{destinations: [{name, loaded, version, limits: {max_concurrency, \
+            max_per_second}, paused: {by, reason, since_ms, probe_at_ms, probe_job} or null, waiting}]}"),
         (status = 401, description = "Missing or wrong operator key"),
         (status = 503, description = "The queue is unavailable")))]
 pub(super) async fn list_destinations(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, ApiError> {
     let paused = app.queue.paused().await.map_err(queue_unavailable)?;
     let plugins = app.plugins.snapshot();
+    let routes = app.routes();
     let destinations: Vec<serde_json::Value> = known(&app, &paused)
         .into_iter()
         .map(|name| {
@@ -49,6 +50,7 @@ pub(super) async fn list_destinations(State(app): State<Arc<App>>) -> Result<Jso
                 "name": name,
                 "loaded": plugin.is_some(),
                 "version": plugin.map(|p| p.manifest.version.to_string()),
+                "limits": routes.limits(&name),
                 "paused": pause.map(|p| &p.pause),
                 "waiting": pause.map_or(0, |p| p.waiting),
             })

@@ -14,6 +14,7 @@
 //! off with backoff and spends nothing.
 
 pub mod breaker;
+pub mod limits;
 pub mod retry;
 
 use std::sync::Arc;
@@ -138,6 +139,7 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
         let reason = format!("no destination plugin named {:?} is loaded", job.destination);
         return (Verdict::Defer { reason }, None);
     };
+    let _turn = app.limiter.turn(&job.destination, app.routes().limits(&job.destination)).await;
     let started_at_ms = now_ms();
     let started = Instant::now();
     let (result, requests) = plugin
