@@ -90,6 +90,12 @@ async fn failures_in_a_row_open_the_breaker_and_a_delivered_probe_closes_it() {
 }
 
 #[tokio::test]
+async fn retention_purges_requests_then_removes_settled_receipts_and_dead_letters() {
+    flows::retention_purges_requests_then_removes_settled_receipts_and_dead_letters(&setup("retention").await.flow)
+        .await;
+}
+
+#[tokio::test]
 async fn a_restart_between_accept_and_delivery_still_delivers_once() {
     flows::a_restart_between_accept_and_delivery_still_delivers_once(&setup("restart").await.flow).await;
 }

@@ -106,6 +106,11 @@ async fn a_destinations_concurrency_cap_from_the_routes_file_holds_the_next_deli
 }
 
 #[tokio::test]
+async fn retention_purges_requests_then_removes_settled_receipts_and_dead_letters() {
+    flows::retention_purges_requests_then_removes_settled_receipts_and_dead_letters(&setup(&[]).await.flow).await;
+}
+
+#[tokio::test]
 async fn a_restart_between_accept_and_delivery_still_delivers_once() {
     flows::a_restart_between_accept_and_delivery_still_delivers_once(&setup(&[]).await.flow).await;
 }

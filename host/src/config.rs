@@ -116,6 +116,7 @@ pub struct Config {
     pub retry: RetryPolicy,
     pub alerts: AlertSettings,
     pub breaker: BreakerSettings,
+    pub retention: RetentionSettings,
     /// Concurrent deliveries per process.
     pub workers: usize,
     /// Plugin instances that may run at once (parses and deliveries); the
@@ -150,6 +151,17 @@ pub struct BreakerSettings {
     /// 0 turns the breaker off.
     pub failures: u32,
     pub probe_after: Duration,
+}
+
+/// How long what was received is kept (None: for ever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionSettings {
+    /// `RETENTION_DAYS`: settled receipts and dead letters older than this
+    /// are removed.
+    pub receipts: Option<Duration>,
+    /// `REQUEST_BODY_RETENTION_DAYS`: what the CRM sent (headers, body,
+    /// and the request bodies in attempt logs) is purged after this.
+    pub request_bodies: Option<Duration>,
 }
 
 /// `RATE_LIMIT_MAX` requests per `RATE_LIMIT_WINDOW_MS`, per client address.
@@ -244,6 +256,8 @@ pub const HOST_VARS: &[&str] = &[
     "RATE_LIMIT_WINDOW_MS",
     "REDIS_KEY_PREFIX",
     "REDIS_URI",
+    "REQUEST_BODY_RETENTION_DAYS",
+    "RETENTION_DAYS",
     "RETRY_BASE_DELAY_MS",
     "RETRY_MAX_ATTEMPTS",
     "ROUTES_FILE",
@@ -395,6 +409,19 @@ impl Config {
         if breaker.probe_after < Duration::from_millis(100) {
             bail!("BREAKER_PROBE_AFTER_MS must be at least 100");
         }
+        let receipts = days(&get, "RETENTION_DAYS", 30.0)?;
+        let retention = RetentionSettings {
+            receipts,
+            request_bodies: match get("REQUEST_BODY_RETENTION_DAYS") {
+                None => receipts,
+                Some(_) => days(&get, "REQUEST_BODY_RETENTION_DAYS", 0.0)?,
+            },
+        };
+        if let (Some(receipts), Some(bodies)) = (retention.receipts, retention.request_bodies)
+            && bodies > receipts
+        {
+            bail!("REQUEST_BODY_RETENTION_DAYS must not exceed RETENTION_DAYS (request bodies go with their receipts)");
+        }
         let worker_id = get("WORKER_ID");
         if let Some(id) = &worker_id
             && (id.is_empty() || id.len() > 200 || id.chars().any(|c| c.is_whitespace() || c.is_control()))
@@ -405,6 +432,7 @@ impl Config {
         Ok(Config {
             alerts,
             breaker,
+            retention,
             worker_id,
             shutdown_timeout: Duration::from_millis(shutdown_ms),
             db_collection: get("DB_COLLECTION").unwrap_or_else(|| "webhook_receipts".to_string()),
@@ -460,6 +488,19 @@ fn parse<T: std::str::FromStr>(
         None => Ok(default),
         Some(v) => v.parse().map_err(|_| anyhow::anyhow!("{name} must be {expected}, got {v:?}")),
     }
+}
+
+/// A number of days, fractions allowed; 0: for ever (None).
+fn days(get: &impl Fn(&str) -> Option<String>, name: &str, default: f64) -> anyhow::Result<Option<Duration>> {
+    let value = parse(get, name, default, "a number of days (fractions allowed; 0: keep for ever)")?;
+    if value == 0.0 {
+        return Ok(None);
+    }
+    Duration::try_from_secs_f64(value * 86_400.0)
+        .ok()
+        .filter(|d| *d >= Duration::from_millis(100))
+        .map(Some)
+        .ok_or_else(|| anyhow::anyhow!("{name} must be a number of days above 0, or 0 to keep for ever; got {value}"))
 }
 
 /// A number of minutes, fractions allowed.
@@ -524,6 +565,11 @@ mod tests {
             err(&[("API_KEY", "k"), ("BREAKER_FAILURES", "-1")]).contains("BREAKER_FAILURES must be a whole number")
         );
         assert!(err(&[("API_KEY", "k"), ("BREAKER_PROBE_AFTER_MS", "5")]).contains("at least 100"));
+        assert!(err(&[("API_KEY", "k"), ("RETENTION_DAYS", "-1")]).contains("RETENTION_DAYS must be a number of days"));
+        assert!(
+            err(&[("API_KEY", "k"), ("RETENTION_DAYS", "7"), ("REQUEST_BODY_RETENTION_DAYS", "30")])
+                .contains("must not exceed RETENTION_DAYS")
+        );
     }
 
     #[test]

@@ -414,7 +414,7 @@ fn stored_request(headers: Vec<(String, String)>, body: &[u8], events: usize) ->
     } else {
         body.into_owned()
     };
-    StoredRequest { headers, body }
+    StoredRequest { headers, body, purged_at_ms: None }
 }
 
 fn pending(a: &ActionSpec, now: u64) -> ActionRecord {

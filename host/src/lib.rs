@@ -16,6 +16,7 @@ pub mod event;
 pub mod intake;
 pub mod plugins;
 pub mod queue;
+pub mod retention;
 pub mod routing;
 pub mod store;
 pub mod telemetry;
@@ -328,6 +329,7 @@ pub async fn serve_as(
     let mut workers = if role.workers { worker::spawn(app.clone(), shutdown.clone()) } else { Vec::new() };
     if role.workers {
         tokio::spawn(alerts::watch(app.clone(), shutdown.clone()));
+        tokio::spawn(retention::run(app.clone(), shutdown.clone()));
     }
     if let Some(every) = app.config.reload_interval {
         tokio::spawn(watch(app.clone(), every, shutdown.clone()));

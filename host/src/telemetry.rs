@@ -92,6 +92,7 @@ pub struct Metrics {
     pub alerts: Family<AlertLabels, Counter>,
     pub breaker_trips: Family<DestinationLabels, Counter>,
     pub destination_paused: Family<DestinationLabels, Gauge>,
+    pub retention_removed: Family<RetentionLabels, Counter>,
     round_trips: Family<BackendLabels, Counter>,
     /// Two scrapes at once must not both add the same difference, nor
     /// both rebuild `destination_paused`.
@@ -104,6 +105,12 @@ pub struct AlertLabels {
     pub kind: &'static str,
     /// `sent`, `failed` (the e-mail), or `logged` (no recipients).
     pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetentionLabels {
+    /// `receipts`, `dead_letters` (removed) or `request_bodies` (purged).
+    pub what: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,6 +139,12 @@ impl Metrics {
         let alerts = Family::default();
         let breaker_trips = Family::default();
         let destination_paused = Family::default();
+        let retention_removed = Family::default();
+        registry.register(
+            "crm_retention",
+            "Receipts and dead letters removed, and requests purged, by retention (RETENTION_DAYS, REQUEST_BODY_RETENTION_DAYS)",
+            retention_removed.clone(),
+        );
         registry.register(
             "crm_breaker_trips",
             "Times the circuit breaker paused a destination after failures in a row",
@@ -193,6 +206,7 @@ impl Metrics {
             alerts,
             breaker_trips,
             destination_paused,
+            retention_removed,
             round_trips,
             scrape_sync: std::sync::Mutex::new(()),
         }

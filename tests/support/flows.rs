@@ -426,3 +426,65 @@ pub async fn failures_in_a_row_open_the_breaker_and_a_delivered_probe_closes_it(
     assert!(sent[3].at - sent[2].at >= quiet, "the first probe came {:?} after the trip", sent[3].at - sent[2].at);
     assert!(sent[4].at - sent[3].at >= quiet, "the second probe came {:?} after the first", sent[4].at - sent[3].at);
 }
+
+pub async fn retention_purges_requests_then_removes_settled_receipts_and_dead_letters(f: &Flow) {
+    // In days: requests purged after 1 s, receipts and dead letters removed after 5 s.
+    let mut vars = f.vars.clone();
+    vars.extend([
+        ("RETENTION_DAYS", (5.0 / 86_400.0).to_string()),
+        ("REQUEST_BODY_RETENTION_DAYS", (1.0 / 86_400.0).to_string()),
+    ]);
+    let invalid = json!({ "error": { "message": "Invalid parameter", "type": "OAuthException", "code": 100, "fbtrace_id": "r" } });
+    f.meta.script([Scripted::new(400, invalid)]);
+    let host = Host::start(&vars).await;
+    let accept = async |deal: &str| {
+        let (status, body) =
+            post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload(deal, "Qualified")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    // A dead letter, a delivered Lead, and a Lead waiting for its paused destination.
+    let dead = accept("D-R1").await["receipt_id"].as_str().unwrap().to_string();
+    eventually("a dead letter", WAIT, async || {
+        (get_json(&host.url, "/api/v1/dead-letters").await["dead_letters"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    let delivered = accept("D-R2").await["receipt_id"].as_str().unwrap().to_string();
+    eventually("the Lead delivered", WAIT, async || {
+        (action_state(&receipt(&host, &delivered).await, "meta-capi").0 == "delivered").then_some(())
+    })
+    .await;
+    post_json(&host.url, "/api/v1/destinations/meta-capi/pause", &json!({})).await;
+    let waiting = accept("D-R3").await["receipt_id"].as_str().unwrap().to_string();
+
+    // First what the CRM sent goes; the receipt and its event stay.
+    let purged = eventually("the delivered receipt's request purged", WAIT, async || {
+        let r = receipt(&host, &delivered).await;
+        r["request"]["purged_at_ms"].is_u64().then_some(r)
+    })
+    .await;
+    assert_eq!((purged["request"]["body"].as_str(), purged["request"]["headers"].clone()), (Some(""), json!([])));
+    let logged = &purged["actions"][0]["log"][0]["requests"][0];
+    assert_eq!(logged["body_excerpt"], "", "the attempt log's request body is purged too: {logged}");
+    assert_eq!(logged["response_status"], 200);
+    assert_eq!(purged["event"]["reference"], "D-R2");
+
+    // Then settled receipts and dead letters; the one still waiting stays.
+    eventually("settled receipts and the dead letter removed", WAIT, async || {
+        let gone = |r: Value| r["code"] == "receipt_not_found";
+        let letters = get_json(&host.url, "/api/v1/dead-letters").await;
+        (gone(receipt(&host, &dead).await)
+            && gone(receipt(&host, &delivered).await)
+            && letters["dead_letters"].as_array()?.is_empty())
+        .then_some(())
+    })
+    .await;
+    let kept = receipt(&host, &waiting).await;
+    assert_eq!(action_state(&kept, "meta-capi"), ("pending".into(), 0), "{kept}");
+    assert!(kept["request"]["purged_at_ms"].is_u64());
+    let metrics = reqwest::get(format!("{}/metrics", host.url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("crm_retention_total{what=\"receipts\"} 2"), "{metrics}");
+    assert!(metrics.contains("crm_retention_total{what=\"dead_letters\"} 1"), "{metrics}");
+    // Its dedupe key went with it: the same webhook again is a new receipt.
+    assert_eq!(accept("D-R2").await["duplicate"], false);
+}

@@ -820,6 +820,53 @@ impl JobQueue for EmbeddedQueue {
         })
     }
 
+    /// Found on a snapshot, off the committer (dead letters are keyed by
+    /// job id, not time, so all are read); removed in one write.
+    async fn remove_dead_before(&self, before_ms: u64, limit: usize) -> Result<usize, QueueError> {
+        let file = self.file.clone();
+        let old: Vec<String> = tokio::task::spawn_blocking(move || {
+            file.read(|db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let dead = txn.open_table(DEAD).map_err(unavailable)?;
+                let mut old = Vec::new();
+                for entry in dead.iter().map_err(unavailable)? {
+                    let (id, bytes) = entry.map_err(unavailable)?;
+                    if from_json::<DeadLetter>(bytes.value())?.failed_at_ms < before_ms {
+                        old.push(id.value().to_string());
+                        if old.len() >= limit {
+                            break;
+                        }
+                    }
+                }
+                Ok::<_, QueueError>(old)
+            })
+        })
+        .await
+        .map_err(|e| QueueError::Unavailable(format!("queue task failed: {e}")))??;
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let queue = self.clone();
+        self.file
+            .write_then(
+                move |txn| {
+                    let mut dead = txn.open_table(DEAD).map_err(unavailable)?;
+                    let mut removed = 0;
+                    for id in &old {
+                        removed += usize::from(dead.remove(id.as_str()).map_err(unavailable)?.is_some());
+                    }
+                    Ok::<_, QueueError>(removed)
+                },
+                move |removed| {
+                    if let Some(removed) = removed {
+                        let mut s = queue.schedule();
+                        s.dead = s.dead.saturating_sub(*removed as u64);
+                    }
+                },
+            )
+            .await
+    }
+
     async fn pause(&self, destination: &str, pause: Pause) -> Result<bool, QueueError> {
         let _control = self.control.lock().await;
         let operators = self.schedule().paused.get(destination).is_some_and(|p| p.by == PausedBy::Operator);
@@ -1106,7 +1153,7 @@ mod tests {
             event_type: event.event_type.clone(),
             reference: reference.into(),
             status: event.status.clone(),
-            request: StoredRequest { headers: vec![], body: String::new() },
+            request: StoredRequest { headers: vec![], body: String::new(), purged_at_ms: None },
             event,
             received_at_ms: 1,
             updated_at_ms: 1,

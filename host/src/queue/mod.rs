@@ -219,6 +219,9 @@ pub trait JobQueue: Send + Sync {
     /// waiting jobs are due at once. How many there were; None if it was
     /// not paused (so).
     async fn resume(&self, destination: &str, by: Option<PausedBy>) -> Result<Option<u64>, QueueError>;
+    /// Retention: remove up to `limit` dead letters that failed before
+    /// `before_ms`; how many went.
+    async fn remove_dead_before(&self, before_ms: u64, limit: usize) -> Result<usize, QueueError>;
     /// The paused destinations.
     async fn paused(&self) -> Result<Vec<PausedDestination>, QueueError>;
     /// If the breaker paused `destination` and its probe time has come, let

@@ -140,6 +140,14 @@ if type(order) == 'string' and order ~= '' then
 end
 return {2, job, held[1][4], probe}";
 
+/// Remove up to ARGV[2] dead letters that failed before ARGV[1] (unix ms).
+const EXPIRE_DEAD: &str = r"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #ids == 0 then return 0 end
+redis.call('HDEL', KEYS[1], unpack(ids))
+redis.call('ZREM', KEYS[2], unpack(ids))
+return #ids";
+
 /// Pause destination ARGV[1] (pause ARGV[2], by ARGV[3]), unless the
 /// breaker would replace an operator's pause (0).
 const PAUSE: &str = r"
@@ -324,6 +332,7 @@ struct Scripts {
     pause: Script,
     resume: Script,
     probe: Script,
+    expire_dead: Script,
 }
 
 impl Scripts {
@@ -343,6 +352,7 @@ impl Scripts {
             pause: Script::new(PAUSE),
             resume: Script::new(RESUME),
             probe: Script::new(PROBE),
+            expire_dead: Script::new(EXPIRE_DEAD),
         }
     }
 }
@@ -940,6 +950,22 @@ impl JobQueue for RedisQueue {
             dead,
             paused: paused.unwrap_or(0).max(0) as u64,
         })
+    }
+
+    async fn remove_dead_before(&self, before_ms: u64, limit: usize) -> Result<usize, QueueError> {
+        let mut c = self.core.trip();
+        let removed: i64 = self
+            .core
+            .scripts
+            .expire_dead
+            .key(self.core.key("dead"))
+            .key(self.core.key("dead:index"))
+            .arg(before_ms)
+            .arg(limit)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(removed.max(0) as usize)
     }
 
     async fn pause(&self, destination: &str, pause: Pause) -> Result<bool, QueueError> {

@@ -23,7 +23,7 @@
 //! handled by `RedbFile`: `/ready` reports them and writes resume when they
 //! clear.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use super::redb_file::{RedbFile, Unavailable};
 use super::{
     ActionRecord, AttemptRecord, Inserted, ListQuery, MAX_LISTING_SCAN, Page, Receipt, ReceiptStore, StoreError,
-    StoredRequest, apply_to_actions, now_ms,
+    StoredRequest, apply_to_actions, id_floor, now_ms,
 };
 use crate::event::Event;
 
@@ -45,6 +45,63 @@ pub(crate) const UNQUEUED: TableDefinition<&str, ()> = TableDefinition::new("unq
 #[derive(Clone)]
 pub struct EmbeddedStore {
     file: Arc<RedbFile>,
+    /// Where retention's scans go on from (in memory: after a restart they
+    /// start over, once).
+    cursors: Arc<Mutex<Cursors>>,
+}
+
+/// The receipt ids retention's last scans stopped at.
+#[derive(Default)]
+struct Cursors {
+    /// Removal: every receipt before it was checked (None: from the start).
+    removal: Option<String>,
+    /// Purge: every receipt up to it is purged or gone.
+    purge: Option<String>,
+}
+
+/// Receipts a retention scan reads at most per run.
+const RETENTION_SCAN: usize = 5_000;
+
+/// What a retention scan found.
+struct Scanned {
+    picked: Vec<String>,
+    /// The last receipt id read.
+    last: Option<String>,
+    /// It read up to the floor.
+    done: bool,
+}
+
+/// The ids of up to `limit` receipts after `from` (all, if None) and before
+/// `floor` that `pick` takes.
+fn scan(
+    db: &Database,
+    from: Option<&str>,
+    floor: &str,
+    limit: usize,
+    pick: impl Fn(&Receipt) -> bool,
+) -> Result<Scanned, StoreError> {
+    let txn = db.begin_read().map_err(unavailable)?;
+    let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
+    let heads = txn.open_table(HEADS).map_err(unavailable)?;
+    let rows = match from {
+        Some(from) => receipts.range::<&str>((std::ops::Bound::Excluded(from), std::ops::Bound::Excluded(floor))),
+        None => receipts.range::<&str>(..floor),
+    }
+    .map_err(unavailable)?;
+    let mut found = Scanned { picked: Vec::new(), last: None, done: true };
+    for (scanned, entry) in rows.enumerate() {
+        let (id, body) = entry.map_err(unavailable)?;
+        let id = id.value();
+        if pick(&assemble(body.value(), &heads, id)?) {
+            found.picked.push(id.to_string());
+        }
+        found.last = Some(id.to_string());
+        if found.picked.len() >= limit || scanned + 1 >= RETENTION_SCAN {
+            found.done = false;
+            break;
+        }
+    }
+    Ok(found)
 }
 
 impl From<Unavailable> for StoreError {
@@ -211,7 +268,7 @@ pub(crate) fn record_in(txn: &WriteTransaction, id: &str, attempt: &AttemptRecor
 impl EmbeddedStore {
     /// The store on the embedded file (`redb_file::open_embedded`).
     pub fn new(file: Arc<RedbFile>) -> EmbeddedStore {
-        EmbeddedStore { file }
+        EmbeddedStore { file, cursors: Arc::default() }
     }
 
     /// Run redb reads off the async executor.
@@ -303,6 +360,91 @@ impl ReceiptStore for EmbeddedStore {
             Ok(out)
         })
         .await
+    }
+
+    /// Found on a snapshot, off the committer, a few thousand receipts per
+    /// run; each is checked again in the write (a replay may have revived
+    /// it). Its dedupe entry, head and unqueued mark go with it.
+    async fn remove_expired(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let from = self.cursors.lock().unwrap_or_else(|e| e.into_inner()).removal.clone();
+        let floor = id_floor(before_ms);
+        let found = self.reading(move |db| scan(db, from.as_deref(), &floor, limit, |r| r.expired(before_ms))).await?;
+        let doomed = found.picked;
+        let removed = if doomed.is_empty() {
+            0
+        } else {
+            self.file
+                .write_then(
+                    move |txn| {
+                        let mut receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
+                        let mut heads = txn.open_table(HEADS).map_err(unavailable)?;
+                        let mut dedupe = txn.open_table(DEDUPE).map_err(unavailable)?;
+                        let mut unqueued = txn.open_table(UNQUEUED).map_err(unavailable)?;
+                        let mut removed = 0;
+                        for id in &doomed {
+                            let Some(receipt) = read(&receipts, &heads, id)? else { continue };
+                            if !receipt.expired(before_ms) {
+                                continue;
+                            }
+                            let key = dedupe_key(&receipt);
+                            let points_here =
+                                dedupe.get(key.as_str()).map_err(unavailable)?.is_some_and(|v| v.value() == id);
+                            if points_here {
+                                dedupe.remove(key.as_str()).map_err(unavailable)?;
+                            }
+                            receipts.remove(id.as_str()).map_err(unavailable)?;
+                            heads.remove(id.as_str()).map_err(unavailable)?;
+                            unqueued.remove(id.as_str()).map_err(unavailable)?;
+                            removed += 1;
+                        }
+                        Ok::<_, StoreError>(removed)
+                    },
+                    |_| {},
+                )
+                .await?
+        };
+        // Start over once the floor is reached: receipts kept for their
+        // pending actions are looked at again.
+        self.cursors.lock().unwrap_or_else(|e| e.into_inner()).removal = if found.done { None } else { found.last };
+        Ok(removed)
+    }
+
+    async fn purge_requests(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let from = self.cursors.lock().unwrap_or_else(|e| e.into_inner()).purge.clone();
+        let floor = id_floor(before_ms);
+        let found = self
+            .reading(move |db| scan(db, from.as_deref(), &floor, limit, |r| r.request.purged_at_ms.is_none()))
+            .await?;
+        let (ids, last) = (found.picked, found.last);
+        let purged = if ids.is_empty() {
+            0
+        } else {
+            let now = now_ms();
+            self.file
+                .write_then(
+                    move |txn| {
+                        let mut receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
+                        let mut heads = txn.open_table(HEADS).map_err(unavailable)?;
+                        let mut purged = 0;
+                        for id in &ids {
+                            let Some(mut receipt) = read(&receipts, &heads, id)? else { continue };
+                            if receipt.purge(now) {
+                                let encoded = encode(&receipt)?;
+                                receipts.insert(id.as_str(), encoded.body.as_slice()).map_err(unavailable)?;
+                                heads.insert(id.as_str(), encoded.head.as_slice()).map_err(unavailable)?;
+                                purged += 1;
+                            }
+                        }
+                        Ok::<_, StoreError>(purged)
+                    },
+                    |_| {},
+                )
+                .await?
+        };
+        if last.is_some() {
+            self.cursors.lock().unwrap_or_else(|e| e.into_inner()).purge = last;
+        }
+        Ok(purged)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -22,6 +22,9 @@ use crate::event::Event;
 pub struct StoredRequest {
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// When the headers and body were purged (`REQUEST_BODY_RETENTION_DAYS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged_at_ms: Option<u64>,
 }
 
 /// Where one action's delivery stands.
@@ -156,6 +159,36 @@ impl Receipt {
     pub fn dedupe_key(&self) -> (String, String, String) {
         (self.provider.clone(), self.reference.clone(), self.event.status_key())
     }
+
+    /// Retention may remove it: every action delivered or failed for good,
+    /// and nothing changed since `before_ms` (so its dead letters, if any,
+    /// are as old, and go too).
+    pub fn expired(&self, before_ms: u64) -> bool {
+        self.updated_at_ms < before_ms
+            && self.received_at_ms < before_ms
+            && self.actions.iter().all(|a| matches!(a.state, DeliveryState::Delivered | DeliveryState::Failed))
+    }
+
+    /// Drop what the CRM sent (headers, body) and the request bodies in the
+    /// attempt log, which carry the customer's details; the normalized event
+    /// stays, so actions can still be replayed. False if already purged.
+    pub fn purge(&mut self, now_ms: u64) -> bool {
+        if self.request.purged_at_ms.is_some() {
+            return false;
+        }
+        self.request = StoredRequest { headers: Vec::new(), body: String::new(), purged_at_ms: Some(now_ms) };
+        for request in self.actions.iter_mut().flat_map(|a| a.log.iter_mut()).flat_map(|l| l.requests.iter_mut()) {
+            request.body_excerpt.clear();
+        }
+        true
+    }
+}
+
+/// The smallest receipt id (UUID v7) of a receipt received at `ms` or later:
+/// ids sort by the time they were made, so `id < id_floor(t)` means
+/// received before `t`.
+pub fn id_floor(ms: u64) -> String {
+    format!("{:08x}-{:04x}-7000-8000-000000000000", (ms >> 16) & 0xffff_ffff, ms & 0xffff)
 }
 
 /// Result of an insert.
@@ -273,6 +306,13 @@ pub trait ReceiptStore: Send + Sync {
     async fn list(&self, query: ListQuery) -> Result<Page, StoreError>;
     /// Receipts whose jobs were never confirmed queued.
     async fn unqueued(&self) -> Result<Vec<Receipt>, StoreError>;
+    /// Retention: remove up to `limit` of the receipts received before
+    /// `before_ms` that have `expired`; how many went. Their dedupe keys go
+    /// with them: the same webhook sent again is a new receipt.
+    async fn remove_expired(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError>;
+    /// Retention: `purge` up to `limit` receipts received before
+    /// `before_ms`; how many were purged.
+    async fn purge_requests(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError>;
     /// Cheap health check for `/ready`.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Requests sent to a database server so far (0 for the embedded
@@ -329,4 +369,21 @@ pub fn apply_to_actions(
     }
     action.updated_at_ms = now;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_floor_splits_receipt_ids_at_the_time_they_were_made() {
+        let ms = 1_733_323_312_345u64;
+        let made_at = |ms: u64| {
+            uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, (ms % 1000) as u32 * 1_000_000))
+                .to_string()
+        };
+        let id = made_at(ms);
+        assert!(id_floor(ms) <= id && id < id_floor(ms + 1), "{} <= {id} < {}", id_floor(ms), id_floor(ms + 1));
+        assert!(made_at(ms - 1) < id_floor(ms));
+    }
 }

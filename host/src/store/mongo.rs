@@ -47,7 +47,9 @@ use mongodb::{Client, Collection, IndexModel};
 
 use crate::batch::Batcher;
 
-use super::{AttemptRecord, Inserted, ListQuery, Page, Receipt, ReceiptStore, StoreError, apply_attempt, now_ms};
+use super::{
+    AttemptRecord, Inserted, ListQuery, Page, Receipt, ReceiptStore, StoreError, apply_attempt, id_floor, now_ms,
+};
 
 const DUPLICATE_KEY: i32 = 11000;
 /// Compare-and-set attempts before giving up on a contended receipt.
@@ -154,6 +156,18 @@ impl Inner {
         let mut out = Vec::new();
         while cursor.advance().await.map_err(unavailable)? {
             out.push(decode(cursor.deserialize_current().map_err(unavailable)?)?);
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` documents matching `filter`, oldest first.
+    async fn oldest(&self, filter: Document, limit: usize) -> Result<Vec<Document>, StoreError> {
+        self.trip();
+        let mut cursor =
+            self.coll.find(filter).sort(doc! { "_id": 1 }).limit(limit as i64).await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        while cursor.advance().await.map_err(unavailable)? {
+            out.push(cursor.deserialize_current().map_err(unavailable)?);
         }
         Ok(out)
     }
@@ -402,6 +416,53 @@ impl ReceiptStore for MongoStore {
 
     async fn unqueued(&self) -> Result<Vec<Receipt>, StoreError> {
         self.inner.many(doc! { "jobs_enqueued": false }, None).await
+    }
+
+    /// The oldest candidates are read and checked here, then deleted unless
+    /// they changed meanwhile (a replay moves `updated_at_ms`).
+    async fn remove_expired(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let filter = doc! { "_id": { "$lt": id_floor(before_ms) }, "updated_at_ms": { "$lt": before_ms as i64 } };
+        let ids: Vec<String> = self
+            .inner
+            .oldest(filter.clone(), limit)
+            .await?
+            .into_iter()
+            .filter_map(|d| decode(d).ok())
+            .filter(|r| r.expired(before_ms))
+            .map(|r| r.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut filter = filter;
+        filter.insert("_id", doc! { "$in": ids });
+        self.inner.trip();
+        let deleted = self.inner.coll.delete_many(filter).await.map_err(unavailable)?;
+        Ok(deleted.deleted_count as usize)
+    }
+
+    /// Each receipt with a compare-and-set on its revision; one that changed
+    /// meanwhile is purged on the next run.
+    async fn purge_requests(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let filter = doc! { "_id": { "$lt": id_floor(before_ms) }, "request.purged_at_ms": { "$exists": false } };
+        let mut purged = 0;
+        for d in self.inner.oldest(filter, limit).await? {
+            let (rev, mut receipt) = revision(d)?;
+            if !receipt.purge(now_ms()) {
+                continue;
+            }
+            let update = doc! {
+                "$set": {
+                    "request": bson::to_bson(&receipt.request).map_err(corrupt)?,
+                    "actions": bson::to_bson(&receipt.actions).map_err(corrupt)?,
+                },
+                "$inc": { "rev": 1i64 },
+            };
+            self.inner.trip();
+            let done = self.inner.coll.update_one(doc! { "_id": &receipt.id, "rev": rev }, update).await;
+            purged += usize::from(done.map_err(unavailable)?.modified_count == 1);
+        }
+        Ok(purged)
     }
 
     /// A small write, not a `ping` command: a server that answers but
