@@ -390,3 +390,59 @@ async fn mongodb_down_answers_503_and_recovers_without_restart() {
     .await;
     eventually("the Lead", WAIT, async || (s.meta.events().len() == 1).then_some(())).await;
 }
+
+/// Pause, probe and resume on Redis, where a resume takes several requests
+/// and can be cut short.
+#[tokio::test]
+async fn a_paused_destinations_jobs_wait_in_redis_and_a_resume_cut_short_loses_none() {
+    use crm_event_handler::queue::{Job, JobQueue, Pause, PausedBy, redis::RedisQueue};
+    let redis = Server::redis();
+    let queue = RedisQueue::connect(&redis.uri, "pause-test", None, Duration::from_secs(60)).await.unwrap();
+    let job = |n: u32| Job {
+        id: Job::id_for(&format!("r-{n}"), "meta-capi", "Lead"),
+        receipt_id: format!("r-{n}"),
+        provider: "crm".into(),
+        destination: "meta-capi".into(),
+        action: "Lead".into(),
+        params: vec![],
+        event: test_event(),
+        idempotency_key: format!("key-{n}"),
+        order_key: String::new(),
+        attempts: 0,
+        budget_start: 0,
+        interrupted: 0,
+        deferrals: 0,
+        enqueued_at_ms: 0,
+    };
+    let pause = |by, probe_at_ms| Pause { by, reason: "test".into(), since_ms: 1, probe_at_ms, probe_job: None };
+    assert!(queue.pause("meta-capi", pause(PausedBy::Breaker, Some(0))).await.unwrap());
+    queue.enqueue((1..=3).map(job).collect()).await.unwrap();
+    assert_eq!(queue.reserve(Duration::from_millis(300)).await.unwrap(), None, "all three wait");
+    assert_eq!(queue.depth().await.unwrap().paused, 3);
+
+    // The breaker's probe: the oldest waiting job, and only it.
+    let probe = queue.probe("meta-capi", 1, 60_000).await.unwrap().expect("a probe");
+    let reserved = queue.reserve(Duration::from_secs(2)).await.unwrap().expect("the probe job");
+    assert_eq!((reserved.job.id.as_str(), reserved.probe, reserved.job.attempts), (probe.as_str(), true, 1));
+    assert_eq!(queue.probe("meta-capi", 2, 60_000).await.unwrap(), None, "the next probe is not due");
+    assert_eq!(queue.reserve(Duration::from_millis(300)).await.unwrap(), None);
+    queue.ack(&reserved).await.unwrap();
+    // The breaker does not replace an operator's pause.
+    assert!(queue.pause("meta-capi", pause(PausedBy::Operator, None)).await.unwrap());
+    assert!(!queue.pause("meta-capi", pause(PausedBy::Breaker, Some(0))).await.unwrap());
+    assert_eq!(queue.resume("meta-capi", Some(PausedBy::Breaker)).await.unwrap(), None);
+
+    // A resume cut short after it lifted the pause: its jobs are still in
+    // the destination's list, and are moved back, none lost.
+    let mut c = redis::Client::open(redis.uri.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("HDEL").arg("pause-test:paused").arg("meta-capi").query_async(&mut c).await.unwrap();
+    assert!(queue.paused().await.unwrap().is_empty());
+    assert_eq!(queue.reserve(Duration::from_millis(300)).await.unwrap(), None, "left waiting");
+    assert_eq!(queue.drain_unpaused("meta-capi").await.unwrap(), 2);
+    for _ in 0..2 {
+        let j = queue.reserve(Duration::from_secs(2)).await.unwrap().expect("a job moved back");
+        assert_eq!((j.job.attempts, j.probe), (1, false));
+        queue.ack(&j).await.unwrap();
+    }
+    assert_eq!(queue.depth().await.unwrap().paused, 0);
+}

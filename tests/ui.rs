@@ -43,9 +43,11 @@ async fn an_operator_signs_in_finds_a_deal_sees_its_attempts_and_replays_dead_le
             .then_some(())
     })
     .await;
-    // Two deals Meta refuses for good: dead letters.
+    // Two deals Meta refuses for good: dead letters. The second refusal's
+    // message is HTML (a downstream's text reaches the page too).
     let invalid = json!({ "error": { "message": "Invalid parameter", "type": "OAuthException", "code": 100, "fbtrace_id": "B2" } });
-    meta.script([Scripted::new(400, invalid.clone()), Scripted::new(400, invalid)]);
+    let hostile_reason = json!({ "error": { "message": "<img src=x id=injected>", "type": "OAuthException", "code": 100, "fbtrace_id": "B3" } });
+    meta.script([Scripted::new(400, invalid), Scripted::new(400, hostile_reason)]);
     for deal in ["D-UI-2", "D-UI-3"] {
         post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload(deal, "Qualified")).await;
     }

@@ -500,7 +500,11 @@ fn days(get: &impl Fn(&str) -> Option<String>, name: &str, default: f64) -> anyh
         .ok()
         .filter(|d| *d >= Duration::from_millis(100))
         .map(Some)
-        .ok_or_else(|| anyhow::anyhow!("{name} must be a number of days above 0, or 0 to keep for ever; got {value}"))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{name} must be 0 (keep for ever) or a number of days from 0.000002 (0.1 s) to 10^13; got {value}"
+            )
+        })
 }
 
 /// A number of minutes, fractions allowed.
@@ -565,7 +569,9 @@ mod tests {
             err(&[("API_KEY", "k"), ("BREAKER_FAILURES", "-1")]).contains("BREAKER_FAILURES must be a whole number")
         );
         assert!(err(&[("API_KEY", "k"), ("BREAKER_PROBE_AFTER_MS", "5")]).contains("at least 100"));
-        assert!(err(&[("API_KEY", "k"), ("RETENTION_DAYS", "-1")]).contains("RETENTION_DAYS must be a number of days"));
+        assert!(
+            err(&[("API_KEY", "k"), ("RETENTION_DAYS", "-1")]).contains("RETENTION_DAYS must be 0 (keep for ever)")
+        );
         assert!(
             err(&[("API_KEY", "k"), ("RETENTION_DAYS", "7"), ("REQUEST_BODY_RETENTION_DAYS", "30")])
                 .contains("must not exceed RETENTION_DAYS")

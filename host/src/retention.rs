@@ -24,6 +24,9 @@ use crate::telemetry::RetentionLabels;
 
 /// Receipts or dead letters per write.
 const BATCH: usize = 500;
+/// Receipts are kept this much longer than their dead letters (or a tenth
+/// of their age, if less).
+const RECEIPT_MARGIN: Duration = Duration::from_secs(60);
 
 /// Sweep until `shutdown`: at start, then every twentieth of the shortest
 /// retention age (between a second and ten minutes).
@@ -50,10 +53,13 @@ async fn sweep(app: &App) {
     let settings = app.config.retention;
     let now = now_ms();
     let before = |age: Duration| now.saturating_sub(age.as_millis() as u64);
+    // Dead letters before their receipts (a receipt is recorded just before
+    // its job is dead-lettered: the margin keeps the letter from outliving
+    // it); removals before the purge, which would rewrite what goes anyway.
     let work = [
-        settings.request_bodies.map(|age| Work::PurgeRequests(before(age))),
-        settings.receipts.map(|age| Work::RemoveReceipts(before(age))),
         settings.receipts.map(|age| Work::RemoveDeadLetters(before(age))),
+        settings.receipts.map(|age| Work::RemoveReceipts(before(age + (age / 10).min(RECEIPT_MARGIN)))),
+        settings.request_bodies.map(|age| Work::PurgeRequests(before(age))),
     ];
     for work in work.into_iter().flatten() {
         let done = work.all(app).await;

@@ -97,8 +97,8 @@ impl Routes {
             if limits.max_concurrency == Some(0) {
                 return Err(invalid(format!("destination.{name}.max_concurrency must be at least 1")));
             }
-            if limits.max_per_second.is_some_and(|rate| !(rate.is_finite() && rate > 0.0)) {
-                return Err(invalid(format!("destination.{name}.max_per_second must be a number above 0")));
+            if limits.max_per_second.is_some_and(|rate| !(rate.is_finite() && rate >= 0.01)) {
+                return Err(invalid(format!("destination.{name}.max_per_second must be a number, at least 0.01")));
             }
         }
         Ok(routes)
@@ -182,7 +182,7 @@ mod tests {
         let err = Routes::parse("[destination.brevo]\nmax_concurrency = 0", "f.toml").unwrap_err();
         assert!(err.to_string().contains("destination.brevo.max_concurrency must be at least 1"), "{err}");
         let err = Routes::parse("[destination.brevo]\nmax_per_second = -1", "f.toml").unwrap_err();
-        assert!(err.to_string().contains("max_per_second must be a number above 0"), "{err}");
+        assert!(err.to_string().contains("max_per_second must be a number, at least 0.01"), "{err}");
         let err = Routes::parse("[destination.brevo]\nburst = 3", "f.toml").unwrap_err();
         assert!(err.to_string().contains("unknown field `burst`"), "{err}");
     }

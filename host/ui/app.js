@@ -210,18 +210,21 @@ async function loadDeadLetters() {
   $("#replay-shown").disabled = letters.length === 0;
 }
 
+/** Replay each of `ids`; one that fails (replayed elsewhere meanwhile) does not stop the rest. */
 async function replay(ids) {
-  try {
-    let replayed = 0;
-    for (const id of ids) {
+  let replayed = 0;
+  const failed = [];
+  for (const id of ids) {
+    try {
       const answer = await api("/api/v1/dead-letters/replay", { method: "POST", body: JSON.stringify({ job_id: id }) });
       replayed += answer.replayed.length;
+    } catch (e) {
+      failed.push(`${id}: ${e.message}`);
     }
-    await loadDeadLetters();
-    say(`${replayed} dead letter(s) queued again.`);
-  } catch (e) {
-    say(e.message, true);
   }
+  await loadDeadLetters().catch(() => {});
+  if (failed.length) say(`${replayed} dead letter(s) queued again; not replayed: ${failed.join("; ")}`, true);
+  else say(`${replayed} dead letter(s) queued again.`);
 }
 
 function replayShown() {

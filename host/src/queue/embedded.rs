@@ -422,7 +422,15 @@ impl EmbeddedQueue {
             schedule.dead = txn.open_table(DEAD).map_err(unavailable)?.len().map_err(unavailable)?;
             for entry in txn.open_table(PAUSED).map_err(unavailable)?.iter().map_err(unavailable)? {
                 let (destination, bytes) = entry.map_err(unavailable)?;
-                schedule.paused.insert(destination.value().to_string(), from_json(bytes.value())?);
+                let destination = destination.value().to_string();
+                match from_json(bytes.value()) {
+                    Ok(pause) => {
+                        schedule.paused.insert(destination, pause);
+                    }
+                    Err(e) => {
+                        tracing::error!(%destination, error = %e, "a stored pause is unreadable; the destination runs")
+                    }
+                }
             }
             Ok::<_, QueueError>(())
         })?;
@@ -853,7 +861,15 @@ impl JobQueue for EmbeddedQueue {
                     let mut dead = txn.open_table(DEAD).map_err(unavailable)?;
                     let mut removed = 0;
                     for id in &old {
-                        removed += usize::from(dead.remove(id.as_str()).map_err(unavailable)?.is_some());
+                        // Replayed and dead again meanwhile: it stays.
+                        let still_old = match dead.get(id.as_str()).map_err(unavailable)? {
+                            Some(letter) => from_json::<DeadLetter>(letter.value())?.failed_at_ms < before_ms,
+                            None => false,
+                        };
+                        if still_old {
+                            dead.remove(id.as_str()).map_err(unavailable)?;
+                            removed += 1;
+                        }
                     }
                     Ok::<_, QueueError>(removed)
                 },
@@ -869,9 +885,16 @@ impl JobQueue for EmbeddedQueue {
 
     async fn pause(&self, destination: &str, pause: Pause) -> Result<bool, QueueError> {
         let _control = self.control.lock().await;
-        let operators = self.schedule().paused.get(destination).is_some_and(|p| p.by == PausedBy::Operator);
-        if operators && pause.by == PausedBy::Breaker {
-            return Ok(false);
+        let mut pause = pause;
+        {
+            let s = self.schedule();
+            let current = s.paused.get(destination);
+            if !pause.may_replace(current) {
+                return Ok(false);
+            }
+            if let Some(current) = current.filter(|c| c.by == PausedBy::Breaker && pause.by == PausedBy::Breaker) {
+                pause.since_ms = current.since_ms;
+            }
         }
         self.write_pause(destination, Some(pause)).await?;
         Ok(true)
@@ -1160,6 +1183,44 @@ mod tests {
             jobs_enqueued: false,
             actions: vec![ActionRecord::pending("meta-capi".into(), "Lead".into(), vec![], 1)],
         }
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_a_settled_receipt_while_it_has_a_job_live_or_dead() {
+        use crate::store::{DeliveryState, ReceiptStore};
+        let dir = tempfile::tempdir().unwrap();
+        let file = open_embedded(dir.path(), true).unwrap();
+        let (q, store) = (EmbeddedQueue::new(file.clone()).unwrap(), crate::store::embedded::EmbeddedStore::new(file));
+        let id = "00000000-0001-7000-8000-000000000001";
+        q.accept(receipt(id, "D-1"), crate::intake::jobs_for).await.unwrap();
+        let fail = async |q: &EmbeddedQueue| {
+            let job = q.reserve(Duration::ZERO).await.unwrap().unwrap();
+            let failed = AttemptRecord {
+                destination: "meta-capi".into(),
+                action: "Lead".into(),
+                state: DeliveryState::Failed,
+                attempts: job.job.attempts,
+                error: Some("Meta answered 400".into()),
+                status: Some(400),
+                detail: None,
+                replay: false,
+                log: None,
+            };
+            q.record_and_settle(job, failed, Settle::Dead("Meta answered 400".into())).await.unwrap();
+        };
+        fail(&q).await;
+        let later = now_ms() + 1_000;
+        // Settled and old, but its dead letter can still be replayed.
+        assert_eq!(store.remove_expired(later, 10).await.unwrap(), 0);
+        // Replayed: the job is live before the receipt says so.
+        q.replay(&format!("{id}/meta-capi/Lead")).await.unwrap().unwrap();
+        assert_eq!(store.remove_expired(later, 10).await.unwrap(), 0);
+        fail(&q).await;
+        let later = now_ms() + 1_000;
+        assert_eq!(q.remove_dead_before(later, 10).await.unwrap(), 1);
+        assert_eq!(store.remove_expired(later, 10).await.unwrap(), 1);
+        assert!(store.get(id).await.unwrap().is_none());
+        assert_eq!(q.depth().await.unwrap(), QueueDepth::default());
     }
 
     #[tokio::test]

@@ -116,12 +116,35 @@ pub enum PausedBy {
     Breaker,
 }
 
+impl PausedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PausedBy::Operator => "operator",
+            PausedBy::Breaker => "breaker",
+        }
+    }
+}
+
+impl Pause {
+    /// Whether `self` may take the place of `current`: an operator's pause
+    /// replaces any; the breaker's only a breaker's whose probe failed (one
+    /// with a probe out), not one still waiting for its first probe (jobs
+    /// that were in flight when it opened keep failing) nor an operator's.
+    pub fn may_replace(&self, current: Option<&Pause>) -> bool {
+        match (self.by, current) {
+            (PausedBy::Operator, _) | (PausedBy::Breaker, None) => true,
+            (PausedBy::Breaker, Some(current)) => current.by == PausedBy::Breaker && current.probe_job.is_some(),
+        }
+    }
+}
+
 /// A paused destination: its jobs wait, spending no attempts, until it is
 /// resumed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Pause {
     pub by: PausedBy,
     pub reason: String,
+    /// When it was paused (a breaker's pause keeps it through failed probes).
     pub since_ms: u64,
     /// Breaker: the next probe may start at this time (unix ms).
     #[serde(default)]
@@ -212,16 +235,22 @@ pub trait JobQueue: Send + Sync {
     async fn replay(&self, job_id: &str) -> Result<Option<Job>, QueueError>;
     async fn depth(&self) -> Result<QueueDepth, QueueError>;
     /// Pause a destination: from now on its jobs wait when they come due,
-    /// spending nothing. An operator's pause replaces any; the breaker's
-    /// replaces none of an operator's (then false).
+    /// spending nothing. Unless `Pause::may_replace` says no (then false);
+    /// a breaker's pause replacing a breaker's keeps its `since_ms`.
     async fn pause(&self, destination: &str, pause: Pause) -> Result<bool, QueueError>;
     /// Resume a destination paused (by anyone, or only by `by`): its
     /// waiting jobs are due at once. How many there were; None if it was
-    /// not paused (so).
+    /// not paused so.
     async fn resume(&self, destination: &str, by: Option<PausedBy>) -> Result<Option<u64>, QueueError>;
     /// Retention: remove up to `limit` dead letters that failed before
     /// `before_ms`; how many went.
     async fn remove_dead_before(&self, before_ms: u64, limit: usize) -> Result<usize, QueueError>;
+    /// Jobs left waiting for a destination that is no longer paused (a
+    /// resume cut short by an outage), moved back: how many. Only the Redis
+    /// queue, whose resume takes several requests, can leave any.
+    async fn drain_unpaused(&self, _destination: &str) -> Result<u64, QueueError> {
+        Ok(0)
+    }
     /// The paused destinations.
     async fn paused(&self) -> Result<Vec<PausedDestination>, QueueError>;
     /// If the breaker paused `destination` and its probe time has come, let
@@ -251,6 +280,24 @@ pub trait JobQueue: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_breaker_replaces_only_its_own_pause_after_a_failed_probe() {
+        let pause = |by, probe_job: Option<&str>| Pause {
+            by,
+            reason: String::new(),
+            since_ms: 1,
+            probe_at_ms: None,
+            probe_job: probe_job.map(String::from),
+        };
+        let (operator, breaker) = (pause(PausedBy::Operator, None), pause(PausedBy::Breaker, None));
+        let probing = pause(PausedBy::Breaker, Some("r/meta-capi/Lead"));
+        assert!(operator.may_replace(Some(&breaker)) && operator.may_replace(Some(&probing)));
+        assert!(breaker.may_replace(None));
+        assert!(!breaker.may_replace(Some(&operator)), "an operator's pause stays");
+        assert!(!breaker.may_replace(Some(&breaker)), "jobs in flight when it opened do not open it again");
+        assert!(breaker.may_replace(Some(&probing)), "a failed probe opens it for another period");
+    }
 
     #[test]
     fn idempotency_key_is_stable_and_distinct_per_action() {

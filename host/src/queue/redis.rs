@@ -81,6 +81,8 @@ const PROMOTE_BATCH: i64 = 500;
 /// or the start-up sweep after a crash between the two, would otherwise
 /// queue a job already delivered.
 const DONE_FOR: Duration = Duration::from_secs(600);
+/// Waiting jobs of a resumed destination moved back per request.
+const RESUME_PER_REQUEST: u64 = 2_000;
 /// Most entries one process can hold: one per worker, with room to spare.
 const MAX_HELD: usize = 100_000;
 /// A WORKER_ID's lease: a process killed holding it blocks a restart under
@@ -148,30 +150,47 @@ redis.call('HDEL', KEYS[1], unpack(ids))
 redis.call('ZREM', KEYS[2], unpack(ids))
 return #ids";
 
-/// Pause destination ARGV[1] (pause ARGV[2], by ARGV[3]), unless the
-/// breaker would replace an operator's pause (0).
+/// Pause destination ARGV[1] (pause ARGV[2], by ARGV[3]) as
+/// `Pause::may_replace` says (0 if not); the breaker replacing its own
+/// pause keeps its `since_ms`.
 const PAUSE: &str = r"
 local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old and ARGV[3] == 'breaker' and cjson.decode(old)['by'] == 'operator' then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local pause = ARGV[2]
+if old and ARGV[3] == 'breaker' then
+  local current = cjson.decode(old)
+  if current['by'] ~= 'breaker' or type(current['probe_job']) ~= 'string' then return 0 end
+  local new = cjson.decode(pause)
+  new['since_ms'] = current['since_ms']
+  pause = cjson.encode(new)
+end
+redis.call('HSET', KEYS[1], ARGV[1], pause)
 return 1";
 
-/// Resume destination ARGV[1] if it is paused (by ARGV[2], or by anyone
-/// if empty; -1 if not), moving up to ARGV[3] of its waiting jobs back into
-/// the stream; with ARGV[4] = '0', only move more of them. How many moved.
+/// With ARGV[4] = '1', resume destination ARGV[1] if it is paused (by
+/// ARGV[2], or by anyone if empty; {-1, 0} if paused by another); with '0',
+/// change no pause, and go on only if it is not paused. Then move up to
+/// ARGV[3] of its waiting jobs back into the stream: {1 if this resumed
+/// it, how many moved}. A resume cut short leaves the rest waiting in the
+/// list of a destination no longer paused: the '0' form moves them too.
 const RESUME: &str = r"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local resumed = 0
 if ARGV[4] == '1' then
-  local old = redis.call('HGET', KEYS[1], ARGV[1])
-  if not old or (ARGV[2] ~= '' and cjson.decode(old)['by'] ~= ARGV[2]) then return -1 end
-  redis.call('HDEL', KEYS[1], ARGV[1])
+  if old and ARGV[2] ~= '' and cjson.decode(old)['by'] ~= ARGV[2] then return {-1, 0} end
+  if old then
+    redis.call('HDEL', KEYS[1], ARGV[1])
+    resumed = 1
+  end
+elseif old then
+  return {0, 0}
 end
 local ids = redis.call('LPOP', KEYS[2], tonumber(ARGV[3]))
-if not ids then return 0 end
+if not ids then return {resumed, 0} end
 for _, id in ipairs(ids) do
   redis.call('XADD', KEYS[3], '*', 'id', id)
 end
 redis.call('DECRBY', KEYS[4], #ids)
-return #ids";
+return {resumed, #ids}";
 
 /// If the breaker paused destination ARGV[1] and the probe time has come
 /// (ARGV[2] is now), let its oldest waiting job through as the probe, the
@@ -760,6 +779,33 @@ impl RedisQueue {
         }
     }
 
+    /// One RESUME request: (1 if it resumed the destination, -1 if another
+    /// paused it, else 0; jobs moved).
+    async fn resume_request(
+        &self,
+        destination: &str,
+        by: Option<PausedBy>,
+        resume: bool,
+    ) -> Result<(i64, u64), QueueError> {
+        let mut c = self.core.trip();
+        let (resumed, moved): (i64, u64) = self
+            .core
+            .scripts
+            .resume
+            .key(self.core.key("paused"))
+            .key(self.core.key(&format!("waiting:{destination}")))
+            .key(self.core.key("jobs"))
+            .key(self.core.key("paused:count"))
+            .arg(destination)
+            .arg(by.map_or("", PausedBy::as_str))
+            .arg(RESUME_PER_REQUEST)
+            .arg(if resume { "1" } else { "0" })
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok((resumed, moved))
+    }
+
     /// Take over one entry idle past the visibility timeout, if any: every
     /// RECLAIM_EVERY, and at once again while there are some.
     async fn reclaim(&self) -> Result<Option<Reserved>, QueueError> {
@@ -969,7 +1015,7 @@ impl JobQueue for RedisQueue {
     }
 
     async fn pause(&self, destination: &str, pause: Pause) -> Result<bool, QueueError> {
-        let by = if pause.by == PausedBy::Breaker { "breaker" } else { "operator" };
+        let by = pause.by.as_str();
         let mut c = self.core.trip();
         let set: i64 = self
             .core
@@ -988,36 +1034,25 @@ impl JobQueue for RedisQueue {
     /// A few thousand waiting jobs per request, so that resuming a long
     /// pause does not stall Redis.
     async fn resume(&self, destination: &str, by: Option<PausedBy>) -> Result<Option<u64>, QueueError> {
-        const PER_REQUEST: u64 = 2_000;
-        let by = match by {
-            None => "",
-            Some(PausedBy::Breaker) => "breaker",
-            Some(PausedBy::Operator) => "operator",
-        };
+        let (resumed, moved) = self.resume_request(destination, by, true).await?;
+        if resumed < 0 {
+            return Ok(None);
+        }
+        let mut released = moved;
+        if moved == RESUME_PER_REQUEST {
+            released += self.drain_unpaused(destination).await?;
+        }
+        Ok((resumed == 1 || released > 0).then_some(released))
+    }
+
+    /// Also moves what a resume cut short left in the destination's list.
+    async fn drain_unpaused(&self, destination: &str) -> Result<u64, QueueError> {
         let mut released = 0;
         loop {
-            let mut c = self.core.trip();
-            let moved: i64 = self
-                .core
-                .scripts
-                .resume
-                .key(self.core.key("paused"))
-                .key(self.core.key(&format!("waiting:{destination}")))
-                .key(self.core.key("jobs"))
-                .key(self.core.key("paused:count"))
-                .arg(destination)
-                .arg(by)
-                .arg(PER_REQUEST)
-                .arg(if released == 0 { "1" } else { "0" })
-                .invoke_async(&mut c)
-                .await
-                .map_err(unavailable)?;
-            if moved < 0 {
-                return Ok(None);
-            }
-            released += moved as u64;
-            if (moved as u64) < PER_REQUEST {
-                return Ok(Some(released));
+            let (_, moved) = self.resume_request(destination, None, false).await?;
+            released += moved;
+            if moved < RESUME_PER_REQUEST {
+                return Ok(released);
             }
         }
     }
@@ -1035,14 +1070,17 @@ impl JobQueue for RedisQueue {
         }
         self.core.trips.fetch_add(1, Ordering::Relaxed);
         let lengths: Vec<u64> = lengths.query_async(&mut c).await.map_err(unavailable)?;
-        pauses
+        Ok(pauses
             .into_iter()
             .zip(lengths)
-            .map(|((destination, json), waiting)| {
-                let pause = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
-                Ok(PausedDestination { destination, pause, waiting })
+            .filter_map(|((destination, json), waiting)| match serde_json::from_str(&json) {
+                Ok(pause) => Some(PausedDestination { destination, pause, waiting }),
+                Err(e) => {
+                    tracing::error!(%destination, error = %e, "a stored pause is unreadable; left out");
+                    None
+                }
             })
-            .collect()
+            .collect())
     }
 
     async fn probe(&self, destination: &str, now_ms: u64, next_ms: u64) -> Result<Option<String>, QueueError> {

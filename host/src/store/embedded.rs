@@ -62,6 +62,20 @@ struct Cursors {
 /// Receipts a retention scan reads at most per run.
 const RETENTION_SCAN: usize = 5_000;
 
+/// Whether receipt `id` still has a job in the embedded queue's tables, live
+/// or dead (a replay queues it again before the receipt says so).
+fn has_jobs(txn: &WriteTransaction, id: &str) -> Result<bool, StoreError> {
+    use crate::queue::embedded::{DEAD, JOBS};
+    let (from, to) = (format!("{id}/"), format!("{id}0"));
+    for table in [JOBS, DEAD] {
+        let table = txn.open_table(table).map_err(unavailable)?;
+        if table.range::<&str>(from.as_str()..to.as_str()).map_err(unavailable)?.next().is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// What a retention scan found.
 struct Scanned {
     picked: Vec<String>,
@@ -383,7 +397,7 @@ impl ReceiptStore for EmbeddedStore {
                         let mut removed = 0;
                         for id in &doomed {
                             let Some(receipt) = read(&receipts, &heads, id)? else { continue };
-                            if !receipt.expired(before_ms) {
+                            if !receipt.expired(before_ms) || has_jobs(txn, id)? {
                                 continue;
                             }
                             let key = dedupe_key(&receipt);

@@ -146,25 +146,19 @@ impl Inner {
         self.coll.find_one(filter).await.map_err(unavailable)
     }
 
+    /// Receipts matching `filter`, newest first.
     async fn many(&self, filter: Document, limit: Option<i64>) -> Result<Vec<Receipt>, StoreError> {
-        let mut find = self.coll.find(filter).sort(doc! { "_id": -1 });
+        self.documents(filter, -1, limit).await?.into_iter().map(decode).collect()
+    }
+
+    /// Documents matching `filter`, by `_id` (1: oldest first, -1: newest).
+    async fn documents(&self, filter: Document, order: i32, limit: Option<i64>) -> Result<Vec<Document>, StoreError> {
+        let mut find = self.coll.find(filter).sort(doc! { "_id": order });
         if let Some(limit) = limit {
             find = find.limit(limit);
         }
         self.trip();
         let mut cursor = find.await.map_err(unavailable)?;
-        let mut out = Vec::new();
-        while cursor.advance().await.map_err(unavailable)? {
-            out.push(decode(cursor.deserialize_current().map_err(unavailable)?)?);
-        }
-        Ok(out)
-    }
-
-    /// Up to `limit` documents matching `filter`, oldest first.
-    async fn oldest(&self, filter: Document, limit: usize) -> Result<Vec<Document>, StoreError> {
-        self.trip();
-        let mut cursor =
-            self.coll.find(filter).sort(doc! { "_id": 1 }).limit(limit as i64).await.map_err(unavailable)?;
         let mut out = Vec::new();
         while cursor.advance().await.map_err(unavailable)? {
             out.push(cursor.deserialize_current().map_err(unavailable)?);
@@ -418,19 +412,22 @@ impl ReceiptStore for MongoStore {
         self.inner.many(doc! { "jobs_enqueued": false }, None).await
     }
 
-    /// The oldest candidates are read and checked here, then deleted unless
-    /// they changed meanwhile (a replay moves `updated_at_ms`).
+    /// The oldest candidates are read and checked here too, then deleted
+    /// unless they changed meanwhile (a replay moves `updated_at_ms`).
     async fn remove_expired(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let filter = doc! { "_id": { "$lt": id_floor(before_ms) }, "updated_at_ms": { "$lt": before_ms as i64 } };
-        let ids: Vec<String> = self
-            .inner
-            .oldest(filter.clone(), limit)
-            .await?
-            .into_iter()
-            .filter_map(|d| decode(d).ok())
-            .filter(|r| r.expired(before_ms))
-            .map(|r| r.id)
-            .collect();
+        let filter = doc! {
+            "_id": { "$lt": id_floor(before_ms) },
+            "updated_at_ms": { "$lt": before_ms as i64 },
+            "actions.state": { "$nin": ["pending", "retrying"] },
+        };
+        let mut ids = Vec::new();
+        for d in self.inner.documents(filter.clone(), 1, Some(limit as i64)).await? {
+            match decode(d) {
+                Ok(r) if r.expired(before_ms) => ids.push(r.id),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "retention: a stored receipt is unreadable; left as it is"),
+            }
+        }
         if ids.is_empty() {
             return Ok(0);
         }
@@ -446,8 +443,14 @@ impl ReceiptStore for MongoStore {
     async fn purge_requests(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let filter = doc! { "_id": { "$lt": id_floor(before_ms) }, "request.purged_at_ms": { "$exists": false } };
         let mut purged = 0;
-        for d in self.inner.oldest(filter, limit).await? {
-            let (rev, mut receipt) = revision(d)?;
+        for d in self.inner.documents(filter, 1, Some(limit as i64)).await? {
+            let (rev, mut receipt) = match revision(d) {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::error!(error = %e, "retention: a stored receipt is unreadable; its request is not purged");
+                    continue;
+                }
+            };
             if !receipt.purge(now_ms()) {
                 continue;
             }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::App;
-use crate::queue::{Pause, PausedBy, Reserved};
+use crate::queue::{Pause, PausedBy};
 use crate::store::now_ms;
 use crate::telemetry::DestinationLabels;
 
@@ -37,10 +37,10 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    /// After an attempt that ran (not one put off): count, trip, or close.
-    pub async fn observe(&self, app: &App, reserved: &Reserved, health: Health, reason: &str) {
+    /// After an attempt that ran (not one put off) to `destination`, the
+    /// breaker's probe or not: count, trip, or close.
+    pub async fn observe(&self, app: &App, destination: &str, probe: bool, health: Health, reason: &str) {
         let settings = app.config.breaker;
-        let destination = reserved.job.destination.as_str();
         let failures = {
             let mut all = self.failures.lock().unwrap_or_else(|e| e.into_inner());
             let count = all.entry(destination.to_string()).or_default();
@@ -48,20 +48,24 @@ impl Breaker {
             *count
         };
         match health {
-            Health::Up if reserved.probe => match app.queue.resume(destination, Some(PausedBy::Breaker)).await {
-                Ok(Some(released)) => {
-                    tracing::info!(
-                        destination,
-                        released,
-                        "the probe was delivered; circuit breaker closed, destination resumed"
-                    )
+            // A probe the destination answered, even refusing that one job,
+            // shows it works again.
+            Health::Up | Health::Answering if probe => {
+                match app.queue.resume(destination, Some(PausedBy::Breaker)).await {
+                    Ok(Some(released)) => {
+                        tracing::info!(
+                            destination,
+                            released,
+                            "the probe was delivered; circuit breaker closed, destination resumed"
+                        )
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(destination, error = %e, "the probe was delivered, but the destination could not be resumed; the next probe tries again")
+                    }
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(destination, error = %e, "the probe was delivered, but the destination could not be resumed; the next probe tries again")
-                }
-            },
-            Health::Failing if reserved.probe => {
+            }
+            Health::Failing if probe => {
                 self.open(app, destination, format!("the probe failed: {reason}"), false).await;
             }
             Health::Failing if settings.failures > 0 && failures >= settings.failures => {
@@ -84,9 +88,13 @@ impl Breaker {
             probe_at_ms: Some(now + app.config.breaker.probe_after.as_millis() as u64),
             probe_job: None,
         };
-        match app.queue.pause(destination, pause).await {
+        let paused = app.queue.pause(destination, pause).await;
+        if trip {
+            // Counted afresh, whether this tripped it or it was paused already.
+            self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
+        }
+        match paused {
             Ok(true) if trip => {
-                self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
                 app.metrics.breaker_trips.get_or_create(&DestinationLabels { destination: destination.into() }).inc();
                 tracing::error!(destination, %reason, "circuit breaker open: destination paused; its jobs wait");
             }
@@ -98,15 +106,28 @@ impl Breaker {
 }
 
 /// Until `shutdown`: probe each destination the breaker paused once its
-/// probe time has come.
+/// probe time has come; and now and then, move back jobs a resume cut short
+/// left waiting (`JobQueue::drain_unpaused`).
 pub async fn probe(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    const DRAIN_EVERY: Duration = Duration::from_secs(30);
     let every = (app.config.breaker.probe_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut drained = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
         let Ok(paused) = app.queue.paused().await else { continue };
+        if drained.elapsed() >= DRAIN_EVERY {
+            drained = tokio::time::Instant::now();
+            for destination in app.plugins.snapshot().destinations.keys() {
+                if !paused.iter().any(|p| &p.destination == destination)
+                    && let Ok(moved @ 1..) = app.queue.drain_unpaused(destination).await
+                {
+                    tracing::warn!(%destination, moved, "moved back jobs an interrupted resume left waiting");
+                }
+            }
+        }
         for paused in paused.iter().filter(|p| p.pause.by == PausedBy::Breaker) {
             let now = now_ms();
             let next = now + app.config.breaker.probe_after.as_millis() as u64;

@@ -36,6 +36,8 @@ use breaker::Health;
 const POLL: Duration = Duration::from_secs(1);
 /// Back-off when the queue or store is down.
 const OUTAGE_PAUSE: Duration = Duration::from_secs(1);
+/// Longest wait for a destination's limit to give a job its turn.
+const TURN_WAIT: Duration = Duration::from_secs(5);
 
 /// What one attempt came to, before the retry policy has its say.
 #[derive(Debug)]
@@ -56,6 +58,13 @@ enum Verdict {
     /// The host could not make the attempt; it does not count.
     Defer {
         reason: String,
+    },
+    /// Not now: the destination's limit holds it back (or it was paused
+    /// while the job waited for its turn). The queue alone is told, and the
+    /// attempt does not count.
+    Later {
+        reason: String,
+        after: Duration,
     },
 }
 
@@ -120,12 +129,12 @@ pub async fn process(app: &App, reserved: Reserved) {
             Verdict::Delivered { .. } => Some((Health::Up, String::new())),
             Verdict::Retry { reason, .. } => Some((Health::Failing, reason.clone())),
             Verdict::Permanent { .. } => Some((Health::Answering, String::new())),
-            Verdict::Defer { .. } => None,
+            Verdict::Defer { .. } | Verdict::Later { .. } => None,
         };
-        let probe = reserved.clone();
+        let (destination, probe) = (reserved.job.destination.clone(), reserved.probe);
         settle(app, reserved, verdict, logged).await;
         if let Some((health, reason)) = health {
-            app.breaker.observe(app, &probe, health, &reason).await;
+            app.breaker.observe(app, &destination, probe, health, &reason).await;
         }
     }
     .instrument(span)
@@ -139,7 +148,20 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
         let reason = format!("no destination plugin named {:?} is loaded", job.destination);
         return (Verdict::Defer { reason }, None);
     };
-    let _turn = app.limiter.turn(&job.destination, app.routes().limits(&job.destination)).await;
+    // Long enough for a slot to free, short of a Redis job's visibility timeout.
+    let max_wait = TURN_WAIT.min(app.config.visibility_timeout / 4);
+    let limits = app.routes().limits(&job.destination);
+    let turn = match app.limiter.turn(&job.destination, limits, max_wait).await {
+        Ok(turn) => turn,
+        Err(after) => {
+            let reason = format!("{} is at its limit ({limits:?})", job.destination);
+            return (Verdict::Later { reason, after }, None);
+        }
+    };
+    if turn.waited && app.queue.paused().await.is_ok_and(|p| p.iter().any(|p| p.destination == job.destination)) {
+        let reason = format!("{} was paused while the job waited for its turn", job.destination);
+        return (Verdict::Later { reason, after: Duration::ZERO }, None);
+    }
     let started_at_ms = now_ms();
     let started = Instant::now();
     let (result, requests) = plugin
@@ -262,6 +284,13 @@ async fn settle(app: &App, reserved: Reserved, verdict: Verdict, logged: Option<
                 }
                 Err(e) => unrecorded(app, reserved, e).await,
             }
+        }
+        Verdict::Later { reason, after } => {
+            let mut later = reserved;
+            later.job.attempts = later.job.attempts.saturating_sub(1);
+            app.metrics.delivery(&later.job.destination, "deferred");
+            tracing::debug!(%reason, retry_in_ms = after.as_millis() as u64, "delivery waits for its turn");
+            tell_queue(app, later, Settle::Retry(after)).await;
         }
     }
 }
