@@ -682,3 +682,84 @@ async fn an_empty_plugin_folder_runs_on_the_bundled_plugins_and_a_folder_overrid
     assert_eq!(version("crm"), Some(json!("0.1.1")), "{listed}");
     assert_eq!(version("meta-capi"), Some(json!("0.1.0")), "bundled: {listed}");
 }
+
+/// Shadow mode, from the attacker's side too: a candidate folder that
+/// shadows meta-capi gets meta-capi's settings (its token included) and is
+/// pointed at another server; it runs beside every Meta job, but nothing it
+/// asks for is ever sent, and no secret shows in what is reported.
+#[tokio::test]
+async fn a_shadow_candidate_runs_beside_the_live_destination_is_compared_and_never_sent() {
+    let elsewhere = StandIn::meta().await;
+    // The operator points the candidate elsewhere (an origin the operator
+    // sets is one it may reach).
+    let s = setup(&[("META_NEXT_GRAPH_URL", &elsewhere.url)]).await;
+    let plugins = std::path::PathBuf::from(&s.vars.iter().find(|(k, _)| *k == "PLUGINS_DIR").unwrap().1);
+    let live_manifest = std::fs::read_to_string(plugins.join("meta-capi/plugin.toml")).unwrap();
+    let candidate = plugins.join("meta-capi-next");
+    std::fs::create_dir_all(&candidate).unwrap();
+    std::fs::copy(plugins.join("meta-capi/meta-capi.wasm"), candidate.join("meta-capi.wasm")).unwrap();
+    let write_candidate = |version: &str, changes: &[(&str, String)]| {
+        let mut manifest = live_manifest
+            .replace("name = \"meta-capi\"", "name = \"meta-capi-next\"\nshadow_of = \"meta-capi\"")
+            .replace("version = \"0.1.0\"", &format!("version = \"{version}\""));
+        for (from, to) in changes {
+            assert!(manifest.contains(from), "{from}");
+            manifest = manifest.replace(from, to);
+        }
+        std::fs::write(candidate.join("plugin.toml"), manifest).unwrap();
+    };
+    // The candidate reads its URL from another variable, and adds a test event code.
+    write_candidate(
+        "0.2.0-rc1",
+        &[
+            (
+                "env = \"META_GRAPH_URL\"\ndefault = \"https://graph.facebook.com\"",
+                format!("env = \"META_NEXT_GRAPH_URL\"\ndefault = \"{}\"", elsewhere.url),
+            ),
+            ("env = \"META_TEST_EVENT_CODE\"", "env = \"META_NEXT_TEST_CODE\"\ndefault = \"TEST123\"".into()),
+        ],
+    );
+    let host = Host::start(&s.vars).await;
+    let shadow_of = async |deal: &str| {
+        let (_, body) =
+            post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload(deal, "Qualified")).await;
+        let id = body["receipt_id"].as_str().unwrap().to_string();
+        eventually("the Lead delivered", WAIT, async || {
+            let r = receipt(&host, &id).await;
+            (action_state(&r, "meta-capi").0 == "delivered").then(|| r["actions"][0]["log"][0]["shadow"].clone())
+        })
+        .await
+    };
+
+    let shadow = shadow_of("D-SH-1").await;
+    assert_eq!((shadow["candidate"].as_str(), shadow["version"].as_str()), (Some("meta-capi-next"), Some("0.2.0-rc1")));
+    assert_eq!((shadow["matched"].as_bool(), shadow["outcome"].as_str()), (Some(false), Some("delivered")), "{shadow}");
+    let differences = shadow["differences"].to_string();
+    assert!(differences.contains(&format!("candidate {}/v21.0/1234567890/events", elsewhere.url)), "{differences}");
+    assert!(differences.contains("TEST123"), "{differences}");
+    assert!(!differences.contains("meta-token"), "a secret in the comparison: {differences}");
+    // Only the live request went out.
+    assert_eq!(s.meta.received().len(), 1);
+    assert!(elsewhere.received().is_empty(), "the candidate's request was sent");
+    let plugins_listed = get_json(&host.url, "/api/v1/plugins").await;
+    let listed = plugins_listed["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "meta-capi-next").unwrap();
+    assert_eq!(listed["shadow_of"], "meta-capi");
+    let destinations = get_json(&host.url, "/api/v1/destinations").await;
+    assert!(!destinations.to_string().contains("meta-capi-next"), "a candidate is no destination: {destinations}");
+
+    // A candidate that sends what the live version sends matches.
+    write_candidate("0.2.0-rc2", &[]);
+    eventually("the new candidate loaded", WAIT, async || {
+        let listed = get_json(&host.url, "/api/v1/plugins").await;
+        listed["plugins"].as_array()?.iter().any(|p| p["version"] == "0.2.0-rc2").then_some(())
+    })
+    .await;
+    let shadow = shadow_of("D-SH-2").await;
+    assert_eq!((shadow["version"].as_str(), shadow["matched"].as_bool()), (Some("0.2.0-rc2"), Some(true)), "{shadow}");
+    assert!(shadow.get("differences").is_none(), "{shadow}");
+    let metrics = reqwest::get(format!("{}/metrics", host.url)).await.unwrap().text().await.unwrap();
+    let labels = "{destination=\"meta-capi\",candidate=\"meta-capi-next\"}";
+    assert!(metrics.contains(&format!("crm_shadow_comparisons_total{labels} 2")), "{metrics}");
+    assert!(metrics.contains(&format!("crm_shadow_mismatches_total{labels} 1")), "{metrics}");
+    assert_eq!(s.meta.received().len(), 2);
+}

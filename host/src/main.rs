@@ -210,7 +210,10 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
             println!("ok: {} {} ({}), component sha256 {}", p.name(), p.manifest.version, p.manifest.kind, p.digest);
             let allowed = p.allow.describe();
             println!("allowed outbound hosts: {}", if allowed.is_empty() { "none".into() } else { allowed.join(", ") });
-            println!("may read: {}", plugin_env.grants().describe(p.name()).join(", "));
+            println!("may read: {}", plugin_env.grants().describe(p.manifest.grantee()).join(", "));
+            if let Some(live) = &p.manifest.shadow_of {
+                println!("shadows {live}: runs beside its deliveries, compared with them; its requests are never sent");
+            }
             for v in &p.config.vars {
                 let source = match (&v.env, &v.granted_by) {
                     (Some(var), Some(grant)) => {

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub breaker_trips: Family<DestinationLabels, Counter>,
     pub destination_paused: Family<DestinationLabels, Gauge>,
     pub retention_removed: Family<RetentionLabels, Counter>,
+    pub shadow_comparisons: Family<ShadowLabels, Counter>,
+    pub shadow_mismatches: Family<ShadowLabels, Counter>,
     round_trips: Family<BackendLabels, Counter>,
     /// Two scrapes at once must not both add the same difference, nor
     /// both rebuild `destination_paused`.
@@ -105,6 +107,14 @@ pub struct AlertLabels {
     pub kind: &'static str,
     /// `sent`, `failed` (the e-mail), or `logged` (no recipients).
     pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    /// The live destination plugin...
+    pub destination: String,
+    /// ...and the candidate shadowing it.
+    pub candidate: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -140,6 +150,18 @@ impl Metrics {
         let breaker_trips = Family::default();
         let destination_paused = Family::default();
         let retention_removed = Family::default();
+        let shadow_comparisons = Family::default();
+        let shadow_mismatches = Family::default();
+        registry.register(
+            "crm_shadow_comparisons",
+            "Attempts a shadow candidate ran beside, compared with the live version",
+            shadow_comparisons.clone(),
+        );
+        registry.register(
+            "crm_shadow_mismatches",
+            "Comparisons where a shadow candidate's requests or outcome differed from the live version's",
+            shadow_mismatches.clone(),
+        );
         registry.register(
             "crm_retention",
             "Receipts and dead letters removed, and requests purged, by retention (RETENTION_DAYS, REQUEST_BODY_RETENTION_DAYS)",
@@ -207,6 +229,8 @@ impl Metrics {
             breaker_trips,
             destination_paused,
             retention_removed,
+            shadow_comparisons,
+            shadow_mismatches,
             round_trips,
             scrape_sync: std::sync::Mutex::new(()),
         }

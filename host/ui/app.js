@@ -154,6 +154,7 @@ function actionSection(action) {
           ),
         ),
         attempt.detail,
+        attempt.shadow ? shadowNote(attempt.shadow) : null,
       ),
     ),
   );
@@ -170,6 +171,17 @@ function actionSection(action) {
           el("tbody", {}, rows),
         )
       : el("p", { class: "muted" }, "No attempt yet."),
+  );
+}
+
+/** How a shadow candidate compared with this attempt. */
+function shadowNote(shadow) {
+  const verdict = shadow.matched ? "matched" : "differed";
+  return el(
+    "div",
+    { class: shadow.matched ? "shadow matched" : "shadow differed" },
+    `Shadow ${shadow.candidate} ${shadow.version} ${verdict} (${shadow.outcome})`,
+    (shadow.differences || []).length ? el("ul", {}, shadow.differences.map((d) => el("li", {}, d))) : null,
   );
 }
 

@@ -21,9 +21,10 @@ fn queue_unavailable(e: crate::queue::QueueError) -> ApiError {
     ApiError::unavailable("queue_unavailable", "the job queue is unavailable", e)
 }
 
-/// Every destination worth showing: loaded, routed to, or paused.
+/// Every destination worth showing: loaded (not a shadow candidate), routed
+/// to, or paused.
 fn known(app: &App, paused: &[PausedDestination]) -> BTreeSet<String> {
-    let mut names: BTreeSet<String> = app.plugins.snapshot().destinations.keys().cloned().collect();
+    let mut names: BTreeSet<String> = app.plugins.snapshot().live_destinations().map(|p| p.name().into()).collect();
     names.extend(app.routes().destinations());
     names.extend(paused.iter().map(|p| p.destination.clone()));
     names

@@ -166,7 +166,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         app.metrics.set_queue_depth(depth);
     }
     if let Ok(paused) = app.queue.paused().await {
-        let loaded = app.plugins.snapshot().destinations.keys().cloned().collect::<Vec<_>>();
+        let loaded: Vec<String> = app.plugins.snapshot().live_destinations().map(|p| p.name().into()).collect();
         app.metrics.set_paused(&loaded, paused.iter().map(|p| p.destination.as_str()));
     }
     app.metrics.set_round_trips("mongodb", app.store.round_trips());
@@ -445,6 +445,7 @@ async fn list_plugins(State(app): State<Arc<App>>) -> Result<Json<serde_json::Va
                     "max_request_bytes_per_call": p.manifest.limits.max_request_bytes_per_call,
                 },
                 "not_configured": p.config.missing,
+                "shadow_of": p.manifest.shadow_of,
             })
         })
         .collect();

@@ -8,6 +8,7 @@
 //! parses and deliveries, so a burst of webhooks cannot take the instances
 //! the workers need.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +25,8 @@ use super::grants::PluginEnv;
 use super::manifest::{Kind, MAX_MEMORY_MB, Manifest, ManifestError, ResolvedConfig};
 use super::outbound;
 use super::world::{
-    self, CONTRACT_PACKAGE, CONTRACT_VERSION, DestinationPre, HttpMode, PluginContext, PluginState, RecordedRequest,
-    SourcePre, wit,
+    self, Answer, CONTRACT_PACKAGE, CONTRACT_VERSION, DestinationPre, HttpMode, PluginContext, PluginState,
+    RecordedRequest, SourcePre, wit,
 };
 use crate::event::Event;
 
@@ -505,6 +506,8 @@ impl PluginEngine {
             .allow_list(&config)
             .map_err(|e| LoadError::Config { path: dir.join("plugin.toml"), message: config.redact(&e.to_string()) })?;
         let http = match http {
+            // A candidate never sends, whatever it is loaded for.
+            _ if manifest.shadow_of.is_some() => HttpMode::Shadow,
             Some(mode) => mode,
             None => HttpMode::Live(outbound::Clients::new().map_err(|e| LoadError::Config {
                 path: dir.join("plugin.toml"),
@@ -598,7 +601,7 @@ fn wit_request(r: &IncomingRequest) -> wit::IncomingRequest {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -749,6 +752,25 @@ impl LoadedPlugin {
     /// Run the destination plugin for one delivery attempt; also returns the
     /// requests it made.
     pub async fn deliver(&self, req: DeliveryRequest<'_>) -> (Result<Outcome, PluginError>, Vec<RecordedRequest>) {
+        self.deliver_with(req, VecDeque::new()).await
+    }
+
+    /// Run a shadow candidate (`HttpMode::Shadow`) for a delivery the live
+    /// version made: its requests are answered with `answers`, the live
+    /// version's, in order, and none is sent.
+    pub async fn shadow(
+        &self,
+        req: DeliveryRequest<'_>,
+        answers: VecDeque<Answer>,
+    ) -> (Result<Outcome, PluginError>, Vec<RecordedRequest>) {
+        self.deliver_with(req, answers).await
+    }
+
+    async fn deliver_with(
+        &self,
+        req: DeliveryRequest<'_>,
+        answers: VecDeque<Answer>,
+    ) -> (Result<Outcome, PluginError>, Vec<RecordedRequest>) {
         let Compiled::Destination(pre) = &self.compiled else {
             return (Err(self.wrong_kind(Kind::Destination)), Vec::new());
         };
@@ -762,6 +784,7 @@ impl LoadedPlugin {
         };
         let (result, requests) = self
             .call(&self.slots.deliveries, DELIVERY_SLOT_WAIT, "delivery instances", async |store| {
+                store.data_mut().answers = answers;
                 let instance = pre.instantiate_async(&mut *store).await.map_err(CallError::Start)?;
                 instance.call_deliver(&mut *store, &event, &action, &context).await.map_err(CallError::Trap)
             })

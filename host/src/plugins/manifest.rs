@@ -162,6 +162,12 @@ pub struct Manifest {
     /// be delivered twice, and its answer says so.
     #[serde(default)]
     pub dedupe_window_secs: Option<u64>,
+    /// Destinations only: this folder is a candidate version of that
+    /// destination. It runs beside every job of the live plugin, with the
+    /// live plugin's grants, and its requests are compared with the live
+    /// version's and never sent (shadow mode).
+    #[serde(default)]
+    pub shadow_of: Option<String>,
     #[serde(default)]
     pub config: BTreeMap<String, ConfigKey>,
     #[serde(default)]
@@ -245,6 +251,15 @@ impl Manifest {
         if self.kind == Kind::Source && self.dedupe_window_secs.is_some() {
             return Err("dedupe_window_secs: only a destination's deliveries are deduplicated downstream".into());
         }
+        match &self.shadow_of {
+            Some(_) if self.kind == Kind::Source => {
+                return Err("shadow_of: only a destination can shadow another (its requests are compared)".into());
+            }
+            Some(live) if *live == self.name => {
+                return Err(format!("shadow_of: {live:?} is this plugin's own name; name the candidate differently"));
+            }
+            _ => {}
+        }
         for (key, c) in &self.config {
             if c.env.is_none() && c.default.is_none() {
                 return Err(format!("config.{key} needs `env`, `default` or both"));
@@ -271,23 +286,28 @@ impl Manifest {
         self.auth.unwrap_or_default()
     }
 
+    /// Whose grants this plugin reads its settings under: its own, or, for a
+    /// shadow candidate, the live plugin's.
+    pub fn grantee(&self) -> &str {
+        self.shadow_of.as_deref().unwrap_or(&self.name)
+    }
+
     /// Resolve config values for this plugin from what it is granted
     /// (defaults applied). A key whose variable is not granted refuses the
     /// whole manifest, naming the variable; a value of the wrong format too.
     pub fn resolve_config(&self, env: &PluginEnv) -> Result<ResolvedConfig, ManifestError> {
         let mut resolved = ResolvedConfig::default();
         for (key, c) in &self.config {
-            let (from_env, granted_by) = match &c.env {
-                Some(var) => {
-                    let (value, grant) = env.get(&self.name, var).map_err(|source| ManifestError::NotGranted {
-                        path: PathBuf::new(),
-                        key: key.clone(),
-                        source,
-                    })?;
-                    (value.map(str::to_string), Some(grant))
-                }
-                None => (None, None),
-            };
+            let (from_env, granted_by) =
+                match &c.env {
+                    Some(var) => {
+                        let (value, grant) = env.get(self.grantee(), var).map_err(|source| {
+                            ManifestError::NotGranted { path: PathBuf::new(), key: key.clone(), source }
+                        })?;
+                        (value.map(str::to_string), Some(grant))
+                    }
+                    None => (None, None),
+                };
             let set = from_env.is_some();
             if let (Some(v), Some(format)) = (&from_env, c.format) {
                 // A secret's value is never echoed, even when it is wrong.
@@ -530,6 +550,25 @@ mod tests {
         let err = Manifest::parse(&other).unwrap().resolve_config(&env(&[])).unwrap_err().to_string();
         assert!(err.contains("BREVO_API_KEY is not granted to plugin \"meta-capi\""), "{err}");
         assert!(err.contains("PLUGIN_GRANTS=\"meta-capi=BREVO_API_KEY\""), "{err}");
+    }
+
+    #[test]
+    fn a_shadow_candidate_reads_under_the_live_plugins_grants_and_no_further() {
+        let candidate = META.replace("name = \"meta-capi\"", "name = \"meta-next\"\nshadow_of = \"meta-capi\"");
+        let m = Manifest::parse(&candidate).unwrap();
+        // META_* is meta-capi's own prefix, not meta-next's: granted through the plugin it shadows.
+        let c = m.resolve_config(&env(&[("META_ACCESS_TOKEN", "EAAB-secret")])).unwrap();
+        assert_eq!(c.values["access_token"], "EAAB-secret");
+        let stolen = candidate.replace("env = \"META_ACCESS_TOKEN\"", "env = \"API_KEY\"");
+        let err = Manifest::parse(&stolen).unwrap().resolve_config(&env(&[("API_KEY", "k")])).unwrap_err().to_string();
+        assert!(err.contains("API_KEY is one of the host's own settings"), "{err}");
+        let err = |text: String| Manifest::parse(&text).unwrap_err().to_string();
+        assert!(
+            err(META.replace("name = \"meta-capi\"", "name = \"meta-capi\"\nshadow_of = \"meta-capi\""))
+                .contains("own name")
+        );
+        let source = candidate.replace("kind = \"destination\"", "kind = \"source\"");
+        assert!(err(source).contains("only a destination can shadow"));
     }
 
     #[test]

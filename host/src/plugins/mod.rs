@@ -48,6 +48,11 @@ impl PluginSet {
         }
     }
 
+    /// The destinations jobs can name: not shadow candidates.
+    pub fn live_destinations(&self) -> impl Iterator<Item = &Arc<LoadedPlugin>> {
+        self.destinations.values().filter(|p| p.manifest.shadow_of.is_none())
+    }
+
     /// Every loaded plugin.
     pub fn all(&self) -> impl Iterator<Item = &Arc<LoadedPlugin>> {
         self.sources.values().chain(self.destinations.values())
@@ -207,7 +212,21 @@ impl Registry {
             let previous = folders.get(&folder).and_then(|f| f.loaded.clone());
             let loaded = self.engine.load(&folder, &self.env, None).and_then(|plugin| {
                 // Two folders must not provide one name: a backup copy beside
-                // the live folder would silently replace it.
+                // the live folder would silently replace it. Nor two
+                // candidates shadow one destination.
+                let rival = plugin.manifest.shadow_of.as_ref().and_then(|live| {
+                    set.destinations.values().find(|p| p.dir != folder && p.manifest.shadow_of.as_ref() == Some(live))
+                });
+                if let Some(rival) = rival {
+                    return Err(LoadError::Config {
+                        path: folder.join("plugin.toml"),
+                        message: format!(
+                            "{} already shadows {:?}; one candidate per destination",
+                            rival.dir.display(),
+                            plugin.manifest.grantee()
+                        ),
+                    });
+                }
                 match set.map(plugin.manifest.kind).get(plugin.name()) {
                     Some(other) if other.dir != folder => Err(LoadError::Config {
                         path: folder.join("plugin.toml"),
@@ -307,8 +326,15 @@ impl Registry {
         }
     }
 
+    /// The live destination plugin of that name (not a shadow candidate:
+    /// jobs cannot name one).
     pub fn destination(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
-        self.snapshot().destinations.get(name).cloned()
+        self.snapshot().live_destinations().find(|p| p.name() == name).cloned()
+    }
+
+    /// The candidate shadowing destination `live`, if one is loaded.
+    pub fn shadow_of(&self, live: &str) -> Option<Arc<LoadedPlugin>> {
+        self.snapshot().destinations.values().find(|p| p.manifest.shadow_of.as_deref() == Some(live)).cloned()
     }
 }
 

@@ -69,7 +69,14 @@ pub enum HttpMode {
     Live(outbound::Clients),
     /// Record the request and answer with this canned response (dry-run).
     Record { status: u16, body: Vec<u8> },
+    /// A shadow candidate: record the request, never send it, and answer
+    /// with what the live version got for its request of the same place in
+    /// the call (`PluginState::answers`).
+    Shadow,
 }
+
+/// What the live version's request got, handed to its shadow candidate.
+pub type Answer = Result<(u16, Vec<u8>), String>;
 
 /// Per-plugin facts every call of it shares.
 pub struct PluginContext {
@@ -91,8 +98,11 @@ pub struct RecordedRequest {
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub body: String,
-    /// The body's whole size.
+    /// The body's whole size, and its SHA-256 (hex): what shadow mode
+    /// compares, beyond the excerpt.
     pub body_bytes: usize,
+    #[serde(skip)]
+    pub body_sha256: String,
     /// Why the host refused it, if it did.
     pub denied: Option<String>,
     /// The answer's status and the start of its body (live calls).
@@ -143,6 +153,8 @@ pub struct PluginState {
     pub deadline: Instant,
     /// At most `limits.max_requests_per_call` of them.
     pub requests: Vec<RecordedRequest>,
+    /// Shadow mode: the answers to give, in order.
+    pub answers: std::collections::VecDeque<Answer>,
     /// `http.send` calls so far, and their body bytes.
     sent: u32,
     sent_bytes: u64,
@@ -179,6 +191,7 @@ impl PluginState {
             plugin,
             deadline: Instant::now() + time,
             requests: Vec::new(),
+            answers: Default::default(),
             sent: 0,
             sent_bytes: 0,
         }
@@ -286,7 +299,7 @@ impl wit_http::Host for PluginState {
                 "at most {MAX_REQUEST_HEADERS} headers and {MAX_REQUEST_HEADER_BYTES} bytes of them per request"
             )));
         }
-        let live = matches!(plugin.http, HttpMode::Live(_));
+        let live = matches!(plugin.http, HttpMode::Live(_) | HttpMode::Shadow);
         let body_text = if live {
             excerpt(&request.body, BODY_EXCERPT_BYTES)
         } else {
@@ -298,6 +311,7 @@ impl wit_http::Host for PluginState {
             headers: headers.clone(),
             body: body_text,
             body_bytes,
+            body_sha256: crate::plugins::engine::hex(&<sha2::Sha256 as sha2::Digest>::digest(&request.body)),
             denied: None,
             response_status: None,
             response_excerpt: None,
@@ -332,6 +346,15 @@ impl wit_http::Host for PluginState {
         let client = match &plugin.http {
             HttpMode::Record { status, body } => {
                 return Ok(wit_http::Response { status: *status, headers: vec![], body: body.clone() });
+            }
+            HttpMode::Shadow => {
+                return match self.answers.pop_front() {
+                    Some(Ok((status, body))) => Ok(wit_http::Response { status, headers: vec![], body }),
+                    Some(Err(error)) => Err(wit_http::HttpError::Transport(error)),
+                    None => Err(wit_http::HttpError::Transport(
+                        "shadow mode: the live version made no request here, so there is no answer to give".into(),
+                    )),
+                };
             }
             HttpMode::Live(clients) => clients.get(route),
         };

@@ -87,6 +87,27 @@ pub struct LoggedAttempt {
     /// ...and how many more it made.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub requests_omitted: u32,
+    /// A shadow candidate's run beside this attempt, compared with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowComparison>,
+}
+
+/// How a shadow candidate's run compared with the live attempt it shadowed
+/// (`worker::shadow`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowComparison {
+    /// The candidate plugin, its version and component digest.
+    pub candidate: String,
+    pub version: String,
+    pub digest: String,
+    /// Same requests (method, URL, headers, body) and the same outcome.
+    pub matched: bool,
+    /// What differed, redacted: header names, never their values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<String>,
+    /// The candidate's outcome: `delivered`, `retryable`, `permanent` or
+    /// `plugin_error`.
+    pub outcome: String,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -177,8 +198,12 @@ impl Receipt {
             return false;
         }
         self.request = StoredRequest { headers: Vec::new(), body: String::new(), purged_at_ms: Some(now_ms) };
-        for request in self.actions.iter_mut().flat_map(|a| a.log.iter_mut()).flat_map(|l| l.requests.iter_mut()) {
-            request.body_excerpt.clear();
+        for logged in self.actions.iter_mut().flat_map(|a| a.log.iter_mut()) {
+            logged.requests.iter_mut().for_each(|r| r.body_excerpt.clear());
+            // Differences quote request bodies.
+            if let Some(shadow) = &mut logged.shadow {
+                shadow.differences.clear();
+            }
         }
         true
     }

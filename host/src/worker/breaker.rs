@@ -120,8 +120,8 @@ pub async fn probe(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         let Ok(paused) = app.queue.paused().await else { continue };
         if drained.elapsed() >= DRAIN_EVERY {
             drained = tokio::time::Instant::now();
-            for destination in app.plugins.snapshot().destinations.keys() {
-                if !paused.iter().any(|p| &p.destination == destination)
+            for destination in app.plugins.snapshot().live_destinations().map(|p| p.name()) {
+                if !paused.iter().any(|p| p.destination == destination)
                     && let Ok(moved @ 1..) = app.queue.drain_unpaused(destination).await
                 {
                     tracing::warn!(%destination, moved, "moved back jobs an interrupted resume left waiting");

@@ -16,6 +16,7 @@
 pub mod breaker;
 pub mod limits;
 pub mod retry;
+pub mod shadow;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::App;
-use crate::plugins::{DeliveryRequest, Outcome};
+use crate::plugins::{DeliveryRequest, Outcome, PluginError};
 use crate::queue::{Job, Reserved, Settle};
 use crate::store::{
     AttemptRecord, DeliveryState, LoggedAttempt, LoggedRequest, MAX_LOGGED_REQUESTS, StoreError, now_ms,
@@ -164,19 +165,25 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
     }
     let started_at_ms = now_ms();
     let started = Instant::now();
-    let (result, requests) = plugin
-        .deliver(DeliveryRequest {
-            event: &job.event,
-            action: &job.action,
-            params: &job.params,
-            receipt_id: &job.receipt_id,
-            provider: &job.provider,
-            attempt: job.attempts,
-            idempotency_key: &job.idempotency_key,
-        })
-        .await;
+    let request = || DeliveryRequest {
+        event: &job.event,
+        action: &job.action,
+        params: &job.params,
+        receipt_id: &job.receipt_id,
+        provider: &job.provider,
+        attempt: job.attempts,
+        idempotency_key: &job.idempotency_key,
+    };
+    let (result, requests) = plugin.deliver(request()).await;
     let took = started.elapsed();
     app.metrics.plugin_call(plugin.name(), took);
+    let shadow = match app.plugins.shadow_of(&job.destination) {
+        Some(candidate) if result.as_ref().is_ok() || result.as_ref().is_err_and(PluginError::is_plugins_fault) => {
+            let outcome = shadow::outcome_name(&result);
+            Some(shadow::compare(app, &plugin, &candidate, request(), outcome, &requests).await)
+        }
+        _ => None,
+    };
     let (verdict, outcome, status, detail) = match result {
         Ok(Outcome::Delivered { status, detail }) => {
             (Verdict::Delivered { status, detail: detail.clone() }, "delivered", status, detail)
@@ -230,6 +237,7 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
                 error: r.error.map(|e| redact(&e)),
             })
             .collect(),
+        shadow,
     };
     (verdict, Some(logged))
 }
