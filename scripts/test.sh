@@ -38,6 +38,13 @@ if [ ! -x "$venv/bin/nx-27017" ]; then
 fi
 export NX_27017="$venv/bin/nx-27017"
 
+# The plugin scaffold's test builds JavaScript plugins (componentize-js,
+# from npm) and runs their tests with node.
+if ! command -v npm >/dev/null; then
+    echo "installing nodejs and npm"
+    apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+fi
+
 # The web page's test drives Debian's Chromium with Playwright for Python
 # (which cannot download its own browsers here; it is pointed at this one).
 if ! command -v chromium >/dev/null; then

@@ -18,6 +18,7 @@ pub mod plugins;
 pub mod queue;
 pub mod retention;
 pub mod routing;
+pub mod scaffold;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

@@ -12,6 +12,7 @@ use crm_event_handler::dry_run::{self, DryRun};
 use crm_event_handler::plugins::grants::PluginEnv;
 use crm_event_handler::plugins::{EngineOptions, PluginEngine};
 use crm_event_handler::routing::Routes;
+use crm_event_handler::scaffold::{self, Lang};
 
 /// mimalloc: less time in the allocator than glibc's under many threads and
 /// short-lived buffers, and less fragmentation (lower RSS) under load.
@@ -86,6 +87,31 @@ enum PluginCommand {
         /// The plugin's folder.
         dir: PathBuf,
     },
+    /// Start a plugin: a folder with its manifest, working code, the
+    /// contract, a README and a test, in Rust, Python or JavaScript.
+    New {
+        /// The plugin's name: a provider (source) or destination name.
+        name: String,
+        #[arg(long, value_enum)]
+        kind: KindArg,
+        #[arg(long, value_enum)]
+        lang: Lang,
+        /// Where the folder NAME is made.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Build a plugin folder's component with its language's tool (cargo,
+    /// componentize-py or componentize-js, installed on first use).
+    Build {
+        /// The plugin's folder.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    Source,
+    Destination,
 }
 
 fn main() -> ExitCode {
@@ -201,6 +227,29 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
             for e in body["load_errors"].as_array().into_iter().flatten() {
                 println!("refused: {}: {}", e["dir"].as_str().unwrap_or("?"), e["error"].as_str().unwrap_or("?"));
             }
+            Ok(())
+        }
+        PluginCommand::New { name, kind, lang, dir } => {
+            let kind = match kind {
+                KindArg::Source => crm_event_handler::plugins::Kind::Source,
+                KindArg::Destination => crm_event_handler::plugins::Kind::Destination,
+            };
+            let made = scaffold::create(&name, kind, lang, &dir)?;
+            println!(
+                "made {}: see its README.md; build it with `crm-event-handler plugin build {}`",
+                made.display(),
+                made.display()
+            );
+            Ok(())
+        }
+        PluginCommand::Build { dir } => {
+            let built = scaffold::build(&dir)?;
+            let bytes = std::fs::metadata(&built).map(|m| m.len()).unwrap_or(0);
+            println!(
+                "built {} ({bytes} bytes); check it with `crm-event-handler plugin check {}`",
+                built.display(),
+                dir.display()
+            );
             Ok(())
         }
         PluginCommand::Check { dir } => {
