@@ -336,6 +336,27 @@ async fn two_hosts_send_one_backlog_alert_per_cooldown_between_them() {
     assert_eq!(s.brevo.operator_alerts().len(), 1);
 }
 
+/// A Meta Lead job of receipt `receipt`, as intake queues it.
+fn lead_job(receipt: &str) -> crm_event_handler::queue::Job {
+    use crm_event_handler::queue::Job;
+    Job {
+        id: Job::id_for(receipt, "meta-capi", "Lead"),
+        receipt_id: receipt.into(),
+        provider: "crm".into(),
+        destination: "meta-capi".into(),
+        action: "Lead".into(),
+        params: vec![],
+        event: test_event(),
+        idempotency_key: format!("{receipt}/meta-capi/Lead"),
+        order_key: String::new(),
+        attempts: 0,
+        budget_start: 0,
+        interrupted: 0,
+        deferrals: 0,
+        enqueued_at_ms: 0,
+    }
+}
+
 /// A duplicate webhook that read its receipt before the first one's "jobs
 /// queued" mark may queue the jobs again, after they were delivered.
 #[tokio::test]
@@ -343,22 +364,7 @@ async fn a_job_delivered_and_queued_again_is_not_run_again() {
     use crm_event_handler::queue::{Job, JobQueue, redis::RedisQueue};
     let redis = Server::redis();
     let queue = RedisQueue::connect(&redis.uri, "done-test", None, Duration::from_secs(60)).await.unwrap();
-    let job = Job {
-        id: Job::id_for("r-1", "meta-capi", "Lead"),
-        receipt_id: "r-1".into(),
-        provider: "crm".into(),
-        destination: "meta-capi".into(),
-        action: "Lead".into(),
-        params: vec![],
-        event: test_event(),
-        idempotency_key: "r-1/meta-capi/Lead".into(),
-        order_key: String::new(),
-        attempts: 0,
-        budget_start: 0,
-        interrupted: 0,
-        deferrals: 0,
-        enqueued_at_ms: 0,
-    };
+    let job = lead_job("r-1");
     assert_eq!(queue.enqueue(vec![job.clone()]).await.unwrap(), 1);
     let reserved = queue.reserve(Duration::from_secs(2)).await.unwrap().expect("the job");
     queue.ack(&reserved).await.unwrap();
@@ -395,25 +401,10 @@ async fn mongodb_down_answers_503_and_recovers_without_restart() {
 /// and can be cut short.
 #[tokio::test]
 async fn a_paused_destinations_jobs_wait_in_redis_and_a_resume_cut_short_loses_none() {
-    use crm_event_handler::queue::{Job, JobQueue, Pause, PausedBy, redis::RedisQueue};
+    use crm_event_handler::queue::{JobQueue, Pause, PausedBy, redis::RedisQueue};
     let redis = Server::redis();
     let queue = RedisQueue::connect(&redis.uri, "pause-test", None, Duration::from_secs(60)).await.unwrap();
-    let job = |n: u32| Job {
-        id: Job::id_for(&format!("r-{n}"), "meta-capi", "Lead"),
-        receipt_id: format!("r-{n}"),
-        provider: "crm".into(),
-        destination: "meta-capi".into(),
-        action: "Lead".into(),
-        params: vec![],
-        event: test_event(),
-        idempotency_key: format!("key-{n}"),
-        order_key: String::new(),
-        attempts: 0,
-        budget_start: 0,
-        interrupted: 0,
-        deferrals: 0,
-        enqueued_at_ms: 0,
-    };
+    let job = |n: u32| lead_job(&format!("r-{n}"));
     let pause = |by, probe_at_ms| Pause { by, reason: "test".into(), since_ms: 1, probe_at_ms, probe_job: None };
     assert!(queue.pause("meta-capi", pause(PausedBy::Breaker, Some(0))).await.unwrap());
     queue.enqueue((1..=3).map(job).collect()).await.unwrap();

@@ -690,9 +690,14 @@ async fn an_empty_plugin_folder_runs_on_the_bundled_plugins_and_a_folder_overrid
 #[tokio::test]
 async fn a_shadow_candidate_runs_beside_the_live_destination_is_compared_and_never_sent() {
     let elsewhere = StandIn::meta().await;
-    // The operator points the candidate elsewhere (an origin the operator
-    // sets is one it may reach).
-    let s = setup(&[("META_NEXT_GRAPH_URL", &elsewhere.url)]).await;
+    // The operator lets it shadow meta-capi, and points it elsewhere (an
+    // origin the operator sets is one it may reach).
+    let s = setup(&[
+        ("META_NEXT_GRAPH_URL", &elsewhere.url),
+        ("META_NEXT_TOKEN", "next-secret-token-value"),
+        ("PLUGIN_SHADOWS", "meta-capi-next=meta-capi"),
+    ])
+    .await;
     let plugins = std::path::PathBuf::from(&s.vars.iter().find(|(k, _)| *k == "PLUGINS_DIR").unwrap().1);
     let live_manifest = std::fs::read_to_string(plugins.join("meta-capi/plugin.toml")).unwrap();
     let candidate = plugins.join("meta-capi-next");
@@ -708,7 +713,9 @@ async fn a_shadow_candidate_runs_beside_the_live_destination_is_compared_and_nev
         }
         std::fs::write(candidate.join("plugin.toml"), manifest).unwrap();
     };
-    // The candidate reads its URL from another variable, and adds a test event code.
+    // The candidate reads its URL and token from other variables (so its
+    // body parts from the live one inside the token), and sends another
+    // action_source.
     write_candidate(
         "0.2.0-rc1",
         &[
@@ -716,7 +723,11 @@ async fn a_shadow_candidate_runs_beside_the_live_destination_is_compared_and_nev
                 "env = \"META_GRAPH_URL\"\ndefault = \"https://graph.facebook.com\"",
                 format!("env = \"META_NEXT_GRAPH_URL\"\ndefault = \"{}\"", elsewhere.url),
             ),
-            ("env = \"META_TEST_EVENT_CODE\"", "env = \"META_NEXT_TEST_CODE\"\ndefault = \"TEST123\"".into()),
+            (
+                "env = \"META_ACTION_SOURCE\"\ndefault = \"system_generated\"",
+                "env = \"META_NEXT_ACTION_SOURCE\"\ndefault = \"email\"".into(),
+            ),
+            ("env = \"META_ACCESS_TOKEN\"", "env = \"META_NEXT_TOKEN\"".into()),
         ],
     );
     let host = Host::start(&s.vars).await;
@@ -736,8 +747,12 @@ async fn a_shadow_candidate_runs_beside_the_live_destination_is_compared_and_nev
     assert_eq!((shadow["matched"].as_bool(), shadow["outcome"].as_str()), (Some(false), Some("delivered")), "{shadow}");
     let differences = shadow["differences"].to_string();
     assert!(differences.contains(&format!("candidate {}/v21.0/1234567890/events", elsewhere.url)), "{differences}");
-    assert!(differences.contains("TEST123"), "{differences}");
-    assert!(!differences.contains("meta-token"), "a secret in the comparison: {differences}");
+    // Both tokens are redacted before the bodies are compared for display:
+    // the first difference shown is the action_source, not the tokens.
+    assert!(differences.contains("\\\"email\\\""), "{differences}");
+    for secret in ["meta-token", "next-secret", "token-value"] {
+        assert!(!differences.contains(secret), "a secret in the comparison: {differences}");
+    }
     // Only the live request went out.
     assert_eq!(s.meta.received().len(), 1);
     assert!(elsewhere.received().is_empty(), "the candidate's request was sent");
@@ -746,6 +761,24 @@ async fn a_shadow_candidate_runs_beside_the_live_destination_is_compared_and_nev
     assert_eq!(listed["shadow_of"], "meta-capi");
     let destinations = get_json(&host.url, "/api/v1/destinations").await;
     assert!(!destinations.to_string().contains("meta-capi-next"), "a candidate is no destination: {destinations}");
+    // A folder the operator did not let shadow meta-capi gets none of its settings.
+    let uninvited = plugins.join("meta-capi-evil");
+    std::fs::create_dir_all(&uninvited).unwrap();
+    std::fs::copy(candidate.join("meta-capi.wasm"), uninvited.join("meta-capi.wasm")).unwrap();
+    let evil =
+        std::fs::read_to_string(candidate.join("plugin.toml")).unwrap().replace("meta-capi-next", "meta-capi-evil");
+    std::fs::write(uninvited.join("plugin.toml"), evil).unwrap();
+    let refused = eventually("the uninvited candidate refused", WAIT, async || {
+        let listed = get_json(&host.url, "/api/v1/plugins").await;
+        listed["load_errors"]
+            .as_array()?
+            .iter()
+            .find(|e| e["dir"].as_str().is_some_and(|d| d.ends_with("meta-capi-evil")))
+            .cloned()
+    })
+    .await;
+    assert!(refused["error"].as_str().unwrap().contains("PLUGIN_SHADOWS=\"meta-capi-evil=meta-capi\""), "{refused}");
+    std::fs::remove_dir_all(&uninvited).unwrap();
 
     // A candidate that sends what the live version sends matches.
     write_candidate("0.2.0-rc2", &[]);

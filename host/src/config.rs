@@ -248,6 +248,7 @@ pub const HOST_VARS: &[&str] = &[
     "PLUGINS_DIR",
     "PLUGIN_CACHE_DIR",
     "PLUGIN_GRANTS",
+    "PLUGIN_SHADOWS",
     "PLUGIN_INSTANCES",
     "PLUGIN_RELOAD_MS",
     "PORT",

@@ -46,7 +46,7 @@ pub(super) async fn list_destinations(State(app): State<Arc<App>>) -> Result<Jso
         .into_iter()
         .map(|name| {
             let pause = paused.iter().find(|p| p.destination == name);
-            let plugin = plugins.destinations.get(&name);
+            let plugin = plugins.live_destinations().find(|p| p.name() == name);
             json!({
                 "name": name,
                 "loaded": plugin.is_some(),
@@ -83,13 +83,7 @@ pub(super) async fn pause_destination(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let request: PauseRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        PauseRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_pause_request", format!("expected {{\"reason\"?}}: {e}"))
-        })?
-    };
+    let request: PauseRequest = super::optional_json(&body, "invalid_pause_request", "{\"reason\"?}")?;
     let paused = app.queue.paused().await.map_err(queue_unavailable)?;
     must_know(&app, &paused, &name)?;
     let pause = Pause {

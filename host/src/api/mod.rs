@@ -379,17 +379,8 @@ async fn replay_receipt(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let request: ReceiptReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        ReceiptReplayRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_replay_request",
-                format!("expected {{\"destination\"?, \"action\"?, \"force\"?}}: {e}"),
-            )
-        })?
-    };
+    let request: ReceiptReplayRequest =
+        optional_json(&body, "invalid_replay_request", "{\"destination\"?, \"action\"?, \"force\"?}")?;
     let replayed = crate::intake::replay_receipt(
         &app,
         &id,
@@ -411,6 +402,20 @@ async fn replay_receipt(
         }
     })?;
     Ok(Json(json!({ "replayed": replayed })))
+}
+
+/// An operator's optional JSON body: empty is `T::default()`; malformed
+/// answers 400 with `code` and what was `expected`.
+fn optional_json<T: Default + serde::de::DeserializeOwned>(
+    body: &[u8],
+    code: &'static str,
+    expected: &str,
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, code, format!("expected {expected}: {e}")))
 }
 
 /// Loaded plugins (version, kind, digest, load time, allowed hosts, the

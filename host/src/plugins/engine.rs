@@ -8,7 +8,6 @@
 //! parses and deliveries, so a burst of webhooks cannot take the instances
 //! the workers need.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +28,16 @@ use super::world::{
     RecordedRequest, SourcePre, wit,
 };
 use crate::event::Event;
+
+/// Whether a delivery call is compared in shadow mode, and on which side.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Compared {
+    No,
+    /// The live call a candidate is compared with.
+    Live,
+    /// The candidate's call, with the live call's answers by place.
+    Shadow(Vec<Answer>),
+}
 
 /// How often the epoch advances; time limits are enforced to this grain.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -506,9 +515,9 @@ impl PluginEngine {
             .allow_list(&config)
             .map_err(|e| LoadError::Config { path: dir.join("plugin.toml"), message: config.redact(&e.to_string()) })?;
         let http = match http {
-            // A candidate never sends, whatever it is loaded for.
-            _ if manifest.shadow_of.is_some() => HttpMode::Shadow,
             Some(mode) => mode,
+            // A candidate loaded to deliver never sends.
+            None if manifest.shadow_of.is_some() => HttpMode::Shadow,
             None => HttpMode::Live(outbound::Clients::new().map_err(|e| LoadError::Config {
                 path: dir.join("plugin.toml"),
                 message: format!("cannot build its HTTP clients: {e}"),
@@ -752,24 +761,17 @@ impl LoadedPlugin {
     /// Run the destination plugin for one delivery attempt; also returns the
     /// requests it made.
     pub async fn deliver(&self, req: DeliveryRequest<'_>) -> (Result<Outcome, PluginError>, Vec<RecordedRequest>) {
-        self.deliver_with(req, VecDeque::new()).await
+        self.deliver_with(req, Compared::No).await
     }
 
-    /// Run a shadow candidate (`HttpMode::Shadow`) for a delivery the live
-    /// version made: its requests are answered with `answers`, the live
-    /// version's, in order, and none is sent.
-    pub async fn shadow(
+    /// `deliver`, for a call a shadow candidate is compared with (or that
+    /// candidate's own call, when `Compared::Shadow` gives it the live
+    /// version's answers: its requests are never sent). Each request's whole
+    /// body is kept as a digest.
+    pub async fn deliver_with(
         &self,
         req: DeliveryRequest<'_>,
-        answers: VecDeque<Answer>,
-    ) -> (Result<Outcome, PluginError>, Vec<RecordedRequest>) {
-        self.deliver_with(req, answers).await
-    }
-
-    async fn deliver_with(
-        &self,
-        req: DeliveryRequest<'_>,
-        answers: VecDeque<Answer>,
+        compared: Compared,
     ) -> (Result<Outcome, PluginError>, Vec<RecordedRequest>) {
         let Compiled::Destination(pre) = &self.compiled else {
             return (Err(self.wrong_kind(Kind::Destination)), Vec::new());
@@ -784,7 +786,11 @@ impl LoadedPlugin {
         };
         let (result, requests) = self
             .call(&self.slots.deliveries, DELIVERY_SLOT_WAIT, "delivery instances", async |store| {
-                store.data_mut().answers = answers;
+                let state = store.data_mut();
+                state.digest_bodies = compared != Compared::No;
+                if let Compared::Shadow(answers) = compared {
+                    state.answers = answers;
+                }
                 let instance = pre.instantiate_async(&mut *store).await.map_err(CallError::Start)?;
                 instance.call_deliver(&mut *store, &event, &action, &context).await.map_err(CallError::Trap)
             })

@@ -172,11 +172,14 @@ pub enum NotGranted {
 pub struct PluginEnv {
     env: Environment,
     grants: Grants,
+    /// `PLUGIN_SHADOWS`: (candidate, live destination) pairs the operator
+    /// allows; a candidate reads the live plugin's settings.
+    shadows: Vec<(String, String)>,
 }
 
 impl PluginEnv {
     pub fn new(env: &Environment, grants: Grants) -> PluginEnv {
-        PluginEnv { env: env.without(HOST_VARS), grants }
+        PluginEnv { env: env.without(HOST_VARS), grants, shadows: Vec::new() }
     }
 
     /// What plugins may read of `env`, with the grants its `PLUGIN_GRANTS`
@@ -186,7 +189,21 @@ impl PluginEnv {
             Some(spec) => Grants::with_overrides(spec).map_err(|e| format!("PLUGIN_GRANTS: {e}"))?,
             None => Grants::default(),
         };
-        Ok(PluginEnv::new(env, grants))
+        let mut shadows = Vec::new();
+        for entry in env.get("PLUGIN_SHADOWS").unwrap_or_default().split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            match entry.split_once('=') {
+                Some((candidate, live)) if !candidate.trim().is_empty() && !live.trim().is_empty() => {
+                    shadows.push((candidate.trim().to_string(), live.trim().to_string()))
+                }
+                _ => return Err(format!("PLUGIN_SHADOWS: {entry:?} must look like candidate=destination")),
+            }
+        }
+        Ok(PluginEnv { shadows, ..PluginEnv::new(env, grants) })
+    }
+
+    /// Whether the operator lets plugin `candidate` shadow `live`.
+    pub fn may_shadow(&self, candidate: &str, live: &str) -> bool {
+        self.shadows.iter().any(|(c, l)| c == candidate && l == live)
     }
 
     pub fn grants(&self) -> &Grants {
@@ -202,7 +219,11 @@ impl PluginEnv {
     /// This environment with `vars` set on top (dry-run placeholders). Host
     /// settings among them are dropped as always.
     pub fn overlay(&self, vars: std::collections::HashMap<String, String>) -> PluginEnv {
-        PluginEnv { env: self.env.overlay(vars).without(HOST_VARS), grants: self.grants.clone() }
+        PluginEnv {
+            env: self.env.overlay(vars).without(HOST_VARS),
+            grants: self.grants.clone(),
+            shadows: self.shadows.clone(),
+        }
     }
 }
 

@@ -296,6 +296,18 @@ impl Manifest {
     /// (defaults applied). A key whose variable is not granted refuses the
     /// whole manifest, naming the variable; a value of the wrong format too.
     pub fn resolve_config(&self, env: &PluginEnv) -> Result<ResolvedConfig, ManifestError> {
+        if let Some(live) = &self.shadow_of
+            && !env.may_shadow(&self.name, live)
+        {
+            let name = &self.name;
+            return Err(ManifestError::Invalid {
+                path: PathBuf::new(),
+                message: format!(
+                    "shadow_of = {live:?}: a candidate reads {live}'s settings, so the operator must allow it: \
+                     PLUGIN_SHADOWS=\"{name}={live}\""
+                ),
+            });
+        }
         let mut resolved = ResolvedConfig::default();
         for (key, c) in &self.config {
             let (from_env, granted_by) =
@@ -556,11 +568,21 @@ mod tests {
     fn a_shadow_candidate_reads_under_the_live_plugins_grants_and_no_further() {
         let candidate = META.replace("name = \"meta-capi\"", "name = \"meta-next\"\nshadow_of = \"meta-capi\"");
         let m = Manifest::parse(&candidate).unwrap();
-        // META_* is meta-capi's own prefix, not meta-next's: granted through the plugin it shadows.
-        let c = m.resolve_config(&env(&[("META_ACCESS_TOKEN", "EAAB-secret")])).unwrap();
+        let err = m.resolve_config(&env(&[("META_ACCESS_TOKEN", "EAAB-secret")])).unwrap_err().to_string();
+        assert!(err.contains("PLUGIN_SHADOWS=\"meta-next=meta-capi\""), "not without the operator's say: {err}");
+        let allowed = |pairs: &[(&str, &str)]| {
+            let mut vars: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            vars.insert("PLUGIN_SHADOWS".into(), "meta-next=meta-capi".into());
+            PluginEnv::from_environment(&vars.into()).unwrap()
+        };
+        // META_* is meta-capi's grant, not meta-next's: read through the plugin it shadows.
+        let c = m
+            .resolve_config(&allowed(&[("META_ACCESS_TOKEN", "EAAB-secret"), ("PLUGIN_GRANTS", "meta-capi=META_*")]))
+            .unwrap();
         assert_eq!(c.values["access_token"], "EAAB-secret");
         let stolen = candidate.replace("env = \"META_ACCESS_TOKEN\"", "env = \"API_KEY\"");
-        let err = Manifest::parse(&stolen).unwrap().resolve_config(&env(&[("API_KEY", "k")])).unwrap_err().to_string();
+        let err =
+            Manifest::parse(&stolen).unwrap().resolve_config(&allowed(&[("API_KEY", "k")])).unwrap_err().to_string();
         assert!(err.contains("API_KEY is one of the host's own settings"), "{err}");
         let err = |text: String| Manifest::parse(&text).unwrap_err().to_string();
         assert!(

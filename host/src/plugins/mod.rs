@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 pub use engine::{
-    CacheSettings, DeliveryRequest, EngineOptions, IncomingRequest, LoadError, LoadedPlugin, Outcome, ParseFailure,
-    PluginEngine, PluginError, PoolShares,
+    CacheSettings, Compared, DeliveryRequest, EngineOptions, IncomingRequest, LoadError, LoadedPlugin, Outcome,
+    ParseFailure, PluginEngine, PluginError, PoolShares,
 };
 pub use manifest::Kind;
 
@@ -217,13 +217,12 @@ impl Registry {
                 let rival = plugin.manifest.shadow_of.as_ref().and_then(|live| {
                     set.destinations.values().find(|p| p.dir != folder && p.manifest.shadow_of.as_ref() == Some(live))
                 });
-                if let Some(rival) = rival {
+                if let (Some(rival), Some(live)) = (rival, &plugin.manifest.shadow_of) {
                     return Err(LoadError::Config {
                         path: folder.join("plugin.toml"),
                         message: format!(
-                            "{} already shadows {:?}; one candidate per destination",
-                            rival.dir.display(),
-                            plugin.manifest.grantee()
+                            "{} already shadows {live:?}; one candidate per destination",
+                            rival.dir.display()
                         ),
                     });
                 }

@@ -70,7 +70,7 @@ pub enum HttpMode {
     /// Record the request and answer with this canned response (dry-run).
     Record { status: u16, body: Vec<u8> },
     /// A shadow candidate: record the request, never send it, and answer
-    /// with what the live version got for its request of the same place in
+    /// with what the live version got for its request in the same place in
     /// the call (`PluginState::answers`).
     Shadow,
 }
@@ -153,8 +153,10 @@ pub struct PluginState {
     pub deadline: Instant,
     /// At most `limits.max_requests_per_call` of them.
     pub requests: Vec<RecordedRequest>,
-    /// Shadow mode: the answers to give, in order.
-    pub answers: std::collections::VecDeque<Answer>,
+    /// Shadow mode: the answer for each request, by its place in the call.
+    pub answers: Vec<Answer>,
+    /// Keep a digest of each request's whole body (for a shadow comparison).
+    pub digest_bodies: bool,
     /// `http.send` calls so far, and their body bytes.
     sent: u32,
     sent_bytes: u64,
@@ -176,6 +178,11 @@ pub fn clip(text: &str, max: usize) -> String {
 }
 
 /// The start of a body as text, at most `max` bytes (`…` when cut).
+/// SHA-256 of `bytes`, hex.
+pub fn digest(bytes: &[u8]) -> String {
+    crate::plugins::engine::hex(&<sha2::Sha256 as sha2::Digest>::digest(bytes))
+}
+
 fn excerpt(body: &[u8], max: usize) -> String {
     // A few bytes more, so a character cut at the edge is not mangled.
     clip(&String::from_utf8_lossy(&body[..body.len().min(max + 4)]), max)
@@ -191,7 +198,8 @@ impl PluginState {
             plugin,
             deadline: Instant::now() + time,
             requests: Vec::new(),
-            answers: Default::default(),
+            answers: Vec::new(),
+            digest_bodies: false,
             sent: 0,
             sent_bytes: 0,
         }
@@ -299,8 +307,8 @@ impl wit_http::Host for PluginState {
                 "at most {MAX_REQUEST_HEADERS} headers and {MAX_REQUEST_HEADER_BYTES} bytes of them per request"
             )));
         }
-        let live = matches!(plugin.http, HttpMode::Live(_) | HttpMode::Shadow);
-        let body_text = if live {
+        let excerpted = matches!(plugin.http, HttpMode::Live(_) | HttpMode::Shadow);
+        let body_text = if excerpted {
             excerpt(&request.body, BODY_EXCERPT_BYTES)
         } else {
             String::from_utf8_lossy(&request.body).into_owned()
@@ -311,7 +319,7 @@ impl wit_http::Host for PluginState {
             headers: headers.clone(),
             body: body_text,
             body_bytes,
-            body_sha256: crate::plugins::engine::hex(&<sha2::Sha256 as sha2::Digest>::digest(&request.body)),
+            body_sha256: if self.digest_bodies { digest(&request.body) } else { String::new() },
             denied: None,
             response_status: None,
             response_excerpt: None,
@@ -348,7 +356,8 @@ impl wit_http::Host for PluginState {
                 return Ok(wit_http::Response { status: *status, headers: vec![], body: body.clone() });
             }
             HttpMode::Shadow => {
-                return match self.answers.pop_front() {
+                // Paired by place, as the comparison pairs them.
+                return match self.answers.get(self.requests.len() - 1).cloned() {
                     Some(Ok((status, body))) => Ok(wit_http::Response { status, headers: vec![], body }),
                     Some(Err(error)) => Err(wit_http::HttpError::Transport(error)),
                     None => Err(wit_http::HttpError::Transport(

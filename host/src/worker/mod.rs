@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::App;
-use crate::plugins::{DeliveryRequest, Outcome, PluginError};
+use crate::plugins::{Compared, DeliveryRequest, Outcome, PluginError};
 use crate::queue::{Job, Reserved, Settle};
 use crate::store::{
     AttemptRecord, DeliveryState, LoggedAttempt, LoggedRequest, MAX_LOGGED_REQUESTS, StoreError, now_ms,
@@ -174,25 +174,28 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
         attempt: job.attempts,
         idempotency_key: &job.idempotency_key,
     };
-    let (result, requests) = plugin.deliver(request()).await;
+    let candidate = app.plugins.shadow_of(&job.destination);
+    let compared = if candidate.is_some() { Compared::Live } else { Compared::No };
+    let (result, requests) = plugin.deliver_with(request(), compared).await;
     let took = started.elapsed();
+    drop(turn);
     app.metrics.plugin_call(plugin.name(), took);
-    let shadow = match app.plugins.shadow_of(&job.destination) {
+    let shadow = match candidate {
         Some(candidate) if result.as_ref().is_ok() || result.as_ref().is_err_and(PluginError::is_plugins_fault) => {
-            let outcome = shadow::outcome_name(&result);
-            Some(shadow::compare(app, &plugin, &candidate, request(), outcome, &requests).await)
+            Some(shadow::compare(app, &plugin, &candidate, request(), &result, &requests).await)
         }
         _ => None,
     };
-    let (verdict, outcome, status, detail) = match result {
+    let outcome = shadow::outcome_name(&result);
+    let (verdict, status, detail) = match result {
         Ok(Outcome::Delivered { status, detail }) => {
-            (Verdict::Delivered { status, detail: detail.clone() }, "delivered", status, detail)
+            (Verdict::Delivered { status, detail: detail.clone() }, status, detail)
         }
         Ok(Outcome::Retryable { status, reason, retry_after }) => {
-            (Verdict::Retry { status, reason: reason.clone(), retry_after }, "retryable", status, reason)
+            (Verdict::Retry { status, reason: reason.clone(), retry_after }, status, reason)
         }
         Ok(Outcome::Permanent { status, reason }) => {
-            (Verdict::Permanent { status, reason: reason.clone() }, "permanent", status, reason)
+            (Verdict::Permanent { status, reason: reason.clone() }, status, reason)
         }
         Err(e) => {
             app.metrics
@@ -207,7 +210,7 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
                 return (Verdict::Defer { reason: e.to_string() }, None);
             }
             let reason = e.to_string();
-            (Verdict::Retry { status: None, reason: reason.clone(), retry_after: None }, "plugin_error", None, reason)
+            (Verdict::Retry { status: None, reason: reason.clone(), retry_after: None }, None, reason)
         }
     };
     // The plugin's own text (detail, reason) is redacted already; what it
