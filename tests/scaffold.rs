@@ -109,3 +109,97 @@ fn a_bad_name_or_an_existing_folder_is_refused_with_the_reason() {
     let out = Command::new(binary()).args(["plugin", "build", "."]).current_dir(work.path()).output().unwrap();
     assert!(!out.status.success());
 }
+
+/// The JavaScript Pipedrive example, built with `plugin build`, in a real
+/// host: a won deal reaches Meta as a Purchase, a deal moved to a mapped
+/// stage as a Lead, and a webhook with the wrong credentials is refused.
+#[tokio::test]
+async fn the_pipedrive_example_turns_deal_changes_into_meta_events() {
+    use support::*;
+    let work = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(work.path(), &["meta-capi", "brevo"]);
+    let pipedrive = plugins.join("pipedrive");
+    let example = repo().join("examples/pipedrive-js");
+    std::fs::create_dir_all(pipedrive.join("wit")).unwrap();
+    for file in ["plugin.toml", "app.js", "logic.js"] {
+        std::fs::copy(example.join(file), pipedrive.join(file)).unwrap();
+    }
+    std::fs::copy(repo().join("wit/plugin.wit"), pipedrive.join("wit/plugin.wit")).unwrap();
+    tool(work.path(), &["plugin", "build", pipedrive.to_str().unwrap()]);
+
+    let (meta, brevo) = (StandIn::meta().await, StandIn::brevo().await);
+    let mut vars = host_vars(&work.path().join("data"), &plugins, &meta, &brevo);
+    vars.extend([
+        ("PIPEDRIVE_WEBHOOK_USER", "pipe".to_string()),
+        ("PIPEDRIVE_WEBHOOK_PASSWORD", "s3cret".to_string()),
+        ("PIPEDRIVE_STAGE_MAP", "3=Qualified".to_string()),
+    ]);
+    let host = Host::start(&vars).await;
+    // Meta takes events of the last 7 days: the change happened a minute ago.
+    let changed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 60;
+    let post = async |payload: &str, credentials: &str| {
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode(credentials);
+        let mut body: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(example.join("payloads").join(payload)).unwrap()).unwrap();
+        body["meta"]["timestamp"] = changed_at.into();
+        let response = reqwest::Client::new()
+            .post(format!("{}/api/v1/webhook/pipedrive", host.url))
+            .header("authorization", format!("Basic {basic}"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<serde_json::Value>().await.unwrap_or_default())
+    };
+    let (status, body) = post("deal-won.json", "pipe:wrong").await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")), "{body}");
+
+    let (status, body) = post("deal-won.json", "pipe:s3cret").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["reference"].as_str(), body["status"].as_str()), (Some("42"), Some("Committed")), "{body}");
+    let (status, body) = post("deal-stage-changed.json", "pipe:s3cret").await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("Qualified")), "{body}");
+    let events = eventually("the Purchase and the Lead at Meta", std::time::Duration::from_secs(60), async || {
+        let events = meta.events();
+        (events.len() == 2).then_some(events)
+    })
+    .await;
+    let purchase = events.iter().find(|e| e["event_name"] == "Purchase").expect("a Purchase");
+    assert_eq!(purchase["custom_data"]["deal_id"], "42");
+    assert_eq!(purchase["custom_data"]["value"], 480000.0);
+    assert_eq!(purchase["custom_data"]["currency"], "USD");
+    assert_eq!(purchase["event_time"], changed_at);
+    assert!(purchase["user_data"]["external_id"][0].is_string(), "the deal's person, to match on: {purchase}");
+    assert!(events.iter().any(|e| e["event_name"] == "Lead" && e["custom_data"]["deal_id"] == "43"), "{events:?}");
+}
+
+/// The example's TypeScript declarations are what jco generates from the
+/// contract today.
+#[test]
+fn the_pipedrive_types_match_the_contract() {
+    let tools = target_dir().join("plugin-tools/jco-1.10.2");
+    let jco = tools.join("node_modules/.bin/jco");
+    if !jco.is_file() {
+        std::fs::create_dir_all(&tools).unwrap();
+        run(Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&tools)
+            .arg("@bytecodealliance/jco@1.10.2"));
+    }
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("wit")).unwrap();
+    std::fs::copy(repo().join("wit/plugin.wit"), work.path().join("wit/plugin.wit")).unwrap();
+    run(Command::new(&jco).args(["guest-types", "wit", "-n", "source", "-o", "types", "-q"]).current_dir(work.path()));
+    let committed = repo().join("examples/pipedrive-js/types");
+    for file in ["source.d.ts", "interfaces/crm-plugin-types.d.ts", "interfaces/crm-plugin-http.d.ts"] {
+        let generated = std::fs::read_to_string(work.path().join("types").join(file)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(committed.join(file)).unwrap(),
+            generated,
+            "{file} is out of date: see its README"
+        );
+    }
+}
