@@ -56,12 +56,12 @@ impl Breaker {
                         tracing::info!(
                             destination,
                             released,
-                            "the probe was delivered; circuit breaker closed, destination resumed"
+                            "the probe got an answer; circuit breaker closed, destination resumed"
                         )
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        tracing::error!(destination, error = %e, "the probe was delivered, but the destination could not be resumed; the next probe tries again")
+                        tracing::error!(destination, error = %e, "the probe got an answer, but the destination could not be resumed; the next probe tries again")
                     }
                 }
             }
