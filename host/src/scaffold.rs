@@ -45,6 +45,23 @@ macro_rules! template {
     };
 }
 
+/// The source or the destination version of a template, by its folder and
+/// the end of its name (`python/source_app.py`, `python/destination_app.py`).
+macro_rules! of_kind {
+    ($source:expr, $folder:literal, $end:literal) => {
+        if $source {
+            include_str!(concat!("../templates/", $folder, "source", $end))
+        } else {
+            include_str!(concat!("../templates/", $folder, "destination", $end))
+        }
+    };
+}
+
+/// What the README says of the files every interpreted language has.
+const GLUE: &str = "the glue between the contract's types and `logic`";
+const LOGIC: &str = "the plugin's logic, plain code";
+const TESTS: &str = "its tests";
+
 /// Write a new plugin folder `parent/name`; its path.
 pub fn create(name: &str, kind: Kind, lang: Lang, parent: &Path) -> anyhow::Result<PathBuf> {
     let source = kind == Kind::Source;
@@ -52,7 +69,7 @@ pub fn create(name: &str, kind: Kind, lang: Lang, parent: &Path) -> anyhow::Resu
     let prefix = own_prefix(name);
     let prefix = prefix.trim_end_matches('_');
     let fill = |text: &str| text.replace("__NAME__", name).replace("__PREFIX__", prefix).replace("__MEMORY__", memory);
-    let manifest = fill(if source { template!("source.toml") } else { template!("destination.toml") });
+    let manifest = fill(of_kind!(source, "", ".toml"));
     // The manifest's own rules say what a name may be.
     Manifest::parse(&manifest).map_err(|e| {
         anyhow::anyhow!("cannot make a plugin named {name:?}: {}", e.to_string().trim_start_matches(": "))
@@ -75,63 +92,41 @@ pub fn create(name: &str, kind: Kind, lang: Lang, parent: &Path) -> anyhow::Resu
             },
         ),
     ];
-    let (code, build, test_command): (Vec<(&str, &str)>, &str, &str) = match lang {
+    // (path, template, what it is), the build tool, the test command.
+    let (code, build, test_command): (Vec<(&str, &str, &str)>, &str, &str) = match lang {
         Lang::Rust => (
             vec![
-                ("Cargo.toml", template!("rust/Cargo.toml")),
-                ("src/lib.rs", if source { template!("rust/source.rs") } else { template!("rust/destination.rs") }),
+                ("Cargo.toml", template!("rust/Cargo.toml"), "the package"),
+                (
+                    "src/lib.rs",
+                    of_kind!(source, "rust/", ".rs"),
+                    "the plugin: its logic, the glue to the contract, and its tests",
+                ),
             ],
             "cargo build --release --target wasm32-wasip2, then copies the component here",
             "cargo test",
         ),
         Lang::Python => (
             vec![
-                (
-                    "app.py",
-                    if source { template!("python/source_app.py") } else { template!("python/destination_app.py") },
-                ),
-                (
-                    "logic.py",
-                    if source { template!("python/source_logic.py") } else { template!("python/destination_logic.py") },
-                ),
-                (
-                    "test_logic.py",
-                    if source { template!("python/source_test.py") } else { template!("python/destination_test.py") },
-                ),
+                ("app.py", of_kind!(source, "python/", "_app.py"), GLUE),
+                ("logic.py", of_kind!(source, "python/", "_logic.py"), LOGIC),
+                ("test_logic.py", of_kind!(source, "python/", "_test.py"), TESTS),
             ],
             "componentize-py (installed on first use)",
             "python3 -m unittest -v",
         ),
         Lang::Js => (
             vec![
-                ("app.js", if source { template!("js/source_app.js") } else { template!("js/destination_app.js") }),
-                (
-                    "logic.js",
-                    if source { template!("js/source_logic.js") } else { template!("js/destination_logic.js") },
-                ),
-                (
-                    "logic.test.js",
-                    if source { template!("js/source_test.js") } else { template!("js/destination_test.js") },
-                ),
-                ("package.json", template!("js/package.json")),
+                ("app.js", of_kind!(source, "js/", "_app.js"), GLUE),
+                ("logic.js", of_kind!(source, "js/", "_logic.js"), LOGIC),
+                ("logic.test.js", of_kind!(source, "js/", "_test.js"), TESTS),
+                ("package.json", template!("js/package.json"), "the package"),
             ],
             "componentize-js (installed on first use)",
             "node --test",
         ),
     };
-    let listed: String = code
-        .iter()
-        .map(|(path, _)| {
-            let what = match *path {
-                "Cargo.toml" | "package.json" => "the package",
-                "src/lib.rs" => "the plugin: its logic, the glue to the contract, and its tests",
-                "app.py" | "app.js" => "the glue between the contract's types and `logic`",
-                "logic.py" | "logic.js" => "the plugin's logic, plain code",
-                _ => "its tests",
-            };
-            format!("| `{path}` | {what} |\n")
-        })
-        .collect();
+    let listed: String = code.iter().map(|(path, _, what)| format!("| `{path}` | {what} |\n")).collect();
     let (what, try_it) = if source {
         (
             "It turns a webhook body like `example-payload.json` into one deal event (`deal.id` and `deal.status` \
@@ -157,7 +152,7 @@ pub fn create(name: &str, kind: Kind, lang: Lang, parent: &Path) -> anyhow::Resu
             .replace("__TEST__", test_command),
     );
     files.push(("README.md", readme));
-    files.extend(code.into_iter().map(|(path, text)| (path, fill(text))));
+    files.extend(code.into_iter().map(|(path, text, _)| (path, fill(text))));
     for (path, text) in files {
         let path = dir.join(path);
         if let Some(parent) = path.parent() {
