@@ -46,7 +46,7 @@ pub(super) async fn list_destinations(State(app): State<Arc<App>>) -> Result<Jso
         .into_iter()
         .map(|name| {
             let pause = paused.iter().find(|p| p.destination == name);
-            let plugin = plugins.live_destinations().find(|p| p.name() == name);
+            let plugin = plugins.live_destination(&name);
             json!({
                 "name": name,
                 "loaded": plugin.is_some(),

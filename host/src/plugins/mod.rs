@@ -53,6 +53,16 @@ impl PluginSet {
         self.destinations.values().filter(|p| p.manifest.shadow_of.is_none())
     }
 
+    /// The live destination of that name (not a shadow candidate).
+    pub fn live_destination(&self, name: &str) -> Option<&Arc<LoadedPlugin>> {
+        self.destinations.get(name).filter(|p| p.manifest.shadow_of.is_none())
+    }
+
+    /// The candidate shadowing destination `live`, if one is loaded.
+    pub fn shadow_of(&self, live: &str) -> Option<&Arc<LoadedPlugin>> {
+        self.destinations.values().find(|p| p.manifest.shadow_of.as_deref() == Some(live))
+    }
+
     /// Every loaded plugin.
     pub fn all(&self) -> impl Iterator<Item = &Arc<LoadedPlugin>> {
         self.sources.values().chain(self.destinations.values())
@@ -214,9 +224,12 @@ impl Registry {
                 // Two folders must not provide one name: a backup copy beside
                 // the live folder would silently replace it. Nor two
                 // candidates shadow one destination.
-                let rival = plugin.manifest.shadow_of.as_ref().and_then(|live| {
-                    set.destinations.values().find(|p| p.dir != folder && p.manifest.shadow_of.as_ref() == Some(live))
-                });
+                let rival = plugin
+                    .manifest
+                    .shadow_of
+                    .as_deref()
+                    .and_then(|live| set.shadow_of(live))
+                    .filter(|p| p.dir != folder);
                 if let (Some(rival), Some(live)) = (rival, &plugin.manifest.shadow_of) {
                     return Err(LoadError::Config {
                         path: folder.join("plugin.toml"),
@@ -328,12 +341,7 @@ impl Registry {
     /// The live destination plugin of that name (not a shadow candidate:
     /// jobs cannot name one).
     pub fn destination(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
-        self.snapshot().live_destinations().find(|p| p.name() == name).cloned()
-    }
-
-    /// The candidate shadowing destination `live`, if one is loaded.
-    pub fn shadow_of(&self, live: &str) -> Option<Arc<LoadedPlugin>> {
-        self.snapshot().destinations.values().find(|p| p.manifest.shadow_of.as_deref() == Some(live)).cloned()
+        self.snapshot().live_destination(name).cloned()
     }
 }
 

@@ -393,6 +393,11 @@ impl Core {
         format!("{}:{name}", self.prefix)
     }
 
+    /// The list of a paused destination's waiting jobs.
+    fn waiting_key(&self, destination: &str) -> String {
+        format!("{}:waiting:{destination}", self.prefix)
+    }
+
     fn job_key(&self, id: &str) -> String {
         format!("{}:job:{id}", self.prefix)
     }
@@ -793,7 +798,7 @@ impl RedisQueue {
             .scripts
             .resume
             .key(self.core.key("paused"))
-            .key(self.core.key(&format!("waiting:{destination}")))
+            .key(self.core.waiting_key(destination))
             .key(self.core.key("jobs"))
             .key(self.core.key("paused:count"))
             .arg(destination)
@@ -1066,7 +1071,7 @@ impl JobQueue for RedisQueue {
         }
         let mut lengths = redis::pipe();
         for destination in pauses.keys() {
-            lengths.llen(self.core.key(&format!("waiting:{destination}")));
+            lengths.llen(self.core.waiting_key(destination));
         }
         self.core.trips.fetch_add(1, Ordering::Relaxed);
         let lengths: Vec<u64> = lengths.query_async(&mut c).await.map_err(unavailable)?;
@@ -1089,7 +1094,7 @@ impl JobQueue for RedisQueue {
             .scripts
             .probe
             .key(self.core.key("paused"))
-            .key(self.core.key(&format!("waiting:{destination}")))
+            .key(self.core.waiting_key(destination))
             .key(self.core.key("jobs"))
             .key(self.core.key("paused:count"))
             .arg(destination)

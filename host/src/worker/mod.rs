@@ -145,7 +145,9 @@ pub async fn process(app: &App, reserved: Reserved) {
 /// Make one attempt: the verdict, and the attempt as the receipt's log
 /// keeps it (none when no plugin ran).
 async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttempt>) {
-    let Some(plugin) = app.plugins.destination(&job.destination) else {
+    // One look at what is loaded serves the whole attempt.
+    let plugins = app.plugins.snapshot();
+    let Some(plugin) = plugins.live_destination(&job.destination) else {
         let reason = format!("no destination plugin named {:?} is loaded", job.destination);
         return (Verdict::Defer { reason }, None);
     };
@@ -174,7 +176,7 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
         attempt: job.attempts,
         idempotency_key: &job.idempotency_key,
     };
-    let candidate = app.plugins.shadow_of(&job.destination);
+    let candidate = plugins.shadow_of(&job.destination);
     let compared = if candidate.is_some() { Compared::Live } else { Compared::No };
     let (result, requests) = plugin.deliver_with(request(), compared).await;
     let took = started.elapsed();
@@ -182,7 +184,7 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
     app.metrics.plugin_call(plugin.name(), took);
     let shadow = match candidate {
         Some(candidate) if result.as_ref().is_ok() || result.as_ref().is_err_and(PluginError::is_plugins_fault) => {
-            Some(shadow::compare(app, &plugin, &candidate, request(), &result, &requests).await)
+            Some(shadow::compare(app, plugin, candidate, request(), &result, &requests).await)
         }
         _ => None,
     };
