@@ -3,8 +3,8 @@
 //!     cargo run --release --example bench
 //!
 //! 1. Plugin call cost: the `crm` source plugin parsing the demo payload on
-//!    a fresh instance per call (what the service does), on a warm instance,
-//!    and the same parse compiled natively. Median and p99 per call.
+//!    a fresh instance per call (what the service does), and the same parse
+//!    compiled natively. Median and p99 per call.
 //! 2. The limit: a bare axum handler that checks the key and parses the
 //!    JSON, with no storage, under the same load as the service.
 //! 3. The service on the embedded default, in its own process (this
@@ -98,7 +98,6 @@ async fn plugin_call_cost() {
         }
     }
     fresh.sort();
-    let warm = plugin.time_warm_parse(&request, CALLS as u32).await.unwrap() / CALLS as u32;
     let headers = vec![crm_plugin::crm::plugin::types::Header { name: "x-event".into(), value: "deal_updated".into() }];
     let start = Instant::now();
     for _ in 0..CALLS {
@@ -111,7 +110,6 @@ async fn plugin_call_cost() {
         micros(percentile(&fresh, 0.5)),
         micros(percentile(&fresh, 0.99))
     );
-    println!("  warm instance            mean   {:>6.1} µs", micros(warm));
     println!("  native parse             mean   {:>6.1} µs", micros(native));
 }
 

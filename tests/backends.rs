@@ -353,7 +353,8 @@ fn lead_job(receipt: &str) -> crm_event_handler::queue::Job {
         budget_start: 0,
         interrupted: 0,
         deferrals: 0,
-        enqueued_at_ms: 0,
+        accepted_at_ms: 0,
+        replayed_at_ms: None,
     }
 }
 
@@ -374,6 +375,24 @@ async fn a_job_delivered_and_queued_again_is_not_run_again() {
     let forced = Job { attempts: 1, budget_start: 1, ..job };
     assert_eq!(queue.enqueue(vec![forced]).await.unwrap(), 1);
     assert!(queue.reserve(Duration::from_secs(2)).await.unwrap().is_some());
+}
+
+/// A dead letter replayed on Redis gets a fresh budget, and its delivery
+/// latency counts from the replay, not from the original accept.
+#[tokio::test]
+async fn a_dead_letter_replayed_on_redis_counts_from_the_replay() {
+    use crm_event_handler::queue::{JobQueue, redis::RedisQueue};
+    let redis = Server::redis();
+    let queue = RedisQueue::connect(&redis.uri, "replay-test", None, Duration::from_secs(60)).await.unwrap();
+    queue.enqueue(vec![lead_job("r-1")]).await.unwrap();
+    let reserved = queue.reserve(Duration::from_secs(2)).await.unwrap().expect("the job");
+    queue.dead_letter(reserved, "Meta answered 400".into()).await.unwrap();
+    let before = crm_event_handler::store::now_ms();
+    let id = crm_event_handler::queue::Job::id_for("r-1", "meta-capi", "Lead");
+    queue.replay(&id).await.unwrap().expect("replayed");
+    let again = queue.reserve(Duration::from_secs(2)).await.unwrap().expect("the replayed job").job;
+    assert_eq!((again.attempts, again.budget_start, again.accepted_at_ms), (2, 1, 0));
+    assert!(again.queued_at_ms() >= before, "{again:?}");
 }
 
 #[tokio::test]

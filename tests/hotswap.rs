@@ -332,15 +332,12 @@ fn sha2_hex(bytes: &[u8]) -> String {
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-#[tokio::test]
-async fn a_plugin_built_for_the_old_contract_is_refused_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let plugins = plugins_dir(dir.path(), &["meta-capi"]);
-    let wasm = plugins.join("meta-capi/meta-capi.wasm");
-    let mut bytes = std::fs::read(&wasm).unwrap();
-    // Rewrite "crm:plugin/<interface>@0.2.0" to "@0.1.0" (a plugin built for
-    // the old contract) in place: same length, so the binary stays
-    // well-formed and only the version changes.
+/// Rewrite "crm:plugin/<interface>@0.2.0" to `version` in `wasm` (a plugin
+/// built for that contract), in place: same length, so the binary stays
+/// well-formed and only the version changes.
+fn built_for_contract(wasm: &Path, version: &str) {
+    assert_eq!(version.len(), 5);
+    let mut bytes = std::fs::read(wasm).unwrap();
     let prefix = b"crm:plugin/";
     let mut patched = 0;
     for i in 0..bytes.len().saturating_sub(prefix.len() + 30) {
@@ -349,21 +346,58 @@ async fn a_plugin_built_for_the_old_contract_is_refused_with_the_reason() {
             if let Some(at) = bytes[rest..rest + 20].iter().position(|b| *b == b'@') {
                 let v = rest + at + 1;
                 if &bytes[v..v + 5] == b"0.2.0" {
-                    bytes[v..v + 5].copy_from_slice(b"0.1.0");
+                    bytes[v..v + 5].copy_from_slice(version.as_bytes());
                     patched += 1;
                 }
             }
         }
     }
     assert!(patched > 0, "the contract's import names are in the binary");
-    std::fs::write(&wasm, bytes).unwrap();
-    let err = PluginEngine::new(EngineOptions::default())
-        .unwrap()
-        .load(&plugins.join("meta-capi"), &plugin_env(&[], None), None)
-        .err()
-        .unwrap();
-    assert!(matches!(err, LoadError::Contract { .. }), "{err}");
-    assert!(err.to_string().contains("targets crm:plugin contract version 0.1.0; this host supports 0.2.0"), "{err}");
+    std::fs::write(wasm, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_plugin_built_for_an_incompatible_contract_is_refused_with_the_reason() {
+    for version in ["0.1.0", "0.3.0", "1.2.0"] {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = plugins_dir(dir.path(), &["meta-capi"]);
+        built_for_contract(&plugins.join("meta-capi/meta-capi.wasm"), version);
+        let err = PluginEngine::new(EngineOptions::default())
+            .unwrap()
+            .load(&plugins.join("meta-capi"), &plugin_env(&[], None), None)
+            .err()
+            .unwrap();
+        assert!(matches!(err, LoadError::Contract { .. }), "{err}");
+        let expected = format!(
+            "targets crm:plugin contract version {version}; this host supports 0.2.0, and plugins built for any 0.2.x"
+        );
+        assert!(err.to_string().contains(&expected), "{err}");
+    }
+}
+
+/// A plugin built for a later 0.2.x than the host's (the same items, a
+/// newer patch of the contract) loads and delivers.
+#[tokio::test]
+async fn a_plugin_built_for_a_compatible_contract_version_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &["crm", "meta-capi"]);
+    built_for_contract(&plugins.join("crm/crm.wasm"), "0.2.9");
+    built_for_contract(&plugins.join("meta-capi/meta-capi.wasm"), "0.2.9");
+    let meta = StandIn::meta().await;
+    let host = Host::start(&[
+        ("API_KEY", API_KEY.to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("PLUGINS_DIR", plugins.display().to_string()),
+        ("BUNDLED_PLUGINS", "none".to_string()),
+        ("META_ACCESS_TOKEN", "t".to_string()),
+        ("META_PIXEL_ID", "1".to_string()),
+        ("META_GRAPH_URL", meta.url.clone()),
+    ])
+    .await;
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("V-029", "Qualified")).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the Lead", Duration::from_secs(20), async || (meta.events().len() == 1).then_some(())).await;
 }
 
 #[tokio::test]
@@ -428,4 +462,98 @@ async fn webhooks_for_a_source_that_just_went_away_answer_503_so_the_crm_retries
         post_webhook(&r.base, "/api/v1/webhook/never-loaded", "deal_updated", &payload("G-1", "Qualified")).await;
     assert_eq!(status, 404);
     let _ = r.stop.send(true);
+}
+
+/// Run `crm-event-handler plugin deploy` with these arguments: whether it
+/// succeeded, and what it printed.
+async fn deploy(args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crm-event-handler"))
+        .args(["plugin", "deploy"])
+        .args(args)
+        .env_clear()
+        .env("API_KEY", API_KEY)
+        .output()
+        .await
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A plugin folder as an author has it after `plugin build`: meta-capi at
+/// `version`, with `component` as its component.
+fn authored(into: &Path, version: &str, component: &[u8]) -> PathBuf {
+    let dir = into.join("meta-capi");
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = std::fs::read_to_string(repo().join("plugins/meta-capi/plugin.toml")).unwrap();
+    std::fs::write(
+        dir.join("plugin.toml"),
+        manifest.replace("version = \"0.1.0\"", &format!("version = \"{version}\"")),
+    )
+    .unwrap();
+    std::fs::write(dir.join("meta-capi.wasm"), component).unwrap();
+    dir
+}
+
+/// `plugin deploy` puts a new version in place and returns once the host
+/// runs it. A broken one is refused with the host's reason while the
+/// running version stays; one never built is refused before anything moves.
+#[tokio::test]
+async fn plugin_deploy_returns_once_the_host_runs_the_new_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &["crm", "meta-capi"]);
+    let meta = StandIn::meta().await;
+    let host = Host::start(&[
+        ("API_KEY", API_KEY.to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("PLUGINS_DIR", plugins.display().to_string()),
+        ("BUNDLED_PLUGINS", "none".to_string()),
+        ("PLUGIN_RELOAD_MS", "100".to_string()),
+        ("META_ACCESS_TOKEN", "t".to_string()),
+        ("META_PIXEL_ID", "1".to_string()),
+        ("META_GRAPH_URL", meta.url.clone()),
+    ])
+    .await;
+    let to = plugins.display().to_string();
+    let meta_version = async || -> String {
+        let body: Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/plugins", host.url))
+            .header("x-api-key", API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let plugins = body["plugins"].as_array().unwrap().clone();
+        let meta = plugins.into_iter().find(|p| p["name"] == "meta-capi").expect("meta-capi is loaded");
+        meta["version"].as_str().unwrap().to_string()
+    };
+    let component = std::fs::read(plugins.join("meta-capi/meta-capi.wasm")).unwrap();
+
+    let next = authored(&dir.path().join("v011"), "0.1.1", &component);
+    let (ok, out) = deploy(&[next.to_str().unwrap(), "--to", &to, "--url", &host.url]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("live: meta-capi 0.1.1"), "{out}");
+    assert_eq!(meta_version().await, "0.1.1", "the host runs it when the command returns");
+    let mut left: Vec<String> =
+        std::fs::read_dir(&plugins).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, ["crm", "meta-capi"], "nothing is left aside");
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("DEP-1", "Qualified")).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the Lead", Duration::from_secs(20), async || (meta.events().len() == 1).then_some(())).await;
+
+    let broken = authored(&dir.path().join("v012"), "0.1.2", b"not a component");
+    let (ok, out) = deploy(&[broken.to_str().unwrap(), "--to", &to, "--url", &host.url, "--wait", "20"]).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("the host refused") && out.contains("keeps running"), "{out}");
+    assert_eq!(meta_version().await, "0.1.1");
+
+    let unbuilt = dir.path().join("unbuilt/meta-capi");
+    std::fs::create_dir_all(&unbuilt).unwrap();
+    std::fs::copy(next.join("plugin.toml"), unbuilt.join("plugin.toml")).unwrap();
+    let before = std::fs::read(plugins.join("meta-capi/meta-capi.wasm")).unwrap();
+    let (ok, out) = deploy(&[unbuilt.to_str().unwrap(), "--to", &to, "--url", &host.url]).await;
+    assert!(!ok && out.contains("build it first"), "{out}");
+    assert_eq!(std::fs::read(plugins.join("meta-capi/meta-capi.wasm")).unwrap(), before, "nothing moved");
 }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::App;
 use crate::event::Event;
-use crate::plugins::{DeliveryRequest, Outcome};
+use crate::plugins::{DeliveryRequest, Outcome, Status};
 use crate::queue::QueueDepth;
 use crate::store::now_ms;
 use crate::telemetry::AlertLabels;
@@ -169,7 +169,7 @@ async fn send(app: &App, alert: &Alert, recipients: &[String]) -> Result<(), Str
     match result {
         Ok(Outcome::Delivered { .. }) => Ok(()),
         Ok(Outcome::Retryable { status, reason, .. } | Outcome::Permanent { status, reason }) => {
-            Err(format!("{reason} (status {status:?})"))
+            Err(format!("{reason} (status {})", Status(status)))
         }
         Err(e) => Err(e.to_string()),
     }

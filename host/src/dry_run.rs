@@ -78,7 +78,7 @@ fn with_placeholders(dir: &Path, env: &PluginEnv, notes: &mut Vec<String>) -> an
         notes.push(format!("{var} is not set; using the placeholder <{var}>"));
         vars.insert(var.clone(), format!("<{var}>"));
     }
-    Ok(env.overlay(vars))
+    Ok(env.with_placeholders(vars))
 }
 
 fn load(

@@ -191,7 +191,8 @@ fn job_for(receipt: &Receipt, a: &ActionRecord) -> Job {
         budget_start: 0,
         interrupted: 0,
         deferrals: 0,
-        enqueued_at_ms: receipt.received_at_ms,
+        accepted_at_ms: receipt.received_at_ms,
+        replayed_at_ms: None,
     }
 }
 
@@ -271,7 +272,7 @@ pub async fn replay_dead_letters(app: &App, ids: Vec<String>) -> Result<Vec<Repl
         if let Some(job) = app.queue.replay(&id).await? {
             note_replayed(app, &job, "replayed").await;
             // Its first attempt may have reached the downstream.
-            replayed.push(replayed_action(app, &job, job.enqueued_at_ms));
+            replayed.push(replayed_action(app, &job, job.accepted_at_ms));
         }
     }
     Ok(replayed)
@@ -322,8 +323,7 @@ pub async fn replay_receipt(
                 // A fresh budget; attempt numbers go on from the last one.
                 let mut job = job_for(&receipt, a);
                 job.attempts = a.attempts;
-                job.budget_start = a.attempts;
-                job.enqueued_at_ms = crate::store::now_ms();
+                job.replayed(crate::store::now_ms());
                 // Dead-lettered after an earlier forced replay: back from there.
                 let queued = match app.queue.replay(&job.id).await? {
                     Some(_) => true,

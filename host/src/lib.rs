@@ -11,6 +11,7 @@ pub mod alerts;
 pub mod api;
 mod batch;
 pub mod config;
+pub mod deploy;
 pub mod dry_run;
 pub mod event;
 pub mod intake;
@@ -150,6 +151,15 @@ impl App {
             );
         }
         for p in set.all() {
+            if !p.config.short_secrets.is_empty() {
+                tracing::warn!(
+                    plugin = p.name(),
+                    variables = %p.config.short_secrets.join(", "),
+                    "{} is shorter than {} characters: a test value? It is redacted only where it stands whole",
+                    p.config.short_secrets.join(" and "),
+                    plugins::manifest::SHORT_SECRET
+                );
+            }
             if p.manifest.kind == Kind::Destination && !p.config.missing.is_empty() {
                 tracing::warn!(
                     plugin = p.name(),

@@ -3,11 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crm_event_handler::Role;
 use crm_event_handler::config::Environment;
+use crm_event_handler::deploy;
 use crm_event_handler::dry_run::{self, DryRun};
 use crm_event_handler::plugins::grants::PluginEnv;
 use crm_event_handler::plugins::{EngineOptions, PluginEngine};
@@ -106,6 +108,25 @@ enum PluginCommand {
         /// The plugin's folder.
         dir: PathBuf,
     },
+    /// Put a built plugin into a running host's PLUGINS_DIR (written aside,
+    /// then renamed into place) and wait until the host runs it, or says
+    /// why it refused it (the previous version then keeps running).
+    Deploy {
+        /// The plugin's folder (its plugin.toml and component are copied).
+        dir: PathBuf,
+        /// The host's plugin folder (default: $PLUGINS_DIR, else ./plugins).
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// The running host (default: http://127.0.0.1:$PORT).
+        #[arg(long)]
+        url: Option<String>,
+        /// Seconds to wait for the host to load it.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+        /// Only put it in place; do not ask a host.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -138,6 +159,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The running host to ask (`--url`, else port `PORT` here) and its
+/// operator key.
+fn host(env: &Environment, url: Option<String>) -> anyhow::Result<(String, &str)> {
+    let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{}", env.get("PORT").unwrap_or("3000")));
+    let key = env
+        .get("ADMIN_API_KEY")
+        .or_else(|| env.get("API_KEY"))
+        .context("ADMIN_API_KEY is not set (asking the host needs its operator key)")?;
+    Ok((url, key))
 }
 
 fn plugins_dir(env: &Environment) -> PathBuf {
@@ -185,23 +217,10 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PluginCommand::List { url } => {
-            let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{}", env.get("PORT").unwrap_or("3000")));
-            let key = env
-                .get("ADMIN_API_KEY")
-                .or_else(|| env.get("API_KEY"))
-                .context("ADMIN_API_KEY is not set (the listing needs the host's operator key)")?;
-            let response = reqwest::Client::new()
-                .get(format!("{}/api/v1/plugins", url.trim_end_matches('/')))
-                .header("x-api-key", key)
-                .send()
+            let (url, key) = host(&env, url)?;
+            let body = deploy::listing(&url, key)
                 .await
-                .with_context(|| {
-                    format!("cannot reach a running host at {url} (`plugin check DIR` inspects a folder without one)")
-                })?;
-            if !response.status().is_success() {
-                anyhow::bail!("{url} answered {}", response.status());
-            }
-            let body: serde_json::Value = serde_json::from_slice(&response.bytes().await?)?;
+                .context("`plugin check DIR` inspects a folder without a running host")?;
             println!("{:<14} {:<9} {:<12} {:<14} {:<20} STATUS", "NAME", "VERSION", "KIND", "DIGEST", "LOADED (UTC)");
             for p in body["plugins"].as_array().into_iter().flatten() {
                 let loaded = p["loaded_at_ms"].as_u64().map(|ms| {
@@ -228,6 +247,41 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
                 println!("refused: {}: {}", e["dir"].as_str().unwrap_or("?"), e["error"].as_str().unwrap_or("?"));
             }
             Ok(())
+        }
+        PluginCommand::Deploy { dir, to, url, wait, no_wait } => {
+            let to = to.unwrap_or_else(|| plugins_dir(&env));
+            if no_wait {
+                let placed = deploy::place(&dir, &to)?;
+                println!(
+                    "placed {} {} in {} (digest {})",
+                    placed.name,
+                    placed.version,
+                    placed.folder.display(),
+                    placed.digest
+                );
+                return Ok(());
+            }
+            let (url, key) = host(&env, url)?;
+            // Asked first: nothing is touched when no host answers.
+            let before = deploy::listing(&url, key).await.context("pass --no-wait to only put it in place")?;
+            let placed = deploy::place(&dir, &to)?;
+            println!(
+                "placed {} {} in {}; waiting for {url} to load it",
+                placed.name,
+                placed.version,
+                placed.folder.display()
+            );
+            let stale = deploy::refusal(&before, &placed);
+            match deploy::wait_live(&url, key, &placed, stale, Duration::from_secs(wait)).await? {
+                deploy::Landed::Live => {
+                    println!("live: {} {} (digest {})", placed.name, placed.version, placed.digest);
+                    Ok(())
+                }
+                deploy::Landed::Refused(reason) => anyhow::bail!(
+                    "the host refused {}; the version it ran before keeps running: {reason}",
+                    placed.folder.display()
+                ),
+            }
         }
         PluginCommand::New { name, kind, lang, dir } => {
             let kind = match kind {
@@ -284,6 +338,13 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
             );
             if !p.config.missing.is_empty() {
                 println!("not configured here: set {}", p.config.missing.join(", "));
+            }
+            if !p.config.short_secrets.is_empty() {
+                println!(
+                    "warning: {} is shorter than {} characters (a test value?)",
+                    p.config.short_secrets.join(" and "),
+                    crm_event_handler::plugins::manifest::SHORT_SECRET
+                );
             }
             Ok(())
         }

@@ -192,6 +192,20 @@ pub enum Outcome {
     Permanent { status: Option<u16>, reason: String },
 }
 
+/// An outcome's HTTP status as logs and texts show it: the number, or
+/// `none` when the plugin reported none.
+#[derive(Debug, Clone, Copy)]
+pub struct Status(pub Option<u16>);
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(status) => write!(f, "{status}"),
+            None => f.write_str("none"),
+        }
+    }
+}
+
 /// The action a route asks a destination for, with the attempt's facts.
 #[derive(Debug, Clone)]
 pub struct DeliveryRequest<'a> {
@@ -583,21 +597,37 @@ fn how_to_build(dir: &Path, component: &Path) -> String {
     }
 }
 
-/// The component's imports must all be of the contract version we implement;
-/// say so plainly rather than let the linker report a missing import.
+/// The component's imports must all be of a contract version compatible
+/// with ours; say so plainly rather than let the linker report a missing
+/// import. (The linker itself matches compatible versions' names.)
 fn check_contract_version(engine: &Engine, component: &Component) -> Result<(), String> {
     let ty = component.component_type();
     for (name, _) in ty.imports(engine) {
         if let Some(rest) = name.strip_prefix(&format!("{CONTRACT_PACKAGE}/")) {
             let version = rest.split_once('@').map(|(_, v)| v).unwrap_or("(none)");
-            if version != CONTRACT_VERSION {
+            if !compatible(version) {
+                // "0.2.x" while the contract is 0.x.
+                let series = CONTRACT_VERSION.rsplit_once('.').map_or(CONTRACT_VERSION, |(series, _)| series);
                 return Err(format!(
-                    "the plugin targets {CONTRACT_PACKAGE} contract version {version}; this host supports {CONTRACT_VERSION}"
+                    "the plugin targets {CONTRACT_PACKAGE} contract version {version}; this host supports \
+                     {CONTRACT_VERSION}, and plugins built for any {series}.x"
                 ));
             }
         }
     }
     Ok(())
+}
+
+/// Whether a plugin built for contract `version` runs on this host, as
+/// semver counts it: the same major version, and while that is 0, the same
+/// minor one.
+fn compatible(version: &str) -> bool {
+    let parts = |v: &str| v.split('.').map(|p| p.parse::<u64>().ok()).collect::<Option<Vec<u64>>>();
+    match (parts(version).as_deref(), parts(CONTRACT_VERSION).as_deref()) {
+        (Some([0, minor, _]), Some([0, ours, _])) => minor == ours,
+        (Some([major, _, _]), Some([ours, _, _])) => major == ours,
+        _ => false,
+    }
 }
 
 fn wit_request(r: &IncomingRequest) -> wit::IncomingRequest {
@@ -735,29 +765,6 @@ impl LoadedPlugin {
             }))
     }
 
-    /// Time `n` parses on one live instance. For benchmarks only: the service
-    /// always takes a fresh instance per call, so no state leaks between
-    /// webhooks.
-    pub async fn time_warm_parse(&self, request: &IncomingRequest, n: u32) -> Result<Duration, PluginError> {
-        let Compiled::Source(pre) = &self.compiled else {
-            return Err(self.wrong_kind(Kind::Source));
-        };
-        let (mut store, _) = self.store();
-        let request = wit_request(request);
-        let instance = pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| PluginError::Instantiate { plugin: self.name().to_string(), message: format!("{e:#}") })?;
-        let started = Instant::now();
-        for _ in 0..n {
-            let parsed = instance.call_parse(&mut store, &request).await;
-            if let Err(trap) = parsed {
-                return Err(self.classify(&store, trap));
-            }
-        }
-        Ok(started.elapsed())
-    }
-
     /// Run the destination plugin for one delivery attempt; also returns the
     /// requests it made.
     pub async fn deliver(&self, req: DeliveryRequest<'_>) -> (Result<Outcome, PluginError>, Vec<RecordedRequest>) {
@@ -838,5 +845,16 @@ mod tests {
         assert!(hint.contains(&wasm.display().to_string()), "{hint}");
         std::fs::write(dir.path().join("build.sh"), "").unwrap();
         assert!(how_to_build(dir.path(), &wasm).contains("build.sh"));
+    }
+
+    #[test]
+    fn contract_versions_are_compatible_as_semver_counts_them() {
+        assert_eq!(CONTRACT_VERSION, "0.2.0", "update the versions below");
+        for ok in ["0.2.0", "0.2.1", "0.2.17"] {
+            assert!(compatible(ok), "{ok}");
+        }
+        for refused in ["0.1.0", "0.3.0", "1.2.0", "0.2", "0.2.0-rc.1", "(none)"] {
+            assert!(!compatible(refused), "{refused}");
+        }
     }
 }

@@ -175,11 +175,13 @@ pub struct PluginEnv {
     /// `PLUGIN_SHADOWS`: (candidate, live destination) pairs the operator
     /// allows; a candidate reads the live plugin's settings.
     shadows: Vec<(String, String)>,
+    /// Variables holding a dry run's placeholder: shown, never checked.
+    placeholders: Vec<String>,
 }
 
 impl PluginEnv {
     pub fn new(env: &Environment, grants: Grants) -> PluginEnv {
-        PluginEnv { env: env.without(HOST_VARS), grants, shadows: Vec::new() }
+        PluginEnv { env: env.without(HOST_VARS), grants, shadows: Vec::new(), placeholders: Vec::new() }
     }
 
     /// What plugins may read of `env`, with the grants its `PLUGIN_GRANTS`
@@ -216,14 +218,23 @@ impl PluginEnv {
         Ok((self.env.get(var), grant))
     }
 
-    /// This environment with `vars` set on top (dry-run placeholders). Host
-    /// settings among them are dropped as always.
-    pub fn overlay(&self, vars: std::collections::HashMap<String, String>) -> PluginEnv {
+    /// This environment with dry-run placeholders set on top: values shown
+    /// as they are and exempt from the manifest's checks. Host settings
+    /// among them are dropped as always.
+    pub fn with_placeholders(&self, vars: std::collections::HashMap<String, String>) -> PluginEnv {
+        let mut placeholders: Vec<String> = vars.keys().cloned().collect();
+        placeholders.extend(self.placeholders.iter().cloned());
         PluginEnv {
             env: self.env.overlay(vars).without(HOST_VARS),
             grants: self.grants.clone(),
             shadows: self.shadows.clone(),
+            placeholders,
         }
+    }
+
+    /// Whether `var` holds a dry run's placeholder.
+    pub fn is_placeholder(&self, var: &str) -> bool {
+        self.placeholders.iter().any(|p| p == var)
     }
 }
 

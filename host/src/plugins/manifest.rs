@@ -18,7 +18,14 @@
 //! [config.graph_url]
 //! env = "META_GRAPH_URL"
 //! default = "https://graph.facebook.com"
-//! format = "url"                  # checked at load: an absolute http(s) URL
+//! format = "url"                  # checked at load: url, integer, boolean or email
+//!
+//! [config.api_version]
+//! env = "META_API_VERSION"
+//! default = "v21.0"
+//! pattern = 'v\d+\.\d+'          # checked at load: the whole value must match
+//! example = "v21.0"               # shown when it does not
+//! # one_of = ["a", "b"]           # or: one of these values
 //!
 //! [limits]
 //! time_per_call_ms = 10000        # wall time per call, host HTTP included
@@ -86,6 +93,16 @@ pub struct ConfigKey {
     /// What the value must look like; checked when the plugin is loaded.
     #[serde(default)]
     pub format: Option<Format>,
+    /// A regular expression the whole value must match; checked when the
+    /// plugin is loaded.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// The values allowed, if only some are.
+    #[serde(default)]
+    pub one_of: Option<Vec<String>>,
+    /// A value that passes the checks, shown when one fails.
+    #[serde(default)]
+    pub example: Option<String>,
 }
 
 /// A shape a config value must have.
@@ -94,6 +111,12 @@ pub struct ConfigKey {
 pub enum Format {
     /// An absolute http(s) URL.
     Url,
+    /// A whole number (digits, an optional sign).
+    Integer,
+    /// `true`, `false`, `1` or `0`.
+    Boolean,
+    /// An e-mail address (`local@domain.tld`).
+    Email,
 }
 
 /// Resource limits per call.
@@ -264,8 +287,12 @@ impl Manifest {
             if c.env.is_none() && c.default.is_none() {
                 return Err(format!("config.{key} needs `env`, `default` or both"));
             }
-            if let (Some(default), Some(format)) = (&c.default, c.format) {
-                format.check(default, default).map_err(|e| format!("config.{key}: the default {e}"))?;
+            if let Some(pattern) = &c.pattern {
+                whole(pattern)
+                    .map_err(|e| format!("config.{key}: pattern {pattern:?} is not a regular expression: {e}"))?;
+            }
+            if let Some(default) = &c.default {
+                c.check(default, default).map_err(|e| format!("config.{key}: the default {e}"))?;
             }
         }
         // Check the allow-list's shape now; `{key}` entries resolve later.
@@ -321,10 +348,10 @@ impl Manifest {
                     None => (None, None),
                 };
             let set = from_env.is_some();
-            if let (Some(v), Some(format)) = (&from_env, c.format) {
+            if let Some(v) = from_env.as_ref().filter(|_| !c.env.as_deref().is_some_and(|v| env.is_placeholder(v))) {
                 // A secret's value is never echoed, even when it is wrong.
                 let shown = if c.secret { "«redacted»" } else { v.as_str() };
-                format.check(v, shown).map_err(|e| ManifestError::Invalid {
+                c.check(v, shown).map_err(|e| ManifestError::Invalid {
                     path: PathBuf::new(),
                     message: format!("config.{key}: {} {e}", c.env.as_deref().unwrap_or(key)),
                 })?;
@@ -332,6 +359,9 @@ impl Manifest {
             match from_env.or_else(|| c.default.clone()) {
                 Some(v) => {
                     if c.secret {
+                        if v.chars().count() < SHORT_SECRET {
+                            resolved.short_secrets.push(c.env.clone().unwrap_or_else(|| key.clone()));
+                        }
                         resolved.secrets.push(v.clone());
                     }
                     if set {
@@ -390,17 +420,65 @@ impl ManifestError {
     }
 }
 
+impl ConfigKey {
+    /// Check `value` as the manifest declares (`format`, `pattern`,
+    /// `one_of`); the error quotes `shown` (the value, or a redaction) and
+    /// the `example`.
+    fn check(&self, value: &str, shown: &str) -> Result<(), String> {
+        let example = self.example.as_deref().map(|e| format!(" such as {e:?}")).unwrap_or_default();
+        if let Some(format) = self.format
+            && !format.admits(value)
+        {
+            return Err(format!("must be {}{example}, got {shown:?}", format.described()));
+        }
+        if let Some(pattern) = &self.pattern
+            && !whole(pattern).is_ok_and(|re| re.is_match(value))
+        {
+            return Err(format!("must match the pattern `{pattern}`{example}, got {shown:?}"));
+        }
+        if let Some(allowed) = &self.one_of
+            && !allowed.iter().any(|a| a == value)
+        {
+            return Err(format!("must be one of {}, got {shown:?}", allowed.join(", ")));
+        }
+        Ok(())
+    }
+}
+
+/// `pattern` compiled to match a whole value.
+fn whole(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{pattern})$"))
+}
+
 impl Format {
-    /// Check `value`; the error quotes `shown` (the value, or a redaction).
-    fn check(self, value: &str, shown: &str) -> Result<(), String> {
+    fn admits(self, value: &str) -> bool {
         match self {
-            Format::Url => match url::Url::parse(value) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(()),
-                _ => Err(format!("must be an absolute http(s) URL, got {shown:?}")),
-            },
+            Format::Url => url::Url::parse(value).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host()),
+            Format::Integer => value.parse::<i64>().is_ok(),
+            Format::Boolean => matches!(value, "true" | "false" | "1" | "0"),
+            Format::Email => value.split_once('@').is_some_and(|(local, domain)| {
+                !local.is_empty()
+                    && domain.contains('.')
+                    && !domain.starts_with('.')
+                    && !domain.ends_with('.')
+                    && !value.chars().any(|c| c.is_whitespace() || c == '<' || c == '>')
+                    && !domain.contains('@')
+            }),
+        }
+    }
+
+    fn described(self) -> &'static str {
+        match self {
+            Format::Url => "an absolute http(s) URL",
+            Format::Integer => "a whole number",
+            Format::Boolean => "true, false, 1 or 0",
+            Format::Email => "an e-mail address",
         }
     }
 }
+
+/// Secrets shorter than this are warned about: a real token is longer.
+pub const SHORT_SECRET: usize = 8;
 
 /// A manifest's config keys with their values for this host.
 #[derive(Clone, Default)]
@@ -408,6 +486,9 @@ pub struct ResolvedConfig {
     pub values: HashMap<String, String>,
     /// Values to redact wherever they might be shown.
     pub secrets: Vec<String>,
+    /// Variables (or keys) of secrets shorter than `SHORT_SECRET` characters:
+    /// redacted only where they stand whole, so likely test values.
+    pub short_secrets: Vec<String>,
     /// Variables of required keys that are not set.
     pub missing: Vec<String>,
     /// Keys whose value came from the environment (the operator), not from
@@ -440,7 +521,9 @@ impl std::fmt::Debug for ResolvedConfig {
 }
 
 impl ResolvedConfig {
-    /// Replace every secret value in `text` with `«redacted»`.
+    /// Replace every secret value in `text` with `«redacted»`, where it
+    /// stands whole: not where it is part of a longer word, so a short test
+    /// value does not garble the answers it happens to occur in.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();
         for s in self.secrets.iter().filter(|s| !s.is_empty()) {
@@ -449,7 +532,7 @@ impl ResolvedConfig {
             let json = quoted.strip_prefix('"').and_then(|j| j.strip_suffix('"')).unwrap_or(s);
             let url: String = url::form_urlencoded::byte_serialize(s.as_bytes()).collect();
             for form in [s.as_str(), json, url.as_str()] {
-                out = out.replace(form, "«redacted»");
+                out = replace_whole(&out, form, "«redacted»");
             }
         }
         out
@@ -461,14 +544,46 @@ impl ResolvedConfig {
         let out = self.redact(text);
         let Some(body) = out.strip_suffix('…') else { return out };
         for secret in self.secrets.iter().filter(|s| s.len() > 4) {
-            let cut =
-                (4..secret.len()).rev().filter(|&n| secret.is_char_boundary(n)).find(|&n| body.ends_with(&secret[..n]));
+            let cut = (4..secret.len())
+                .rev()
+                .filter(|&n| secret.is_char_boundary(n))
+                .find(|&n| body.ends_with(&secret[..n]) && starts_whole(&body[..body.len() - n], &secret[..n]));
             if let Some(n) = cut {
                 return format!("{}«redacted»…", &body[..body.len() - n]);
             }
         }
         out
     }
+}
+
+/// Whether two characters side by side are of one word (a token, an
+/// identifier, a key), so that a value ending or starting there does not
+/// stand whole.
+fn joined(left: Option<char>, right: Option<char>) -> bool {
+    let word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+    left.is_some_and(word) && right.is_some_and(word)
+}
+
+/// Whether `value`, written right after `before`, starts a word of its own.
+fn starts_whole(before: &str, value: &str) -> bool {
+    !joined(before.chars().next_back(), value.chars().next())
+}
+
+/// `text` with each occurrence of `value` that stands whole replaced by
+/// `with`.
+fn replace_whole(text: &str, value: &str, with: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    for (at, _) in text.match_indices(value) {
+        let end = at + value.len();
+        if starts_whole(&text[..at], value) && !joined(value.chars().next_back(), text[end..].chars().next()) {
+            out.push_str(&text[copied..at]);
+            out.push_str(with);
+            copied = end;
+        }
+    }
+    out.push_str(&text[copied..]);
+    out
 }
 
 #[cfg(test)]
@@ -516,6 +631,22 @@ mod tests {
         assert_eq!(config.redact(r#"{"k":"a/b+c \"d\""}"#), r#"{"k":"«redacted»"}"#);
     }
 
+    /// A short test value is redacted where it stands whole, not inside
+    /// every word of Meta's or Brevo's answers that happens to contain it.
+    #[test]
+    fn a_secret_is_redacted_only_where_it_stands_whole() {
+        let config = ResolvedConfig { secrets: vec!["race".into(), "tok-1".into()], ..Default::default() };
+        let answer = r#"{"events_received":1,"fbtrace_id":"AbRaceX","trace":"race"}"#;
+        assert_eq!(config.redact(answer), r#"{"events_received":1,"fbtrace_id":"AbRaceX","trace":"«redacted»"}"#);
+        assert_eq!(config.redact("fbtrace_id race_id racer"), "fbtrace_id race_id racer");
+        assert_eq!(config.redact("Bearer race, ?k=race&x=tok-1."), "Bearer «redacted», ?k=«redacted»&x=«redacted».");
+        assert_eq!(config.redact("tok-10 xtok-1 tok-1"), "tok-10 xtok-1 «redacted»");
+        // Cut at the end of an excerpt: a tail that starts a word of its own.
+        let long = ResolvedConfig { secrets: vec!["EAAB-secret-token".into()], ..Default::default() };
+        assert_eq!(long.redact_excerpt("token=EAAB-sec…"), "token=«redacted»…");
+        assert_eq!(long.redact_excerpt("xEAAB-sec…"), "xEAAB-sec…");
+    }
+
     #[test]
     fn parses_a_full_manifest() {
         let m = Manifest::parse(META).unwrap();
@@ -550,7 +681,7 @@ mod tests {
             err(META.replace("https://graph.facebook.com\"", "graph\""))
                 .contains("config.graph_url: the default must be an absolute")
         );
-        assert!(err(META.replace("format = \"url\"", "format = \"email\"")).contains("unknown variant `email`"));
+        assert!(err(META.replace("format = \"url\"", "format = \"ipv4\"")).contains("unknown variant `ipv4`"));
     }
 
     #[test]
@@ -610,6 +741,58 @@ mod tests {
         let m = Manifest::parse(META).unwrap();
         let err = m.resolve_config(&env(&[("META_GRAPH_URL", "graph.facebook.com")])).unwrap_err().to_string();
         assert!(err.contains("config.graph_url: META_GRAPH_URL must be an absolute http(s) URL"), "{err}");
+    }
+
+    /// The bundled plugins declare their own checks; the host knows none of
+    /// their settings. A wrong value refuses the plugin at load, naming the
+    /// variable, what was expected and, but for a secret, what it got.
+    #[test]
+    fn the_bundled_manifests_check_their_own_values() {
+        let bundled = |name: &str| {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins").join(name);
+            Manifest::load(&dir).unwrap()
+        };
+        let refused = |m: &Manifest, var: &str, value: &str| {
+            m.resolve_config(&env(&[(var, value)])).map(|_| ()).unwrap_err().to_string()
+        };
+        let meta = bundled("meta-capi");
+        for (var, bad, expected) in [
+            (
+                "META_API_VERSION",
+                "21",
+                r#"META_API_VERSION must match the pattern `v\d+\.\d+` such as "v21.0", got "21""#,
+            ),
+            ("META_API_VERSION", "../v21.0", "META_API_VERSION must match"),
+            ("META_PIXEL_ID", "my-pixel", r#"such as "1234567890", got "my-pixel""#),
+            ("META_ACTION_SOURCE", "crm", "META_ACTION_SOURCE must be one of email, website, app"),
+            ("META_DEFAULT_COUNTRY_CODE", "one", r#"such as "44", got "one""#),
+            ("META_LIMITED_DATA_USE", "yes", "META_LIMITED_DATA_USE must be true, false, 1 or 0"),
+            ("META_LDU_STATE", "CA", "META_LDU_STATE must be a whole number"),
+            ("META_EVENT_SOURCE_URL", "example.com", "must be an absolute http(s) URL"),
+        ] {
+            let err = refused(&meta, var, bad);
+            assert!(err.contains(expected), "{var}={bad}: {err}");
+        }
+        for (var, good) in
+            [("META_API_VERSION", "v22.0"), ("META_DEFAULT_COUNTRY_CODE", "+1"), ("META_LDU_STATE", "1000")]
+        {
+            assert!(meta.resolve_config(&env(&[(var, good)])).is_ok(), "{var}={good}");
+        }
+        let brevo = bundled("brevo");
+        assert!(refused(&brevo, "BREVO_SENDER_EMAIL", "deals").contains("must be an e-mail address, got \"deals\""));
+        assert!(refused(&brevo, "BREVO_TEMPLATE_ID", "0").contains(r#"such as "12", got "0""#));
+        assert!(brevo.resolve_config(&env(&[("BREVO_SENDER_EMAIL", "deals@example.com")])).is_ok());
+    }
+
+    #[test]
+    fn a_pattern_must_compile_and_a_secret_is_never_echoed() {
+        let bad = format!("{META}\n[config.region]\nenv = \"META_REGION\"\npattern = \"(eu\"\n");
+        let err = Manifest::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("config.region: pattern \"(eu\" is not a regular expression"), "{err}");
+        let checked = META.replace("secret = true", "secret = true\npattern = 'EAAB\\w+'");
+        let m = Manifest::parse(&checked).unwrap();
+        let err = m.resolve_config(&env(&[("META_ACCESS_TOKEN", "wrong-token-value")])).unwrap_err().to_string();
+        assert!(err.contains("got \"«redacted»\"") && !err.contains("wrong-token-value"), "{err}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 pub use engine::{
     CacheSettings, Compared, DeliveryRequest, EngineOptions, IncomingRequest, LoadError, LoadedPlugin, Outcome,
-    ParseFailure, PluginEngine, PluginError, PoolShares,
+    ParseFailure, PluginEngine, PluginError, PoolShares, Status,
 };
 pub use manifest::Kind;
 
@@ -116,6 +116,15 @@ struct Folder {
     refused_source: Option<String>,
 }
 
+/// A folder whose latest contents were refused.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Refused {
+    dir: PathBuf,
+    error: String,
+    /// The source name its manifest declares, if it can be read.
+    source: Option<String>,
+}
+
 /// What a webhook for a provider name finds.
 pub enum SourceLookup {
     Loaded(Arc<LoadedPlugin>),
@@ -130,7 +139,12 @@ pub struct Registry {
     engine: Arc<PluginEngine>,
     env: PluginEnv,
     current: RwLock<Arc<PluginSet>>,
+    /// The folders as the last sync left them. Held by a sync for as long
+    /// as it compiles: only syncs take it, never a request handler.
     folders: Mutex<HashMap<PathBuf, Folder>>,
+    /// Folders whose latest contents were refused, published when a sync
+    /// ends.
+    refused: RwLock<Arc<Vec<Refused>>>,
     /// Fingerprints seen changed once; acted on when seen the same twice, so
     /// a file still being copied is not loaded half-written and a folder
     /// moved aside for a moment is not unloaded.
@@ -150,6 +164,7 @@ impl Registry {
             env,
             current: RwLock::new(Arc::new(PluginSet::default())),
             folders: Mutex::default(),
+            refused: RwLock::default(),
             settling: Mutex::default(),
             gone_sources: Mutex::default(),
             bundled: None,
@@ -169,10 +184,6 @@ impl Registry {
             Some((bundled, enabled)) => bundled::folders(dir, bundled, enabled),
             None => plugin_folders(dir),
         }
-    }
-
-    pub fn engine(&self) -> &Arc<PluginEngine> {
-        &self.engine
     }
 
     /// The environment plugins resolve their settings from.
@@ -292,16 +303,25 @@ impl Registry {
         if changes.iter().any(|c| !matches!(c, Change::Failed { .. })) {
             *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         }
+        let mut refused: Vec<_> = folders
+            .iter()
+            .filter_map(|(p, f)| {
+                let error = f.error.clone()?;
+                Some(Refused { dir: p.clone(), error, source: f.refused_source.clone() })
+            })
+            .collect();
+        refused.sort();
+        *self.refused.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(refused);
         changes
     }
 
     /// Folders whose latest contents failed to load, with the reason.
     pub fn load_errors(&self) -> Vec<(PathBuf, String)> {
-        let folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<(PathBuf, String)> =
-            folders.iter().filter_map(|(p, f)| f.error.clone().map(|e| (p.clone(), e))).collect();
-        out.sort();
-        out
+        self.refused().iter().map(|r| (r.dir.clone(), r.error.clone())).collect()
+    }
+
+    fn refused(&self) -> Arc<Vec<Refused>> {
+        self.refused.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A snapshot of what is loaded.
@@ -319,13 +339,7 @@ impl Registry {
         if let Some(p) = self.source(name) {
             return SourceLookup::Loaded(p);
         }
-        let refused = self
-            .folders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|(_, f)| f.refused_source.as_deref() == Some(name))
-            .and_then(|(_, f)| f.error.clone());
+        let refused = self.refused().iter().find(|r| r.source.as_deref() == Some(name)).map(|r| r.error.clone());
         if let Some(error) = refused {
             return SourceLookup::Unavailable(format!("the {name} plugin is not loaded: {error}"));
         }
@@ -345,12 +359,14 @@ impl Registry {
     }
 }
 
-/// Sub-folders of `dir` that hold a `plugin.toml`, in name order.
+/// Sub-folders of `dir` that hold a `plugin.toml`, in name order. Hidden
+/// folders (`.name`) are left alone: a deploy writes into one first.
 pub fn plugin_folders(dir: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .map(|e| e.path())
         .filter(|p| p.join("plugin.toml").is_file())
         .collect();

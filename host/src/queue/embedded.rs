@@ -790,8 +790,7 @@ impl JobQueue for EmbeddedQueue {
                     };
                     let Some(letter) = letter else { return Ok(None) };
                     let mut job = letter.job;
-                    job.budget_start = job.attempts;
-                    job.deferrals = 0;
+                    job.replayed(now);
                     let stored = StoredJob { job, due_ms: now, running: false };
                     let bytes = to_json(&stored)?;
                     txn.open_table(DEAD).map_err(unavailable)?.remove(key.as_str()).map_err(unavailable)?;
@@ -985,7 +984,8 @@ mod tests {
             budget_start: 0,
             interrupted: 0,
             deferrals: 0,
-            enqueued_at_ms: 0,
+            accepted_at_ms: 0,
+            replayed_at_ms: None,
         }
     }
 
@@ -1161,9 +1161,13 @@ mod tests {
         let letters = q.dead_letters(10).await.unwrap();
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].reason, "Meta answered 400 (code 100)");
+        let before = now_ms();
         let replayed = q.replay("a").await.unwrap().unwrap();
         assert_eq!((replayed.attempts, replayed.budget_start), (5, 5));
-        assert_eq!(q.reserve(Duration::ZERO).await.unwrap().map(|j| j.job.id), Some("a".into()));
+        // Its delivery latency counts from the replay, not the accept.
+        let again = q.reserve(Duration::ZERO).await.unwrap().unwrap().job;
+        assert_eq!((again.id.as_str(), again.accepted_at_ms), ("a", 0));
+        assert!(again.queued_at_ms() >= before, "{again:?}");
         assert!(q.replay("a").await.unwrap().is_none());
     }
 

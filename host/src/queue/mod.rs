@@ -52,7 +52,13 @@ pub struct Job {
     /// attempts, but back off like them.
     #[serde(default)]
     pub deferrals: u32,
-    pub enqueued_at_ms: u64,
+    /// When the webhook that made this job was accepted.
+    #[serde(alias = "enqueued_at_ms")]
+    pub accepted_at_ms: u64,
+    /// When the job was last replayed, if it was; its delivery latency
+    /// counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed_at_ms: Option<u64>,
 }
 
 /// A job a worker holds. `job.attempts` already counts the attempt it is
@@ -68,6 +74,20 @@ pub struct Reserved {
 }
 
 impl Job {
+    /// When the job last went into the queue: at its accept, or at its
+    /// latest replay. Delivery latency counts from here.
+    pub fn queued_at_ms(&self) -> u64 {
+        self.replayed_at_ms.unwrap_or(self.accepted_at_ms)
+    }
+
+    /// Back in the queue at `now_ms` with a fresh retry budget: attempt
+    /// numbers go on from the last one.
+    pub fn replayed(&mut self, now_ms: u64) {
+        self.budget_start = self.attempts;
+        self.deferrals = 0;
+        self.replayed_at_ms = Some(now_ms);
+    }
+
     /// The job id for a receipt's action.
     pub fn id_for(receipt_id: &str, destination: &str, action: &str) -> String {
         format!("{receipt_id}/{destination}/{action}")

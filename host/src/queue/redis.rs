@@ -957,8 +957,7 @@ impl JobQueue for RedisQueue {
         let Some(json) = json else { return Ok(None) };
         let letter: DeadLetter = serde_json::from_str(&json).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let mut job = letter.job;
-        job.budget_start = job.attempts;
-        job.deferrals = 0;
+        job.replayed(now_ms());
         let (order, _) = self.core.order_keys(&job.order_key);
         self.core.trips.fetch_add(1, Ordering::Relaxed);
         let moved: i64 = self

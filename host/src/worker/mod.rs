@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::App;
-use crate::plugins::{Compared, DeliveryRequest, Outcome, PluginError};
+use crate::plugins::{Compared, DeliveryRequest, Outcome, PluginError, Status};
 use crate::queue::{Job, Reserved, Settle};
 use crate::store::{
     AttemptRecord, DeliveryState, LoggedAttempt, LoggedRequest, MAX_LOGGED_REQUESTS, StoreError, now_ms,
@@ -40,33 +40,17 @@ const OUTAGE_PAUSE: Duration = Duration::from_secs(1);
 /// Longest wait for a destination's limit to give a job its turn.
 const TURN_WAIT: Duration = Duration::from_secs(5);
 
-/// What one attempt came to, before the retry policy has its say.
+/// Why no attempt was made; it does not count. (What an attempt that was
+/// made came to is the plugin's `Outcome`; a plugin that failed on its own
+/// counts as `Outcome::Retryable`.)
 #[derive(Debug)]
-enum Verdict {
-    Delivered {
-        status: Option<u16>,
-        detail: String,
-    },
-    Retry {
-        status: Option<u16>,
-        reason: String,
-        retry_after: Option<Duration>,
-    },
-    Permanent {
-        status: Option<u16>,
-        reason: String,
-    },
-    /// The host could not make the attempt; it does not count.
-    Defer {
-        reason: String,
-    },
+enum NotMade {
+    /// The host could not make it: the destination not loaded, no free
+    /// plugin instance. Put off with backoff.
+    Defer { reason: String },
     /// Not now: the destination's limit holds it back (or it was paused
-    /// while the job waited for its turn). The queue alone is told, and the
-    /// attempt does not count.
-    Later {
-        reason: String,
-        after: Duration,
-    },
+    /// while the job waited for its turn). The queue alone is told.
+    Later { reason: String, after: Duration },
 }
 
 /// Start `config.workers` workers, and the circuit breaker's prober; they
@@ -125,31 +109,32 @@ pub async fn process(app: &App, reserved: Reserved) {
             dead_letter(app, reserved, None, reason, true, None).await;
             return;
         }
-        let (verdict, logged) = attempt_delivery(app, &reserved.job).await;
-        let health = match &verdict {
-            Verdict::Delivered { .. } => Some((Health::Up, String::new())),
-            Verdict::Retry { reason, .. } => Some((Health::Failing, reason.clone())),
-            Verdict::Permanent { .. } => Some((Health::Answering, String::new())),
-            Verdict::Defer { .. } | Verdict::Later { .. } => None,
+        let (outcome, logged) = match attempt_delivery(app, &reserved.job).await {
+            Ok(made) => made,
+            Err(not_made) => return put_back(app, reserved, not_made).await,
         };
-        let (destination, probe) = (reserved.job.destination.clone(), reserved.probe);
-        settle(app, reserved, verdict, logged).await;
-        if let Some((health, reason)) = health {
-            app.breaker.observe(app, &destination, probe, health, &reason).await;
-        }
+        let (health, reason) = match &outcome {
+            Outcome::Delivered { .. } => (Health::Up, ""),
+            Outcome::Retryable { reason, .. } => (Health::Failing, reason.as_str()),
+            Outcome::Permanent { .. } => (Health::Answering, ""),
+        };
+        let (health, reason, probe) = (health, reason.to_string(), reserved.probe);
+        let destination = reserved.job.destination.clone();
+        settle(app, reserved, outcome, logged).await;
+        app.breaker.observe(app, &destination, probe, health, &reason).await;
     }
     .instrument(span)
     .await
 }
 
-/// Make one attempt: the verdict, and the attempt as the receipt's log
-/// keeps it (none when no plugin ran).
-async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttempt>) {
+/// Make one attempt: its outcome, and the attempt as the receipt's log
+/// keeps it; or why none was made.
+async fn attempt_delivery(app: &App, job: &Job) -> Result<(Outcome, LoggedAttempt), NotMade> {
     // One look at what is loaded serves the whole attempt.
     let plugins = app.plugins.snapshot();
     let Some(plugin) = plugins.live_destination(&job.destination) else {
         let reason = format!("no destination plugin named {:?} is loaded", job.destination);
-        return (Verdict::Defer { reason }, None);
+        return Err(NotMade::Defer { reason });
     };
     // Long enough for a slot to free, short of a Redis job's visibility timeout.
     let max_wait = TURN_WAIT.min(app.config.visibility_timeout / 4);
@@ -158,12 +143,12 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
         Ok(turn) => turn,
         Err(after) => {
             let reason = format!("{} is at its limit ({limits:?})", job.destination);
-            return (Verdict::Later { reason, after }, None);
+            return Err(NotMade::Later { reason, after });
         }
     };
     if turn.waited && app.queue.paused().await.is_ok_and(|p| p.iter().any(|p| p.destination == job.destination)) {
         let reason = format!("{} was paused while the job waited for its turn", job.destination);
-        return (Verdict::Later { reason, after: Duration::ZERO }, None);
+        return Err(NotMade::Later { reason, after: Duration::ZERO });
     }
     let started_at_ms = now_ms();
     let started = Instant::now();
@@ -188,17 +173,9 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
         }
         _ => None,
     };
-    let outcome = shadow::outcome_name(&result);
-    let (verdict, status, detail) = match result {
-        Ok(Outcome::Delivered { status, detail }) => {
-            (Verdict::Delivered { status, detail: detail.clone() }, status, detail)
-        }
-        Ok(Outcome::Retryable { status, reason, retry_after }) => {
-            (Verdict::Retry { status, reason: reason.clone(), retry_after }, status, reason)
-        }
-        Ok(Outcome::Permanent { status, reason }) => {
-            (Verdict::Permanent { status, reason: reason.clone() }, status, reason)
-        }
+    let outcome_name = shadow::outcome_name(&result);
+    let outcome = match result {
+        Ok(outcome) => outcome,
         Err(e) => {
             app.metrics
                 .plugin_failures
@@ -209,11 +186,14 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
                 .inc();
             if !e.is_plugins_fault() {
                 // The host could not run it (no free instance): no attempt.
-                return (Verdict::Defer { reason: e.to_string() }, None);
+                return Err(NotMade::Defer { reason: e.to_string() });
             }
-            let reason = e.to_string();
-            (Verdict::Retry { status: None, reason: reason.clone(), retry_after: None }, None, reason)
+            Outcome::Retryable { status: None, reason: e.to_string(), retry_after: None }
         }
+    };
+    let (status, detail) = match &outcome {
+        Outcome::Delivered { status, detail } => (*status, detail.clone()),
+        Outcome::Retryable { status, reason, .. } | Outcome::Permanent { status, reason } => (*status, reason.clone()),
     };
     // The plugin's own text (detail, reason) is redacted already; what it
     // sent and got back is redacted here, before it is stored.
@@ -224,7 +204,7 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
         duration_ms: took.as_millis() as u64,
         plugin_version: plugin.manifest.version.to_string(),
         plugin_digest: plugin.digest.clone(),
-        outcome: outcome.to_string(),
+        outcome: outcome_name.to_string(),
         status,
         detail,
         requests_omitted: requests.len().saturating_sub(MAX_LOGGED_REQUESTS) as u32,
@@ -244,51 +224,59 @@ async fn attempt_delivery(app: &App, job: &Job) -> (Verdict, Option<LoggedAttemp
             .collect(),
         shadow,
     };
-    (verdict, Some(logged))
+    Ok((outcome, logged))
 }
 
-/// Record the verdict on the receipt and tell the queue.
-async fn settle(app: &App, reserved: Reserved, verdict: Verdict, logged: Option<LoggedAttempt>) {
+/// Record an attempt's outcome on the receipt, then acknowledge the job,
+/// schedule its retry or dead-letter it, as the retry policy says.
+async fn settle(app: &App, reserved: Reserved, outcome: Outcome, logged: LoggedAttempt) {
     let policy = app.config.retry;
     let job = &reserved.job;
     let used = job.attempts.saturating_sub(job.budget_start);
-    match verdict {
-        Verdict::Delivered { status, detail } => {
+    match outcome {
+        Outcome::Delivered { status, detail } => {
             let mut record = attempt_record(job, DeliveryState::Delivered, status, None, Some(detail.clone()));
-            record.log = logged;
-            if !recorded(app, &reserved, record, Settle::Ack).await {
+            record.log = Some(logged);
+            if !record_and_settle(app, &reserved, record, Settle::Ack).await {
                 return;
             }
             app.metrics.delivery(&job.destination, "delivered");
-            let latency = now_ms().saturating_sub(job.enqueued_at_ms);
+            let latency = now_ms().saturating_sub(job.queued_at_ms());
             app.metrics
                 .delivery_latency
                 .get_or_create(&crate::telemetry::DestinationLabels { destination: job.destination.clone() })
                 .observe(latency as f64 / 1000.0);
-            tracing::info!(?status, %detail, "delivered");
+            tracing::info!(status = %Status(status), %detail, "delivered");
         }
-        Verdict::Retry { status, reason, retry_after } if policy.may_retry(used) => {
+        Outcome::Retryable { status, reason, retry_after } if policy.may_retry(used) => {
             let delay = policy.delay(used, retry_after, fastrand::f64());
             let mut record = attempt_record(job, DeliveryState::Retrying, status, Some(reason.clone()), None);
-            record.log = logged;
-            if !recorded(app, &reserved, record, Settle::Retry(delay)).await {
+            record.log = Some(logged);
+            if !record_and_settle(app, &reserved, record, Settle::Retry(delay)).await {
                 return;
             }
             app.metrics.delivery(&job.destination, "retry");
-            tracing::warn!(?status, %reason, retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry");
+            tracing::warn!(status = %Status(status), %reason, retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry");
         }
-        Verdict::Retry { status, reason, .. } => {
+        Outcome::Retryable { status, reason, .. } => {
             let reason = format!("gave up after {used} attempts: {reason}");
-            dead_letter(app, reserved, status, reason, false, logged).await;
+            dead_letter(app, reserved, status, reason, false, Some(logged)).await;
         }
-        Verdict::Permanent { status, reason } => {
-            dead_letter(app, reserved, status, reason, false, logged).await;
+        Outcome::Permanent { status, reason } => {
+            dead_letter(app, reserved, status, reason, false, Some(logged)).await;
         }
-        Verdict::Defer { reason } => {
+    }
+}
+
+/// Give back a job no attempt was made for: its attempt does not count.
+async fn put_back(app: &App, reserved: Reserved, not_made: NotMade) {
+    let job = &reserved.job;
+    match not_made {
+        NotMade::Defer { reason } => {
             let mut record = attempt_record(job, DeliveryState::Retrying, None, Some(reason.clone()), None);
             record.attempts -= 1;
             let (later, delay) = put_off(app, &reserved);
-            match write(app, later.clone(), record, Settle::Retry(delay)).await {
+            match try_record_and_settle(app, later.clone(), record, Settle::Retry(delay)).await {
                 Ok(()) => report_put_off(app, &later, delay, &reason),
                 // Put off already: the queue alone is told.
                 Err(StoreError::Unavailable(_)) => {
@@ -298,7 +286,7 @@ async fn settle(app: &App, reserved: Reserved, verdict: Verdict, logged: Option<
                 Err(e) => unrecorded(app, reserved, e).await,
             }
         }
-        Verdict::Later { reason, after } => {
+        NotMade::Later { reason, after } => {
             let mut later = reserved;
             later.job.attempts = later.job.attempts.saturating_sub(1);
             app.metrics.delivery(&later.job.destination, "deferred");
@@ -361,16 +349,18 @@ async fn dead_letter(
     if interrupted {
         record.attempts -= 1;
     }
-    if recorded(app, &reserved, record, Settle::Dead(reason.clone())).await {
+    if record_and_settle(app, &reserved, record, Settle::Dead(reason.clone())).await {
         app.metrics.delivery(&reserved.job.destination, "dead_letter");
-        tracing::error!(?status, %reason, "delivery failed permanently; dead-lettered");
+        tracing::error!(status = %Status(status), %reason, "delivery failed permanently; dead-lettered");
     }
 }
 
-/// Record an attempt on the receipt and settle the job; whether the
-/// outcome was recorded (if not, see `unrecorded`).
-async fn recorded(app: &App, reserved: &Reserved, attempt: AttemptRecord, how: Settle) -> bool {
-    match write(app, reserved.clone(), attempt, how).await {
+/// Record an attempt on the receipt, then settle the job as `how` says:
+/// acknowledge it, requeue it for a retry, or dead-letter it. Whether the
+/// outcome was recorded: if not, `unrecorded` has put the job off or
+/// dead-lettered it instead.
+async fn record_and_settle(app: &App, reserved: &Reserved, attempt: AttemptRecord, how: Settle) -> bool {
+    match try_record_and_settle(app, reserved.clone(), attempt, how).await {
         Ok(()) => true,
         Err(e) => {
             unrecorded(app, reserved.clone(), e).await;
@@ -382,7 +372,12 @@ async fn recorded(app: &App, reserved: &Reserved, attempt: AttemptRecord, how: S
 /// Record an attempt, then settle the job: in one transaction on the
 /// embedded backends. The error is the store's; once the outcome is
 /// recorded a queue fault only means the job may run again.
-async fn write(app: &App, reserved: Reserved, attempt: AttemptRecord, how: Settle) -> Result<(), StoreError> {
+async fn try_record_and_settle(
+    app: &App,
+    reserved: Reserved,
+    attempt: AttemptRecord,
+    how: Settle,
+) -> Result<(), StoreError> {
     if let Some(joint) = &app.joint {
         return joint.record_and_settle(reserved, attempt, how).await;
     }

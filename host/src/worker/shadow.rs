@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::App;
 use crate::plugins::world::{Answer, RecordedRequest};
-use crate::plugins::{Compared, DeliveryRequest, LoadedPlugin, Outcome, PluginError};
+use crate::plugins::{Compared, DeliveryRequest, LoadedPlugin, Outcome, PluginError, Status};
 use crate::store::ShadowComparison;
 use crate::telemetry::ShadowLabels;
 
@@ -85,8 +85,10 @@ pub async fn compare(
     if (live_outcome.0, live_outcome.1) != (candidate_outcome.0, candidate_outcome.1) {
         let (name, status, reason) = candidate_outcome.clone();
         differences.push(redact(&format!(
-            "outcome: live {} (status {:?}), candidate {name} (status {status:?}): {reason}",
-            live_outcome.0, live_outcome.1
+            "outcome: live {} (status {}), candidate {name} (status {}): {reason}",
+            live_outcome.0,
+            Status(live_outcome.1),
+            Status(status)
         )));
     }
     differences.extend(self::differences(live_requests, &requests, &redact));

@@ -72,7 +72,9 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Read settings; the error names every missing key's variable.
+    /// Read settings; the error names every missing key's variable. The
+    /// defaults and the checks of each value's shape are the manifest's:
+    /// the host applies them before the plugin runs.
     pub fn from_config(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         let mut missing = Vec::new();
@@ -84,6 +86,8 @@ impl Settings {
         };
         let api_key = need("api_key", "BREVO_API_KEY");
         let sender_email = need("sender_email", "BREVO_SENDER_EMAIL");
+        let api_url = need("api_url", "BREVO_API_URL");
+        let sender_name = need("sender_name", "BREVO_SENDER_NAME");
         if !missing.is_empty() {
             return Err(format!("Brevo is not configured: set {}", missing.join(" and ")));
         }
@@ -97,13 +101,7 @@ impl Settings {
                     .ok_or_else(|| format!("BREVO_TEMPLATE_ID must be a template's number, got {id:?}"))?,
             ),
         };
-        Ok(Settings {
-            api_key,
-            template_id,
-            sender_email,
-            api_url: get("api_url").unwrap_or_else(|| "https://api.brevo.com".into()),
-            sender_name: get("sender_name").unwrap_or_else(|| "Property Team".into()),
-        })
+        Ok(Settings { api_key, template_id, sender_email, api_url, sender_name })
     }
 }
 
@@ -415,6 +413,8 @@ mod tests {
             "api_key" => Some("xkeysib-1".into()),
             "sender_email" => Some("deals@example.com".into()),
             "template_id" => template_id.map(str::to_string),
+            "api_url" => Some("https://api.brevo.com".into()),
+            "sender_name" => Some("Property Team".into()),
             _ => None,
         })
     }
@@ -556,7 +556,13 @@ mod tests {
     #[test]
     fn missing_settings_name_the_variables() {
         assert_eq!(
-            Settings::from_config(|_| None).unwrap_err(),
+            // The host gives the keys with a manifest default their default.
+            Settings::from_config(|k| match k {
+                "api_url" => Some("https://api.brevo.com".into()),
+                "sender_name" => Some("Property Team".into()),
+                _ => None,
+            })
+            .unwrap_err(),
             "Brevo is not configured: set BREVO_API_KEY and BREVO_SENDER_EMAIL"
         );
     }

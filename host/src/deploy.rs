@@ -1,0 +1,162 @@
+//! `plugin deploy`: put a plugin folder into a running host's
+//! `PLUGINS_DIR` the way hot reload expects (written aside, then renamed
+//! into place), and wait until the host reports the new component's digest,
+//! or says why it refused it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sha2::{Digest, Sha256};
+
+use crate::plugins::manifest::Manifest;
+use crate::plugins::plugin_folders;
+
+/// What was put into place.
+#[derive(Debug)]
+pub struct Placed {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    /// The folder the host loads it from.
+    pub folder: PathBuf,
+}
+
+/// Copy `dir`'s manifest and component into `plugins_dir`: into the folder
+/// that provides a plugin of the same name there, or a new one named after
+/// it. Written into a hidden folder first (the host ignores those), then
+/// renamed into place, so the host never reads a half-written plugin.
+pub fn place(dir: &Path, plugins_dir: &Path) -> anyhow::Result<Placed> {
+    let manifest = Manifest::load(dir)?;
+    let component = dir.join(&manifest.component);
+    let bytes = std::fs::read(&component).with_context(|| {
+        format!(
+            "cannot read {}: build it first (`crm-event-handler plugin build {}`)",
+            component.display(),
+            dir.display()
+        )
+    })?;
+    if !plugins_dir.is_dir() {
+        bail!("{} is not a folder: pass the host's PLUGINS_DIR with --to", plugins_dir.display());
+    }
+    let folder = plugin_folders(plugins_dir)
+        .into_iter()
+        .find(|f| Manifest::load_lenient(f).is_some_and(|(name, _)| name == manifest.name))
+        .unwrap_or_else(|| plugins_dir.join(&manifest.name));
+    if std::fs::canonicalize(dir).ok() == std::fs::canonicalize(&folder).ok() {
+        bail!("{} is already the folder the host loads; deploy from another folder", dir.display());
+    }
+    let incoming = plugins_dir.join(format!(".{}.incoming", manifest.name));
+    let replaced = plugins_dir.join(format!(".{}.replaced", manifest.name));
+    for leftover in [&incoming, &replaced] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover).with_context(|| format!("cannot remove {}", leftover.display()))?;
+        }
+    }
+    std::fs::create_dir(&incoming).with_context(|| format!("cannot create {}", incoming.display()))?;
+    let written = (|| {
+        std::fs::write(incoming.join(&manifest.component), &bytes)?;
+        std::fs::copy(dir.join("plugin.toml"), incoming.join("plugin.toml"))?;
+        std::fs::File::open(&incoming)?.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&incoming);
+        return Err(e).with_context(|| format!("cannot write {}", incoming.display()));
+    }
+    // Two renames: the host takes a folder missing for one poll as a
+    // redeploy in progress, not as a plugin removed.
+    if folder.exists() {
+        std::fs::rename(&folder, &replaced).with_context(|| format!("cannot move {} aside", folder.display()))?;
+    }
+    if let Err(e) = std::fs::rename(&incoming, &folder) {
+        let _ = std::fs::rename(&replaced, &folder);
+        return Err(e).with_context(|| format!("cannot rename {} to {}", incoming.display(), folder.display()));
+    }
+    if replaced.exists() {
+        std::fs::remove_dir_all(&replaced).with_context(|| format!("cannot remove {}", replaced.display()))?;
+    }
+    Ok(Placed {
+        name: manifest.name,
+        version: manifest.version.to_string(),
+        digest: Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
+        folder,
+    })
+}
+
+/// `GET /api/v1/plugins` of the host at `url`.
+pub async fn listing(url: &str, key: &str) -> anyhow::Result<serde_json::Value> {
+    let response = reqwest::Client::new()
+        .get(format!("{}/api/v1/plugins", url.trim_end_matches('/')))
+        .header("x-api-key", key)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach a running host at {url}"))?;
+    if !response.status().is_success() {
+        bail!("{url} answered {}", response.status());
+    }
+    Ok(serde_json::from_slice(&response.bytes().await?)?)
+}
+
+/// How a deploy ended, as the host reports it.
+#[derive(Debug, PartialEq)]
+pub enum Landed {
+    /// Loaded: the host runs this digest now.
+    Live,
+    /// Refused: the host's reason. The previous version keeps running.
+    Refused(String),
+}
+
+/// Why the host refused the folder it loads `placed` from, if it did, as
+/// `listing` shows it.
+pub fn refusal(listing: &serde_json::Value, placed: &Placed) -> Option<String> {
+    // The host's path for the folder may differ from ours (a mounted
+    // volume): match on the folder's own name.
+    let name = placed.folder.file_name()?;
+    listing["load_errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["dir"].as_str().is_some_and(|d| Path::new(d).file_name() == Some(name)))
+        .map(|e| e["error"].as_str().unwrap_or("(no reason given)").to_string())
+}
+
+/// Poll the host at `url` until it runs `placed` or refuses it, for at
+/// most `timeout`. `stale` is the refusal the host showed for that folder
+/// before the deploy: seen again, it may be the old one, so it counts only
+/// once the time is up.
+pub async fn wait_live(
+    url: &str,
+    key: &str,
+    placed: &Placed,
+    stale: Option<String>,
+    timeout: Duration,
+) -> anyhow::Result<Landed> {
+    let started = Instant::now();
+    loop {
+        let body = listing(url, key).await?;
+        let live = body["plugins"].as_array().into_iter().flatten().any(|p| {
+            p["name"] == placed.name.as_str()
+                && p["digest"] == placed.digest.as_str()
+                && p["version"] == placed.version.as_str()
+        });
+        if live {
+            return Ok(Landed::Live);
+        }
+        let refused = refusal(&body, placed);
+        let timed_out = started.elapsed() >= timeout;
+        match refused {
+            Some(reason) if timed_out || stale.as_deref() != Some(reason.as_str()) => {
+                return Ok(Landed::Refused(reason));
+            }
+            _ if timed_out => bail!(
+                "{} is in place, but the host at {url} has not loaded it after {} s: does it watch {} \
+                 (PLUGINS_DIR, PLUGIN_RELOAD_MS)?",
+                placed.name,
+                timeout.as_secs(),
+                placed.folder.parent().map(|p| p.display().to_string()).unwrap_or_default()
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
