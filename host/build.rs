@@ -20,7 +20,7 @@ fn main() {
     let host_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let root = host_dir.parent().expect("host/ is inside the workspace").to_path_buf();
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
-    println!("cargo:rerun-if-changed={}", root.join("plugins/support/src").display());
+    println!("cargo:rerun-if-changed={}", root.join("sdk/src").display());
     println!("cargo:rerun-if-changed={}", root.join("Cargo.lock").display());
     println!("cargo:rerun-if-changed={}", root.join("Cargo.toml").display()); // the plugin profile
     for (dir, _, _) in GUESTS {

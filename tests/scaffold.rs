@@ -51,6 +51,12 @@ fn a_new_plugin_builds_checks_and_runs(lang: &str, kind: &str, test: &[&str]) {
     }
     let contract = std::fs::read_to_string(repo().join("wit/plugin.wit")).unwrap();
     assert_eq!(std::fs::read_to_string(dir.join("wit/plugin.wit")).unwrap(), contract);
+    // A Rust destination builds on the SDK the bundled destinations use.
+    if (lang, kind) == ("rust", "destination") {
+        let sdk = std::fs::read_to_string(repo().join("sdk/src/lib.rs")).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("sdk/src/lib.rs")).unwrap(), sdk);
+        assert!(std::fs::read_to_string(dir.join("src/lib.rs")).unwrap().contains("crm_plugin_sdk::export!(Plugin)"));
+    }
 
     let built = tool(work.path(), &["plugin", "build", &name]);
     assert!(built.contains(&format!("built {}", dir.join(format!("{name}.wasm")).display())), "{built}");

@@ -16,6 +16,12 @@ use crate::plugins::manifest::Manifest;
 
 /// The contract, copied into every new plugin.
 const CONTRACT: &str = include_str!("../../wit/plugin.wit");
+/// crm-plugin-sdk, copied into every new Rust destination (`sdk/`: it
+/// reads the contract from `../wit`, there as here).
+const SDK: [(&str, &str); 2] = [
+    ("sdk/Cargo.toml", include_str!("../../sdk/Cargo.toml")),
+    ("sdk/src/lib.rs", include_str!("../../sdk/src/lib.rs")),
+];
 /// The tools `plugin build` installs, pinned: the bindings and the embedded
 /// runtime come from these exact versions.
 const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
@@ -68,7 +74,14 @@ pub fn create(name: &str, kind: Kind, lang: Lang, parent: &Path) -> anyhow::Resu
     let memory = if lang == Lang::Rust { "16" } else { "64" };
     let prefix = own_prefix(name);
     let prefix = prefix.trim_end_matches('_');
-    let fill = |text: &str| text.replace("__NAME__", name).replace("__PREFIX__", prefix).replace("__MEMORY__", memory);
+    // A Rust destination builds on crm-plugin-sdk; a source on the bindings.
+    let dependencies = if source { "wit-bindgen = \"0.46\"" } else { "crm-plugin-sdk = { path = \"sdk\" }" };
+    let fill = |text: &str| {
+        text.replace("__NAME__", name)
+            .replace("__PREFIX__", prefix)
+            .replace("__MEMORY__", memory)
+            .replace("__DEPENDENCIES__", dependencies)
+    };
     let manifest = fill(of_kind!(source, "", ".toml"));
     // The manifest's own rules say what a name may be.
     Manifest::parse(&manifest).map_err(|e| {
@@ -126,7 +139,14 @@ pub fn create(name: &str, kind: Kind, lang: Lang, parent: &Path) -> anyhow::Resu
             "node --test",
         ),
     };
-    let listed: String = code.iter().map(|(path, _, what)| format!("| `{path}` | {what} |\n")).collect();
+    let with_sdk = lang == Lang::Rust && !source;
+    let mut listed: String = code.iter().map(|(path, _, what)| format!("| `{path}` | {what} |\n")).collect();
+    if with_sdk {
+        listed.push_str(
+            "| `sdk/` | crm-plugin-sdk: the contract's bindings, and settings, outcomes and Retry-After for \
+             destinations |\n",
+        );
+    }
     let (what, try_it) = if source {
         (
             "It turns a webhook body like `example-payload.json` into one deal event (`deal.id` and `deal.status` \
@@ -153,6 +173,9 @@ pub fn create(name: &str, kind: Kind, lang: Lang, parent: &Path) -> anyhow::Resu
     );
     files.push(("README.md", readme));
     files.extend(code.into_iter().map(|(path, text, _)| (path, fill(text))));
+    if with_sdk {
+        files.extend(SDK.map(|(path, text)| (path, text.to_string())));
+    }
     for (path, text) in files {
         let path = dir.join(path);
         if let Some(parent) = path.parent() {

@@ -14,22 +14,18 @@
 //! marketers edit in Brevo: the request names the template and passes the
 //! deal's values as `params` (Brevo's template language escapes them).
 
-// The generated export glue takes a parameter per flattened field.
-#![allow(clippy::too_many_arguments)]
-
-wit_bindgen::generate!({ world: "destination", path: "../../wit" });
-
-use crm::plugin::http::{self, HttpError, Request, Response};
-use crm::plugin::types::{Delivered, Failure, Header, Retryable};
-use crm::plugin::{config, log};
-use plugin_support::{StatusClass, classify_status, excerpt, header_seconds, retry_after_ms, sha256_hex};
+use crm_plugin_sdk::http::{self, Request, Response};
+use crm_plugin_sdk::{
+    Action, CrmEvent, Delivered, DeliveryContext, Guest, Header, Outcome, Retryable, StatusClass, classify_status,
+    excerpt, header_seconds, http_error_outcome, log, permanent, retry_after_ms, sha256_hex,
+};
 use serde_json::{Value, json};
 
 struct Brevo;
 
 impl Guest for Brevo {
     fn deliver(event: CrmEvent, action: Action, context: DeliveryContext) -> Outcome {
-        let settings = match Settings::from_config(config::get) {
+        let settings = match Settings::from_config(crm_plugin_sdk::config::get) {
             Ok(s) => s,
             Err(missing) => return permanent(None, missing),
         };
@@ -47,12 +43,12 @@ impl Guest for Brevo {
         };
         match http::send(&request) {
             Ok(response) => classify_response(&response),
-            Err(e) => http_error_outcome(e),
+            Err(e) => http_error_outcome("Brevo", e),
         }
     }
 }
 
-export!(Brevo);
+crm_plugin_sdk::export!(Brevo);
 
 /// The deal action: the property's details to the customer.
 pub const PROPERTY_DETAILS: &str = "property-details-email";
@@ -76,22 +72,14 @@ impl Settings {
     /// defaults and the checks of each value's shape are the manifest's:
     /// the host applies them before the plugin runs.
     pub fn from_config(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
-        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        let mut missing = Vec::new();
-        let mut need = |key: &str, var: &str| {
-            get(key).unwrap_or_else(|| {
-                missing.push(var.to_string());
-                String::new()
-            })
-        };
-        let api_key = need("api_key", "BREVO_API_KEY");
-        let sender_email = need("sender_email", "BREVO_SENDER_EMAIL");
-        let api_url = need("api_url", "BREVO_API_URL");
-        let sender_name = need("sender_name", "BREVO_SENDER_NAME");
-        if !missing.is_empty() {
-            return Err(format!("Brevo is not configured: set {}", missing.join(" and ")));
-        }
-        let template_id = match get("template_id") {
+        let mut settings = crm_plugin_sdk::Settings::new(get);
+        let api_key = settings.required("api_key", "BREVO_API_KEY");
+        let sender_email = settings.required("sender_email", "BREVO_SENDER_EMAIL");
+        let api_url = settings.required("api_url", "BREVO_API_URL");
+        let sender_name = settings.required("sender_name", "BREVO_SENDER_NAME");
+        settings.finish("Brevo")?;
+        // Checked by the manifest's pattern (`[1-9]\d*`).
+        let template_id = match settings.optional("template_id") {
             None => None,
             Some(id) => Some(
                 id.trim()
@@ -351,25 +339,10 @@ pub fn classify_response(response: &Response) -> Outcome {
     }
 }
 
-fn http_error_outcome(e: HttpError) -> Outcome {
-    let retry = |reason: String| Outcome::Retryable(Retryable { status: None, reason, retry_after_ms: None });
-    match e {
-        HttpError::Denied(why) => permanent(None, format!("request refused by the host: {why}")),
-        HttpError::InvalidRequest(why) => permanent(None, format!("invalid request: {why}")),
-        HttpError::Timeout => retry("Brevo did not answer in time".into()),
-        HttpError::Transport(why) => retry(format!("could not reach Brevo: {why}")),
-        HttpError::ResponseTooLarge(n) => retry(format!("Brevo's answer exceeded {n} bytes")),
-    }
-}
-
-fn permanent(status: Option<u16>, reason: String) -> Outcome {
-    Outcome::Permanent(Failure { status, reason })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crm::plugin::types::{Customer, Deal, Property};
+    use crm_plugin_sdk::{Customer, Deal, Property};
 
     fn event() -> CrmEvent {
         CrmEvent {

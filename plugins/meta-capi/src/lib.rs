@@ -12,22 +12,18 @@
 //! else the provider), `user_data.lead_id` when the CRM carries a Meta lead
 //! id, and `event_time` the CRM's own change time when it says.
 
-// The generated export glue takes a parameter per flattened field.
-#![allow(clippy::too_many_arguments)]
-
-wit_bindgen::generate!({ world: "destination", path: "../../wit" });
-
-use crm::plugin::http::{self, HttpError, Request, Response};
-use crm::plugin::types::{Delivered, Failure, Header, Retryable};
-use crm::plugin::{config, log};
-use plugin_support::{StatusClass, classify_status, excerpt, retry_after_ms, sha256_hex};
+use crm_plugin_sdk::http::{self, Request, Response};
+use crm_plugin_sdk::{
+    Action, CrmEvent, Delivered, DeliveryContext, Guest, Header, Outcome, Retryable, StatusClass, classify_status,
+    excerpt, http_error_outcome, log, permanent, retry_after_ms, sha256_hex,
+};
 use serde_json::{Map, Value, json};
 
 struct MetaCapi;
 
 impl Guest for MetaCapi {
     fn deliver(event: CrmEvent, action: Action, context: DeliveryContext) -> Outcome {
-        let settings = match Settings::from_config(config::get) {
+        let settings = match Settings::from_config(crm_plugin_sdk::config::get) {
             Ok(s) => s,
             Err(missing) => return permanent(None, missing),
         };
@@ -42,12 +38,12 @@ impl Guest for MetaCapi {
         log::log(log::Level::Debug, &format!("sending {} for deal {}", action.name, event.reference));
         match http::send(&request) {
             Ok(response) => classify_response(&response),
-            Err(e) => http_error_outcome(e),
+            Err(e) => http_error_outcome("Meta", e),
         }
     }
 }
 
-export!(MetaCapi);
+crm_plugin_sdk::export!(MetaCapi);
 
 /// Error codes Meta documents as transient (throttling, temporary outage).
 const RETRYABLE_CODES: [i64; 8] = [1, 2, 4, 17, 32, 341, 368, 613];
@@ -80,22 +76,14 @@ impl Settings {
     /// defaults and the checks of each value's shape are the manifest's:
     /// the host applies them before the plugin runs.
     pub fn from_config(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
-        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        let mut missing = Vec::new();
-        let mut need = |key: &str, var: &str| {
-            get(key).unwrap_or_else(|| {
-                missing.push(var.to_string());
-                String::new()
-            })
-        };
-        let access_token = need("access_token", "META_ACCESS_TOKEN");
-        let pixel_id = need("pixel_id", "META_PIXEL_ID");
-        let api_version = need("api_version", "META_API_VERSION");
-        let graph_url = need("graph_url", "META_GRAPH_URL");
-        let action_source = need("action_source", "META_ACTION_SOURCE");
-        if !missing.is_empty() {
-            return Err(format!("Meta is not configured: set {}", missing.join(" and ")));
-        }
+        let mut settings = crm_plugin_sdk::Settings::new(get);
+        let access_token = settings.required("access_token", "META_ACCESS_TOKEN");
+        let pixel_id = settings.required("pixel_id", "META_PIXEL_ID");
+        let api_version = settings.required("api_version", "META_API_VERSION");
+        let graph_url = settings.required("graph_url", "META_GRAPH_URL");
+        let action_source = settings.required("action_source", "META_ACTION_SOURCE");
+        settings.finish("Meta")?;
+        let get = |key: &str| settings.optional(key);
         // Checked by the manifest's pattern (`\+?\d{1,3}`).
         let default_country_code = get("default_country_code").map(|c| c.trim().trim_start_matches('+').to_string());
         let number = |key: &str, var: &str| -> Result<i64, String> {
@@ -412,25 +400,10 @@ pub fn classify_response(response: &Response) -> Outcome {
     }
 }
 
-fn http_error_outcome(e: HttpError) -> Outcome {
-    let retry = |reason: String| Outcome::Retryable(Retryable { status: None, reason, retry_after_ms: None });
-    match e {
-        HttpError::Denied(why) => permanent(None, format!("request refused by the host: {why}")),
-        HttpError::InvalidRequest(why) => permanent(None, format!("invalid request: {why}")),
-        HttpError::Timeout => retry("Meta did not answer in time".into()),
-        HttpError::Transport(why) => retry(format!("could not reach Meta: {why}")),
-        HttpError::ResponseTooLarge(n) => retry(format!("Meta's answer exceeded {n} bytes")),
-    }
-}
-
-fn permanent(status: Option<u16>, reason: String) -> Outcome {
-    Outcome::Permanent(Failure { status, reason })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crm::plugin::types::{Customer, Deal};
+    use crm_plugin_sdk::{Customer, Deal};
 
     fn demo_event() -> CrmEvent {
         CrmEvent {
