@@ -204,7 +204,7 @@ async fn plugin_run_prints_the_exact_requests_and_sends_nothing() {
     };
     let committed = repo().join("examples/payloads/committed.json").display().to_string();
     let out = run(vec!["plugin".into(), "run".into(), "brevo".into(), "--payload".into(), committed.clone()]).await;
-    assert!(out.contains("== brevo action \"property-details-email\": 1 request(s), none sent"), "{out}");
+    assert!(out.contains("== brevo action \"property-details-email\", attempt 1: 1 request(s), none sent"), "{out}");
     assert!(out.contains(&format!("POST {}/v3/smtp/email", s.brevo.url)), "{out}");
     assert!(out.contains("api-key: «redacted»"), "{out}");
     assert!(out.contains("\"idempotencyKey\""), "{out}");
@@ -245,6 +245,136 @@ async fn plugin_run_prints_the_exact_requests_and_sends_nothing() {
     assert!(out.contains("config.access_token: META_ACCESS_TOKEN (granted by META_*, set) secret required"), "{out}");
     assert!(out.contains("config.test_event_code: META_TEST_EVENT_CODE (granted by META_*, not set)"), "{out}");
     assert!(!out.contains("meta-token"), "{out}");
+}
+
+/// Run the binary with these arguments and variables: whether it
+/// succeeded, and what it printed (stdout, then stderr).
+async fn cli(args: &[&str], vars: &[(&str, String)]) -> (bool, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crm-event-handler"))
+        .args(args)
+        .env_clear()
+        .envs(vars.iter().map(|(k, v)| (k.to_string(), v.clone())))
+        .current_dir(std::env::temp_dir())
+        .output()
+        .await
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// `plugin test` plays a script of answers, one per attempt: a 429 with
+/// Retry-After, a transport failure, then a 200; the plugin's log lines and
+/// each attempt's number are shown. A final answer ends the script. An
+/// unset URL the allow-list names gets a placeholder origin.
+#[tokio::test]
+async fn plugin_test_plays_scripted_answers_attempt_by_attempt() {
+    let s = setup(&[]).await;
+    let committed = repo().join("examples/payloads/committed.json").display().to_string();
+    let script = r#"[{"status": 429, "headers": {"Retry-After": "2"}, "body": {"error": {"message": "slow down", "code": 4}}},
+                     {"error": "connection reset"},
+                     {"status": 200, "body": {"events_received": 1, "fbtrace_id": "T1"}}]"#;
+    let (ok, out) = cli(&["plugin", "test", "meta-capi", "--payload", &committed, "--answers", script], &s.vars).await;
+    assert!(ok, "{out}");
+    let attempts: Vec<&str> = out.split("== meta-capi action \"Purchase\", ").skip(1).collect();
+    assert_eq!(attempts.len(), 3, "{out}");
+    assert!(attempts[0].starts_with("attempt 1: 1 request(s), none sent"), "{out}");
+    assert!(attempts[0].contains("log debug meta-capi: sending Purchase for deal D-927483-XYZ"), "{out}");
+    assert!(
+        attempts[0].contains(
+            "given a 429 answer: retryable failure: Meta answered 429 (code 4): slow down; the host would try again \
+             no sooner than 2000 ms"
+        ),
+        "{out}"
+    );
+    assert!(attempts[1].starts_with("attempt 2") && attempts[1].contains("could not reach Meta: connection reset"));
+    assert!(
+        attempts[2].starts_with("attempt 3") && attempts[2].contains("delivered (events_received=1 fbtrace_id=T1)")
+    );
+
+    // A final answer ends it, from the attempt asked for.
+    let script = r#"[{"status": 400, "body": {"error": {"message": "bad", "code": 100}}}, {"status": 200}]"#;
+    let (ok, out) =
+        cli(&["plugin", "test", "meta-capi", "--payload", &committed, "--answers", script, "--attempt", "4"], &s.vars)
+            .await;
+    assert!(ok && out.contains("attempt 4:") && !out.contains("attempt 5"), "{out}");
+    assert!(out.contains("permanent failure: Meta answered 400 (code 100): bad; dead-lettered"), "{out}");
+    assert!(out.contains("(answers 2 and on are not used: no attempt follows)"), "{out}");
+    // A required setting not set gets a placeholder, exempt from the
+    // manifest's pattern for it.
+    let mut no_pixel = s.vars.clone();
+    no_pixel.retain(|(k, _)| *k != "META_PIXEL_ID");
+    let (ok, out) = cli(&["plugin", "test", "meta-capi", "--payload", &committed], &no_pixel).await;
+    assert!(ok && out.contains("/v21.0/<META_PIXEL_ID>/events"), "{out}");
+    let (ok, out) = cli(&["plugin", "test", "meta-capi", "--payload", &committed, "--answers", "[{}]"], &s.vars).await;
+    assert!(!ok && out.contains("answer 1: give either \"status\" or \"error\""), "{out}");
+
+    // A destination whose URL setting has no default, and is not set.
+    let dir = tempfile::tempdir().unwrap();
+    let folder = plugins_dir(dir.path(), &["brevo"]).join("brevo");
+    let manifest = std::fs::read_to_string(folder.join("plugin.toml")).unwrap();
+    let manifest = manifest.replace("default = \"https://api.brevo.com\"\n", "required = true\n");
+    std::fs::write(folder.join("plugin.toml"), manifest).unwrap();
+    let mut vars = s.vars.clone();
+    vars.retain(|(k, _)| *k != "BREVO_API_URL");
+    let (ok, out) = cli(&["plugin", "test", folder.to_str().unwrap(), "--payload", &committed], &vars).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("POST https://brevo-api-url.placeholder.invalid/v3/smtp/email"), "{out}");
+    assert!(
+        out.contains(
+            "note: BREVO_API_URL is not set; using the placeholder origin https://brevo-api-url.placeholder.invalid"
+        ),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(s.meta.received().is_empty() && s.brevo.received().is_empty(), "the test sent something");
+}
+
+/// `plugin test --receipt` replays what a live version sent through a
+/// candidate folder: the same code shows no difference; a candidate that
+/// changes one field shows exactly that field.
+#[tokio::test]
+async fn plugin_test_replays_a_receipt_through_a_candidate_and_shows_the_difference() {
+    let s = setup(&[("PLUGIN_SHADOWS", "meta-capi-next=meta-capi")]).await;
+    let host = Host::start(&s.vars).await;
+    let (status, body) =
+        post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("RP-1", "Qualified")).await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["receipt_id"].as_str().unwrap().to_string();
+    eventually("the Lead", WAIT, async || (s.meta.events().len() == 1).then_some(())).await;
+    eventually("the attempt logged", WAIT, async || {
+        let r = get_json(&host.url, &format!("/api/v1/receipts/{id}")).await;
+        (r["actions"][0]["state"] == "delivered").then_some(())
+    })
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = plugins_dir(dir.path(), &["meta-capi"]).join("meta-capi");
+    let live_manifest = std::fs::read_to_string(candidate.join("plugin.toml")).unwrap();
+    let as_candidate = |manifest: &str| {
+        let manifest = manifest
+            .replace("name = \"meta-capi\"", "name = \"meta-capi-next\"\nshadow_of = \"meta-capi\"")
+            .replace("version = \"0.1.0\"", "version = \"0.2.0-rc1\"");
+        std::fs::write(candidate.join("plugin.toml"), manifest).unwrap();
+    };
+    let replay = async || {
+        let path = candidate.to_str().unwrap().to_string();
+        cli(&["plugin", "test", &path, "--receipt", &id, "--url", &host.url], &s.vars).await
+    };
+
+    as_candidate(&live_manifest);
+    let (ok, out) = replay().await;
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("== receipt {id}, meta-capi action \"Lead\", attempt 1: sent by meta-capi 0.1.0")));
+    assert!(out.contains("replayed through meta-capi-next 0.2.0-rc1"), "{out}");
+    assert!(out.contains("the same: 1 request(s) with the same method, URL and body, and the outcome delivered"));
+
+    as_candidate(&live_manifest.replace("default = \"system_generated\"", "default = \"email\""));
+    let (ok, out) = replay().await;
+    assert!(ok, "{out}");
+    assert!(out.contains("body data[0].action_source: sent \"system_generated\", replayed \"email\""), "{out}");
+    assert!(!out.contains("the same:") && !out.contains("meta-token"), "{out}");
+
+    let (ok, out) = cli(&["plugin", "test", "crm", "--receipt", &id, "--url", &host.url], &s.vars).await;
+    assert!(!ok && out.contains("crm is a source; --receipt replays a destination's actions"), "{out}");
 }
 
 /// A tmpfs mounted for one test (the service's DATA_DIR), unmounted after.

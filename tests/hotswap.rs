@@ -400,6 +400,32 @@ async fn a_plugin_built_for_a_compatible_contract_version_runs() {
     eventually("the Lead", Duration::from_secs(20), async || (meta.events().len() == 1).then_some(())).await;
 }
 
+/// A plugin built for a later 0.2.x that uses an interface this host does
+/// not have yet is refused with a reason that says so.
+#[tokio::test]
+async fn a_plugin_using_what_a_later_contract_added_is_told_to_upgrade_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &["meta-capi"]);
+    let wasm = plugins.join("meta-capi/meta-capi.wasm");
+    built_for_contract(&wasm, "0.2.9");
+    // Its `log` import renamed, as if 0.2.9 had added an interface `lag`.
+    let mut bytes = std::fs::read(&wasm).unwrap();
+    let (from, to) = (b"crm:plugin/log@0.2.9", b"crm:plugin/lag@0.2.9");
+    let at = bytes.windows(from.len()).position(|w| w == from).expect("the log import");
+    bytes[at..at + to.len()].copy_from_slice(to);
+    std::fs::write(&wasm, bytes).unwrap();
+    let err = PluginEngine::new(EngineOptions::default())
+        .unwrap()
+        .load(&plugins.join("meta-capi"), &plugin_env(&[], None), None)
+        .err()
+        .unwrap();
+    assert!(matches!(err, LoadError::Contract { .. }), "{err}");
+    assert!(
+        err.to_string().contains("was built for crm:plugin 0.2.9, newer than this host's 0.2.0, and uses something"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn a_second_folder_with_the_same_plugin_name_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -472,6 +498,7 @@ async fn deploy(args: &[&str]) -> (bool, String) {
         .args(args)
         .env_clear()
         .env("API_KEY", API_KEY)
+        .current_dir(std::env::temp_dir())
         .output()
         .await
         .unwrap();
@@ -534,10 +561,15 @@ async fn plugin_deploy_returns_once_the_host_runs_the_new_version() {
     assert!(ok, "{out}");
     assert!(out.contains("live: meta-capi 0.1.1"), "{out}");
     assert_eq!(meta_version().await, "0.1.1", "the host runs it when the command returns");
-    let mut left: Vec<String> =
-        std::fs::read_dir(&plugins).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    left.sort();
-    assert_eq!(left, ["crm", "meta-capi"], "nothing is left aside");
+    let folders = || {
+        let mut left: Vec<String> = std::fs::read_dir(&plugins)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        left
+    };
+    assert_eq!(folders(), ["crm", "meta-capi"], "nothing is left aside");
     let (status, body) =
         post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("DEP-1", "Qualified")).await;
     assert_eq!(status, 200, "{body}");
@@ -546,8 +578,20 @@ async fn plugin_deploy_returns_once_the_host_runs_the_new_version() {
     let broken = authored(&dir.path().join("v012"), "0.1.2", b"not a component");
     let (ok, out) = deploy(&[broken.to_str().unwrap(), "--to", &to, "--url", &host.url, "--wait", "20"]).await;
     assert!(!ok, "{out}");
-    assert!(out.contains("the host refused") && out.contains("keeps running"), "{out}");
+    assert!(out.contains("the host refused") && out.contains("the previous files are back in place"), "{out}");
     assert_eq!(meta_version().await, "0.1.1");
+    // Rolled back on disk too: a restart meets the version that runs.
+    let manifest = std::fs::read_to_string(plugins.join("meta-capi/plugin.toml")).unwrap();
+    assert!(manifest.contains("version = \"0.1.1\""), "{manifest}");
+    assert_eq!(std::fs::read(plugins.join("meta-capi/meta-capi.wasm")).unwrap(), component);
+    assert_eq!(folders(), ["crm", "meta-capi"], "nothing is left aside");
+
+    // A folder holding more than a plugin (its sources, say) is not replaced.
+    std::fs::write(plugins.join("meta-capi/NOTES.md"), "the operator's notes").unwrap();
+    let (ok, out) = deploy(&[broken.to_str().unwrap(), "--to", &to, "--url", &host.url]).await;
+    assert!(!ok && out.contains("holds more than a plugin's manifest and component (NOTES.md)"), "{out}");
+    assert!(plugins.join("meta-capi/NOTES.md").is_file());
+    std::fs::remove_file(plugins.join("meta-capi/NOTES.md")).unwrap();
 
     let unbuilt = dir.path().join("unbuilt/meta-capi");
     std::fs::create_dir_all(&unbuilt).unwrap();

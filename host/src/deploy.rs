@@ -1,13 +1,16 @@
 //! `plugin deploy`: put a plugin folder into a running host's
 //! `PLUGINS_DIR` the way hot reload expects (written aside, then renamed
 //! into place), and wait until the host reports the new component's digest,
-//! or says why it refused it.
+//! or says why it refused it. Also what the plugin tools read from a
+//! running host: its plugins, and a stored receipt.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
+
+use crate::plugins::engine::hex;
 
 use crate::plugins::manifest::Manifest;
 use crate::plugins::plugin_folders;
@@ -20,12 +23,17 @@ pub struct Placed {
     pub digest: String,
     /// The folder the host loads it from.
     pub folder: PathBuf,
+    /// The folder it replaced, moved aside (hidden) until the host runs the
+    /// new one: `confirm` removes it, `roll_back` puts it back.
+    replaced: Option<PathBuf>,
 }
 
 /// Copy `dir`'s manifest and component into `plugins_dir`: into the folder
-/// that provides a plugin of the same name there, or a new one named after
-/// it. Written into a hidden folder first (the host ignores those), then
-/// renamed into place, so the host never reads a half-written plugin.
+/// that provides a plugin of the same name and kind there, or a new one
+/// named after it. Written into a hidden folder first (the host ignores
+/// those), then renamed into place, so the host never reads a
+/// half-written plugin. A folder holding more than a plugin's manifest and
+/// component (sources, notes) is not replaced.
 pub fn place(dir: &Path, plugins_dir: &Path) -> anyhow::Result<Placed> {
     let manifest = Manifest::load(dir)?;
     let component = dir.join(&manifest.component);
@@ -41,21 +49,48 @@ pub fn place(dir: &Path, plugins_dir: &Path) -> anyhow::Result<Placed> {
     }
     let folder = plugin_folders(plugins_dir)
         .into_iter()
-        .find(|f| Manifest::load_lenient(f).is_some_and(|(name, _)| name == manifest.name))
+        .find(|f| Manifest::load_lenient(f) == Some((manifest.name.clone(), manifest.kind)))
         .unwrap_or_else(|| plugins_dir.join(&manifest.name));
     if std::fs::canonicalize(dir).ok() == std::fs::canonicalize(&folder).ok() {
         bail!("{} is already the folder the host loads; deploy from another folder", dir.display());
     }
-    let incoming = plugins_dir.join(format!(".{}.incoming", manifest.name));
-    let replaced = plugins_dir.join(format!(".{}.replaced", manifest.name));
-    for leftover in [&incoming, &replaced] {
-        if leftover.exists() {
-            std::fs::remove_dir_all(leftover).with_context(|| format!("cannot remove {}", leftover.display()))?;
+    if folder.exists() {
+        // Its manifest, and the file (or folder) its component is in.
+        let mut own = vec![std::ffi::OsString::from("plugin.toml")];
+        if let Ok(live) = Manifest::load(&folder) {
+            own.extend(Path::new(&live.component).iter().next().map(|top| top.to_os_string()));
+        }
+        let others: Vec<String> = std::fs::read_dir(&folder)
+            .with_context(|| format!("cannot read {}", folder.display()))?
+            .flatten()
+            .filter(|e| !own.contains(&e.file_name()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if !others.is_empty() {
+            bail!(
+                "{} holds more than a plugin's manifest and component ({}): deploy replaces the whole folder, so \
+                 move those out first",
+                folder.display(),
+                others.join(", ")
+            );
         }
     }
-    std::fs::create_dir(&incoming).with_context(|| format!("cannot create {}", incoming.display()))?;
+    let incoming = plugins_dir.join(format!(".{}.incoming", manifest.name));
+    let replaced = plugins_dir.join(format!(".{}.replaced", manifest.name));
+    if replaced.exists() {
+        bail!(
+            "{} is left from a deploy that did not finish: it may be the only copy of the version that ran before; \
+             put it back or remove it",
+            replaced.display()
+        );
+    }
+    if incoming.exists() {
+        std::fs::remove_dir_all(&incoming).with_context(|| format!("cannot remove {}", incoming.display()))?;
+    }
     let written = (|| {
-        std::fs::write(incoming.join(&manifest.component), &bytes)?;
+        let target = incoming.join(&manifest.component);
+        std::fs::create_dir_all(target.parent().unwrap_or(&incoming))?;
+        std::fs::write(&target, &bytes)?;
         std::fs::copy(dir.join("plugin.toml"), incoming.join("plugin.toml"))?;
         std::fs::File::open(&incoming)?.sync_all()
     })();
@@ -65,37 +100,75 @@ pub fn place(dir: &Path, plugins_dir: &Path) -> anyhow::Result<Placed> {
     }
     // Two renames: the host takes a folder missing for one poll as a
     // redeploy in progress, not as a plugin removed.
-    if folder.exists() {
-        std::fs::rename(&folder, &replaced).with_context(|| format!("cannot move {} aside", folder.display()))?;
-    }
+    let replaced = match folder.exists() {
+        true => {
+            std::fs::rename(&folder, &replaced).with_context(|| format!("cannot move {} aside", folder.display()))?;
+            Some(replaced)
+        }
+        false => None,
+    };
     if let Err(e) = std::fs::rename(&incoming, &folder) {
-        let _ = std::fs::rename(&replaced, &folder);
+        if let Some(replaced) = &replaced {
+            let _ = std::fs::rename(replaced, &folder);
+        }
         return Err(e).with_context(|| format!("cannot rename {} to {}", incoming.display(), folder.display()));
-    }
-    if replaced.exists() {
-        std::fs::remove_dir_all(&replaced).with_context(|| format!("cannot remove {}", replaced.display()))?;
     }
     Ok(Placed {
         name: manifest.name,
         version: manifest.version.to_string(),
-        digest: Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
+        digest: hex(&Sha256::digest(&bytes)),
         folder,
+        replaced,
     })
 }
 
-/// `GET /api/v1/plugins` of the host at `url`.
-pub async fn listing(url: &str, key: &str) -> anyhow::Result<serde_json::Value> {
+/// The host runs it: the folder it replaced goes.
+pub fn confirm(placed: &Placed) -> anyhow::Result<()> {
+    match &placed.replaced {
+        Some(replaced) => {
+            std::fs::remove_dir_all(replaced).with_context(|| format!("cannot remove {}", replaced.display()))
+        }
+        None => Ok(()),
+    }
+}
+
+/// The host refused it: put back the folder it replaced (or, for a new
+/// plugin, remove it), so a restart does not meet the refused files.
+pub fn roll_back(placed: &Placed) -> anyhow::Result<()> {
+    let refused = placed.folder.with_file_name(format!(".{}.refused", placed.name));
+    std::fs::rename(&placed.folder, &refused)
+        .with_context(|| format!("cannot move {} aside", placed.folder.display()))?;
+    if let Some(replaced) = &placed.replaced {
+        std::fs::rename(replaced, &placed.folder)
+            .with_context(|| format!("cannot put {} back at {}", replaced.display(), placed.folder.display()))?;
+    }
+    std::fs::remove_dir_all(&refused).with_context(|| format!("cannot remove {}", refused.display()))
+}
+
+/// `GET path` of the host at `url`, with its operator key: the body.
+async fn get(url: &str, path: &str, key: &str) -> anyhow::Result<Vec<u8>> {
     let response = reqwest::Client::new()
-        .get(format!("{}/api/v1/plugins", url.trim_end_matches('/')))
+        .get(format!("{}{path}", url.trim_end_matches('/')))
         .header("x-api-key", key)
         .timeout(Duration::from_secs(10))
         .send()
         .await
         .with_context(|| format!("cannot reach a running host at {url}"))?;
     if !response.status().is_success() {
-        bail!("{url} answered {}", response.status());
+        bail!("{url} answered {} to GET {path}", response.status());
     }
-    Ok(serde_json::from_slice(&response.bytes().await?)?)
+    Ok(response.bytes().await?.to_vec())
+}
+
+/// `GET /api/v1/plugins` of the host at `url`.
+pub async fn listing(url: &str, key: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_slice(&get(url, "/api/v1/plugins", key).await?)?)
+}
+
+/// A stored receipt, from `GET /api/v1/receipts/{id}` of the host at `url`.
+pub async fn receipt(url: &str, key: &str, id: &str) -> anyhow::Result<crate::store::Receipt> {
+    let body = get(url, &format!("/api/v1/receipts/{id}"), key).await?;
+    serde_json::from_slice(&body).context("the host's receipt")
 }
 
 /// How a deploy ended, as the host reports it.
@@ -151,10 +224,19 @@ pub async fn wait_live(
             }
             _ if timed_out => bail!(
                 "{} is in place, but the host at {url} has not loaded it after {} s: does it watch {} \
-                 (PLUGINS_DIR, PLUGIN_RELOAD_MS)?",
+                 (PLUGINS_DIR, PLUGIN_RELOAD_MS)?{}",
                 placed.name,
                 timeout.as_secs(),
-                placed.folder.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                placed.folder.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+                placed
+                    .replaced
+                    .as_ref()
+                    .map(|r| format!(
+                        " The folder it replaced is kept at {}: remove it once the host runs the new version, or \
+                         put it back.",
+                        r.display()
+                    ))
+                    .unwrap_or_default()
             ),
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }

@@ -12,6 +12,7 @@ use crm_event_handler::config::Environment;
 use crm_event_handler::deploy;
 use crm_event_handler::dry_run::{self, DryRun};
 use crm_event_handler::plugins::grants::PluginEnv;
+use crm_event_handler::plugins::world::Reply;
 use crm_event_handler::plugins::{EngineOptions, PluginEngine};
 use crm_event_handler::routing::Routes;
 use crm_event_handler::scaffold::{self, Lang};
@@ -45,19 +46,22 @@ enum Command {
     },
     /// Tools for plugin authors.
     #[command(subcommand)]
-    Plugin(PluginCommand),
+    Plugin(Box<PluginCommand>),
 }
 
 #[derive(Subcommand)]
 enum PluginCommand {
     /// Run a plugin against a payload file and print the exact HTTP requests
-    /// it would send. Nothing is sent.
-    Run {
+    /// it would send, its log lines and its outcome, attempt by attempt.
+    /// Nothing is sent. With --receipt, replay a stored receipt through a
+    /// candidate folder and show how it differs from what was sent.
+    #[command(alias = "run")]
+    Test {
         /// Plugin name (in PLUGINS_DIR) or plugin folder.
         plugin: String,
         /// The webhook body, as the CRM would post it.
-        #[arg(long)]
-        payload: PathBuf,
+        #[arg(long, required_unless_present = "receipt")]
+        payload: Option<PathBuf>,
         /// A request header, "name: value" (repeatable), e.g. -H "x-event: deal_updated".
         #[arg(short = 'H', long = "header")]
         headers: Vec<String>,
@@ -67,12 +71,28 @@ enum PluginCommand {
         /// Run this action instead of the ones the routing table gives.
         #[arg(long)]
         action: Option<String>,
-        /// Status of the canned answer each request gets.
+        /// Status of the answer each request gets (without --answers).
         #[arg(long, default_value_t = 200)]
         respond_status: u16,
-        /// Body of the canned answer.
+        /// Body of that answer.
         #[arg(long, default_value = "{}")]
         respond_body: String,
+        /// One answer per attempt, a JSON list inline or in a file:
+        /// [{"status": 429, "headers": {"Retry-After": "2"}}, {"status": 200, "body": {}}, {"error": "refused"}].
+        /// A retryable outcome goes on to the next answer.
+        #[arg(long, conflicts_with_all = ["respond_status", "respond_body"])]
+        answers: Option<String>,
+        /// The first attempt's number.
+        #[arg(long, default_value_t = 1)]
+        attempt: u32,
+        /// Replay this stored receipt's actions for the plugin's destination
+        /// (a candidate's `shadow_of`) through the plugin folder, answered as
+        /// the live version was, and show how its requests differ.
+        #[arg(long, conflicts_with = "payload")]
+        receipt: Option<String>,
+        /// The running host holding the receipt (default: http://127.0.0.1:$PORT).
+        #[arg(long, requires = "receipt")]
+        url: Option<String>,
         /// Print secrets instead of «redacted».
         #[arg(long)]
         show_secrets: bool,
@@ -149,7 +169,7 @@ fn main() -> ExitCode {
             Command::Serve { api_only, workers_only } => {
                 crm_event_handler::run(Role { api: !workers_only, workers: !api_only }).await
             }
-            Command::Plugin(cmd) => run_plugin(cmd).await,
+            Command::Plugin(cmd) => run_plugin(*cmd).await,
         }
     });
     match result {
@@ -179,7 +199,27 @@ fn plugins_dir(env: &Environment) -> PathBuf {
 async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
     let env = Environment::load()?;
     match cmd {
-        PluginCommand::Run { plugin, payload, headers, source, action, respond_status, respond_body, show_secrets } => {
+        PluginCommand::Test {
+            plugin,
+            payload,
+            headers,
+            source,
+            action,
+            respond_status,
+            respond_body,
+            answers,
+            attempt,
+            receipt,
+            url,
+            show_secrets,
+        } => {
+            if let Some(id) = receipt {
+                let (url, key) = host(&env, url)?;
+                let receipt = deploy::receipt(&url, key, &id).await?;
+                let dir = dry_run::find_plugin(&plugins_dir(&env), &plugin)?;
+                print!("{}", dry_run::replay(&dir, &receipt, action.as_deref(), show_secrets, &env).await?);
+                return Ok(());
+            }
             let routes = match env.get("ROUTES_FILE") {
                 Some(path) => Routes::load(path.as_ref())?,
                 None => Routes::default_table(),
@@ -192,7 +232,14 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
                         .with_context(|| format!("header {h:?} must look like \"name: value\""))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let payload = payload.context("--payload names the webhook body to test with")?;
             let payload = std::fs::read(&payload).with_context(|| format!("cannot read {}", payload.display()))?;
+            let answers = match answers {
+                Some(spec) => dry_run::parse_answers(&spec)?,
+                None => {
+                    vec![Ok(Reply { status: respond_status, headers: Vec::new(), body: respond_body.into_bytes() })]
+                }
+            };
             let report = dry_run::run(
                 &DryRun {
                     plugins_dir: plugins_dir(&env),
@@ -206,8 +253,8 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
                     source,
                     action,
                     routes,
-                    respond_status,
-                    respond_body,
+                    answers,
+                    attempt,
                     show_secrets,
                 },
                 &env,
@@ -252,6 +299,7 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
             let to = to.unwrap_or_else(|| plugins_dir(&env));
             if no_wait {
                 let placed = deploy::place(&dir, &to)?;
+                deploy::confirm(&placed)?;
                 println!(
                     "placed {} {} in {} (digest {})",
                     placed.name,
@@ -274,13 +322,18 @@ async fn run_plugin(cmd: PluginCommand) -> anyhow::Result<()> {
             let stale = deploy::refusal(&before, &placed);
             match deploy::wait_live(&url, key, &placed, stale, Duration::from_secs(wait)).await? {
                 deploy::Landed::Live => {
+                    deploy::confirm(&placed)?;
                     println!("live: {} {} (digest {})", placed.name, placed.version, placed.digest);
                     Ok(())
                 }
-                deploy::Landed::Refused(reason) => anyhow::bail!(
-                    "the host refused {}; the version it ran before keeps running: {reason}",
-                    placed.folder.display()
-                ),
+                deploy::Landed::Refused(reason) => {
+                    deploy::roll_back(&placed)?;
+                    anyhow::bail!(
+                        "the host refused {}; the previous files are back in place, and the version it ran before \
+                         keeps running: {reason}",
+                        placed.folder.display()
+                    )
+                }
             }
         }
         PluginCommand::New { name, kind, lang, dir } => {

@@ -151,14 +151,14 @@ pub fn create(name: &str, kind: Kind, lang: Lang, parent: &Path) -> anyhow::Resu
         (
             "It turns a webhook body like `example-payload.json` into one deal event (`deal.id` and `deal.status` \
              required; every problem names its field). Change the logic to read your CRM's payload.",
-            "crm-event-handler plugin run . --payload example-payload.json   # the event it parses; nothing is stored",
+            "crm-event-handler plugin test . --payload example-payload.json   # the event it parses; nothing is stored",
         )
     } else {
         (
             "It POSTs each event as JSON to the URL in `__PREFIX___URL`, with the job's idempotency key and, when \
              `__PREFIX___TOKEN` is set, a bearer token; 2xx is delivered, 408, 429 and 5xx are retried, anything \
              else is final.",
-            "crm-event-handler plugin run . --payload example-payload.json --action notify   # the request it would send; nothing is sent",
+            "crm-event-handler plugin test . --payload example-payload.json --action notify   # the request it would send; nothing is sent",
         )
     };
     let readme = fill(

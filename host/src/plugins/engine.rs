@@ -24,12 +24,13 @@ use super::grants::PluginEnv;
 use super::manifest::{Kind, MAX_MEMORY_MB, Manifest, ManifestError, ResolvedConfig};
 use super::outbound;
 use super::world::{
-    self, Answer, CONTRACT_PACKAGE, CONTRACT_VERSION, DestinationPre, HttpMode, PluginContext, PluginState,
+    self, Answer, CONTRACT_PACKAGE, CONTRACT_VERSION, DestinationPre, HttpMode, LogLine, PluginContext, PluginState,
     RecordedRequest, SourcePre, wit,
 };
 use crate::event::Event;
 
-/// Whether a delivery call is compared in shadow mode, and on which side.
+/// Whether a delivery call is compared in shadow mode, and on which side,
+/// or answered from a test's script.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Compared {
     No,
@@ -37,6 +38,20 @@ pub enum Compared {
     Live,
     /// The candidate's call, with the live call's answers by place.
     Shadow(Vec<Answer>),
+    /// `plugin test`: a plugin loaded with `HttpMode::Record`, answered
+    /// from these by place (the last answers any request after it).
+    Scripted(Vec<Answer>),
+    /// `plugin test --receipt`: the same, answered as the live version's
+    /// requests were, by place only.
+    Replayed(Vec<Answer>),
+}
+
+/// What a call did besides its result: the requests it made and, in
+/// `plugin test`, the lines it logged.
+#[derive(Debug, Default)]
+pub struct Trace {
+    pub requests: Vec<RecordedRequest>,
+    pub logs: Vec<LogLine>,
 }
 
 /// How often the epoch advances; time limits are enforced to this grain.
@@ -190,6 +205,26 @@ pub enum Outcome {
     Delivered { status: Option<u16>, detail: String },
     Retryable { status: Option<u16>, reason: String, retry_after: Option<Duration> },
     Permanent { status: Option<u16>, reason: String },
+}
+
+impl Outcome {
+    /// The downstream's HTTP status, as the plugin reported it.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Outcome::Delivered { status, .. }
+            | Outcome::Retryable { status, .. }
+            | Outcome::Permanent { status, .. } => *status,
+        }
+    }
+
+    /// What the plugin said of it: the detail of a delivery, or the reason
+    /// for a failure.
+    pub fn text(&self) -> &str {
+        match self {
+            Outcome::Delivered { detail, .. } => detail,
+            Outcome::Retryable { reason, .. } | Outcome::Permanent { reason, .. } => reason,
+        }
+    }
 }
 
 /// An outcome's HTTP status as logs and texts show it: the number, or
@@ -522,8 +557,14 @@ impl PluginEngine {
         })?;
         let digest = hex(&Sha256::digest(&bytes));
         let component = self.compile(&bytes, &digest, &path)?;
-        check_contract_version(&self.engine, &component)
+        let built_for = check_contract_version(&self.engine, &component)
             .map_err(|message| LoadError::Contract { path: path.clone(), message })?;
+        // Built for a later compatible version, it may use what this host
+        // does not have yet: the linker's refusal then says which item.
+        let newer = built_for
+            .as_deref()
+            .and_then(version_numbers)
+            .is_some_and(|v| version_numbers(CONTRACT_VERSION).is_some_and(|ours| v > ours));
 
         let allow = manifest
             .allow_list(&config)
@@ -539,10 +580,17 @@ impl PluginEngine {
         };
         let contract = |e: wasmtime::Error| LoadError::Contract {
             path: path.clone(),
-            message: format!(
-                "does not match the {} world of {CONTRACT_PACKAGE}@{CONTRACT_VERSION}: {e:#}",
-                manifest.kind
-            ),
+            message: match (newer, &built_for) {
+                (true, Some(version)) => format!(
+                    "was built for {CONTRACT_PACKAGE} {version}, newer than this host's {CONTRACT_VERSION}, and uses \
+                     something this host does not have yet: upgrade the host, or build the plugin for \
+                     {CONTRACT_VERSION} ({e:#})"
+                ),
+                _ => format!(
+                    "does not match the {} world of {CONTRACT_PACKAGE}@{CONTRACT_VERSION}: {e:#}",
+                    manifest.kind
+                ),
+            },
         };
         let compiled = match manifest.kind {
             Kind::Source => {
@@ -599,31 +647,41 @@ fn how_to_build(dir: &Path, component: &Path) -> String {
 
 /// The component's imports must all be of a contract version compatible
 /// with ours; say so plainly rather than let the linker report a missing
-/// import. (The linker itself matches compatible versions' names.)
-fn check_contract_version(engine: &Engine, component: &Component) -> Result<(), String> {
+/// import. (The linker itself matches compatible versions' names.) The
+/// version they name, if any.
+fn check_contract_version(engine: &Engine, component: &Component) -> Result<Option<String>, String> {
     let ty = component.component_type();
+    let mut built_for = None;
     for (name, _) in ty.imports(engine) {
         if let Some(rest) = name.strip_prefix(&format!("{CONTRACT_PACKAGE}/")) {
             let version = rest.split_once('@').map(|(_, v)| v).unwrap_or("(none)");
             if !compatible(version) {
-                // "0.2.x" while the contract is 0.x.
-                let series = CONTRACT_VERSION.rsplit_once('.').map_or(CONTRACT_VERSION, |(series, _)| series);
+                let mut ours = CONTRACT_VERSION.split('.');
+                let series = match (ours.next(), ours.next()) {
+                    (Some("0"), Some(minor)) => format!("0.{minor}.x"),
+                    (major, _) => format!("{}.x", major.unwrap_or("0")),
+                };
                 return Err(format!(
                     "the plugin targets {CONTRACT_PACKAGE} contract version {version}; this host supports \
-                     {CONTRACT_VERSION}, and plugins built for any {series}.x"
+                     {CONTRACT_VERSION}, and plugins built for any {series}"
                 ));
             }
+            built_for.get_or_insert_with(|| version.to_string());
         }
     }
-    Ok(())
+    Ok(built_for)
+}
+
+/// A version's numbers (`0.2.9` → [0, 2, 9]), if it is one.
+fn version_numbers(version: &str) -> Option<Vec<u64>> {
+    version.split('.').map(|p| p.parse::<u64>().ok()).collect()
 }
 
 /// Whether a plugin built for contract `version` runs on this host, as
 /// semver counts it: the same major version, and while that is 0, the same
 /// minor one.
 fn compatible(version: &str) -> bool {
-    let parts = |v: &str| v.split('.').map(|p| p.parse::<u64>().ok()).collect::<Option<Vec<u64>>>();
-    match (parts(version).as_deref(), parts(CONTRACT_VERSION).as_deref()) {
+    match (version_numbers(version).as_deref(), version_numbers(CONTRACT_VERSION).as_deref()) {
         (Some([0, minor, _]), Some([0, ours, _])) => minor == ours,
         (Some([major, _, _]), Some([ours, _, _])) => major == ours,
         _ => false,
@@ -715,10 +773,10 @@ impl LoadedPlugin {
         wait: Duration,
         share: &'static str,
         body: impl AsyncFnOnce(&mut Store<PluginState>) -> Result<T, CallError>,
-    ) -> (Result<T, PluginError>, Vec<RecordedRequest>) {
+    ) -> (Result<T, PluginError>, Trace) {
         let busy = || PluginError::Busy { plugin: self.name().to_string(), share };
         let Ok(Ok(_permit)) = tokio::time::timeout(wait, slots.acquire()).await else {
-            return (Err(busy()), Vec::new());
+            return (Err(busy()), Trace::default());
         };
         let (mut store, time) = self.store();
         let finished = tokio::time::timeout(time + EPOCH_TICK * 5, body(&mut store)).await;
@@ -733,23 +791,40 @@ impl LoadedPlugin {
             Ok(Err(CallError::Trap(trap))) => Err(self.classify(&store, trap)),
             Ok(Ok(value)) => Ok(value),
         };
-        (result, std::mem::take(&mut store.data_mut().requests))
+        let state = store.data_mut();
+        (result, Trace { requests: std::mem::take(&mut state.requests), logs: std::mem::take(&mut state.logs) })
     }
 
     /// Run the source plugin on one webhook request: the events it carries,
     /// or why it was refused.
     pub async fn parse(&self, request: &IncomingRequest) -> Result<Result<Vec<Event>, ParseFailure>, PluginError> {
+        self.parse_traced(request, Vec::new()).await.0
+    }
+
+    /// `parse`, with what the call did; a plugin loaded with
+    /// `HttpMode::Record` gets `answers` (see `Compared::Scripted`).
+    pub async fn parse_traced(
+        &self,
+        request: &IncomingRequest,
+        answers: Vec<Answer>,
+    ) -> (Result<Result<Vec<Event>, ParseFailure>, PluginError>, Trace) {
         let Compiled::Source(pre) = &self.compiled else {
-            return Err(self.wrong_kind(Kind::Source));
+            return (Err(self.wrong_kind(Kind::Source)), Trace::default());
         };
         let request = wit_request(request);
-        let (result, _) = self
+        let (result, trace) = self
             .call(&self.slots.parses, PARSE_SLOT_WAIT, "parse instances", async |store| {
+                store.data_mut().answers = answers;
+                store.data_mut().repeat_last_answer = true;
                 let instance = pre.instantiate_async(&mut *store).await.map_err(CallError::Start)?;
                 instance.call_parse(&mut *store, &request).await.map_err(CallError::Trap)
             })
             .await;
-        Ok(result?
+        (result.map(|parsed| self.parsed(parsed)), trace)
+    }
+
+    fn parsed(&self, parsed: Result<Vec<wit::CrmEvent>, wit::ParseError>) -> Result<Vec<Event>, ParseFailure> {
+        parsed
             .map(|events| events.into_iter().map(Event::from).collect())
             // Failures are answered, logged and stored: no secret goes with
             // them, and none is longer than 2 KiB.
@@ -762,7 +837,7 @@ impl LoadedPlugin {
                 },
                 ParseFailure::Unauthenticated(why) => ParseFailure::Unauthenticated(self.outcome_text(&why)),
                 ParseFailure::Unavailable(why) => ParseFailure::Unavailable(self.outcome_text(&why)),
-            }))
+            })
     }
 
     /// Run the destination plugin for one delivery attempt; also returns the
@@ -780,8 +855,18 @@ impl LoadedPlugin {
         req: DeliveryRequest<'_>,
         compared: Compared,
     ) -> (Result<Outcome, PluginError>, Vec<RecordedRequest>) {
+        let (result, trace) = self.deliver_traced(req, compared).await;
+        (result, trace.requests)
+    }
+
+    /// `deliver_with`, with what the call did.
+    pub async fn deliver_traced(
+        &self,
+        req: DeliveryRequest<'_>,
+        compared: Compared,
+    ) -> (Result<Outcome, PluginError>, Trace) {
         let Compiled::Destination(pre) = &self.compiled else {
-            return (Err(self.wrong_kind(Kind::Destination)), Vec::new());
+            return (Err(self.wrong_kind(Kind::Destination)), Trace::default());
         };
         let event = wit::CrmEvent::from(req.event);
         let action = wit::Action { name: req.action.to_string(), params: req.params.to_vec() };
@@ -791,11 +876,13 @@ impl LoadedPlugin {
             attempt: req.attempt,
             idempotency_key: req.idempotency_key.to_string(),
         };
-        let (result, requests) = self
+        let (result, trace) = self
             .call(&self.slots.deliveries, DELIVERY_SLOT_WAIT, "delivery instances", async |store| {
                 let state = store.data_mut();
-                state.digest_bodies = compared != Compared::No;
-                if let Compared::Shadow(answers) = compared {
+                state.digest_bodies = matches!(compared, Compared::Live | Compared::Shadow(_));
+                state.repeat_last_answer = matches!(compared, Compared::Scripted(_));
+                if let Compared::Shadow(answers) | Compared::Scripted(answers) | Compared::Replayed(answers) = compared
+                {
                     state.answers = answers;
                 }
                 let instance = pre.instantiate_async(&mut *store).await.map_err(CallError::Start)?;
@@ -812,7 +899,7 @@ impl LoadedPlugin {
             },
             wit::Outcome::Permanent(f) => Outcome::Permanent { status: f.status, reason: self.outcome_text(&f.reason) },
         });
-        (result, requests)
+        (result, trace)
     }
 
     /// Outcome text as stored on receipts and logged: secrets redacted,

@@ -23,7 +23,7 @@
 //! [config.api_version]
 //! env = "META_API_VERSION"
 //! default = "v21.0"
-//! pattern = 'v\d+\.\d+'          # checked at load: the whole value must match
+//! pattern = 'v[0-9]+\.[0-9]+'          # checked at load: the whole value must match
 //! example = "v21.0"               # shown when it does not
 //! # one_of = ["a", "b"]           # or: one of these values
 //!
@@ -291,8 +291,10 @@ impl Manifest {
                 whole(pattern)
                     .map_err(|e| format!("config.{key}: pattern {pattern:?} is not a regular expression: {e}"))?;
             }
-            if let Some(default) = &c.default {
-                c.check(default, default).map_err(|e| format!("config.{key}: the default {e}"))?;
+            for (what, value) in [("default", &c.default), ("example", &c.example)] {
+                if let Some(value) = value {
+                    c.check(value, value).map_err(|e| format!("config.{key}: the {what} {e}"))?;
+                }
             }
         }
         // Check the allow-list's shape now; `{key}` entries resolve later.
@@ -359,7 +361,7 @@ impl Manifest {
             match from_env.or_else(|| c.default.clone()) {
                 Some(v) => {
                     if c.secret {
-                        if v.chars().count() < SHORT_SECRET {
+                        if is_short(&v) {
                             resolved.short_secrets.push(c.env.clone().unwrap_or_else(|| key.clone()));
                         }
                         resolved.secrets.push(v.clone());
@@ -521,9 +523,10 @@ impl std::fmt::Debug for ResolvedConfig {
 }
 
 impl ResolvedConfig {
-    /// Replace every secret value in `text` with `«redacted»`, where it
-    /// stands whole: not where it is part of a longer word, so a short test
-    /// value does not garble the answers it happens to occur in.
+    /// Replace every secret value in `text` with `«redacted»`: everywhere
+    /// it appears, but a short one (under `SHORT_SECRET` characters, a test
+    /// value) only where it stands whole, not inside a longer word, so it
+    /// does not garble the answers it happens to occur in.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();
         for s in self.secrets.iter().filter(|s| !s.is_empty()) {
@@ -531,8 +534,9 @@ impl ResolvedConfig {
             let quoted = serde_json::to_string(s).unwrap_or_default();
             let json = quoted.strip_prefix('"').and_then(|j| j.strip_suffix('"')).unwrap_or(s);
             let url: String = url::form_urlencoded::byte_serialize(s.as_bytes()).collect();
+            let short = is_short(s);
             for form in [s.as_str(), json, url.as_str()] {
-                out = replace_whole(&out, form, "«redacted»");
+                out = if short { replace_whole(&out, form, "«redacted»") } else { out.replace(form, "«redacted»") };
             }
         }
         out
@@ -544,16 +548,22 @@ impl ResolvedConfig {
         let out = self.redact(text);
         let Some(body) = out.strip_suffix('…') else { return out };
         for secret in self.secrets.iter().filter(|s| s.len() > 4) {
-            let cut = (4..secret.len())
-                .rev()
-                .filter(|&n| secret.is_char_boundary(n))
-                .find(|&n| body.ends_with(&secret[..n]) && starts_whole(&body[..body.len() - n], &secret[..n]));
+            let cut = (4..secret.len()).rev().filter(|&n| secret.is_char_boundary(n)).find(|&n| {
+                body.ends_with(&secret[..n])
+                    && (!is_short(secret) || starts_whole(&body[..body.len() - n], &secret[..n]))
+            });
             if let Some(n) = cut {
                 return format!("{}«redacted»…", &body[..body.len() - n]);
             }
         }
         out
     }
+}
+
+/// Whether `secret` is short enough to be a test value, redacted only
+/// where it stands whole.
+fn is_short(secret: &str) -> bool {
+    secret.chars().count() < SHORT_SECRET
 }
 
 /// Whether two characters side by side are of one word (a token, an
@@ -641,10 +651,14 @@ mod tests {
         assert_eq!(config.redact("fbtrace_id race_id racer"), "fbtrace_id race_id racer");
         assert_eq!(config.redact("Bearer race, ?k=race&x=tok-1."), "Bearer «redacted», ?k=«redacted»&x=«redacted».");
         assert_eq!(config.redact("tok-10 xtok-1 tok-1"), "tok-10 xtok-1 «redacted»");
-        // Cut at the end of an excerpt: a tail that starts a word of its own.
-        let long = ResolvedConfig { secrets: vec!["EAAB-secret-token".into()], ..Default::default() };
-        assert_eq!(long.redact_excerpt("token=EAAB-sec…"), "token=«redacted»…");
-        assert_eq!(long.redact_excerpt("xEAAB-sec…"), "xEAAB-sec…");
+        // A real secret goes wherever it appears, even run into a word
+        // (Telegram's bot<TOKEN>), and cut at the end of an excerpt.
+        let long = ResolvedConfig { secrets: vec!["1234567:AAH-secret".into()], ..Default::default() };
+        assert_eq!(long.redact("/bot1234567:AAH-secret/sendMessage"), "/bot«redacted»/sendMessage");
+        assert_eq!(long.redact_excerpt("token=1234567:AA…"), "token=«redacted»…");
+        assert_eq!(long.redact_excerpt("bot1234567:AA…"), "bot«redacted»…");
+        // A short one cut there is left where it would not stand whole.
+        assert_eq!(config.redact_excerpt("xtok-…"), "xtok-…");
     }
 
     #[test]
@@ -760,7 +774,7 @@ mod tests {
             (
                 "META_API_VERSION",
                 "21",
-                r#"META_API_VERSION must match the pattern `v\d+\.\d+` such as "v21.0", got "21""#,
+                r#"META_API_VERSION must match the pattern `v[0-9]+\.[0-9]+` such as "v21.0", got "21""#,
             ),
             ("META_API_VERSION", "../v21.0", "META_API_VERSION must match"),
             ("META_PIXEL_ID", "my-pixel", r#"such as "1234567890", got "my-pixel""#),
@@ -784,11 +798,44 @@ mod tests {
         assert!(brevo.resolve_config(&env(&[("BREVO_SENDER_EMAIL", "deals@example.com")])).is_ok());
     }
 
+    /// A destination whose URL is its credential (Slack, Teams, Discord):
+    /// the allow-list holds its origin, listings show only that, and the
+    /// whole URL is redacted wherever it is shown.
+    #[test]
+    fn a_secret_url_is_reachable_and_shown_only_as_its_origin() {
+        let slack = r#"
+            name = "slack"
+            version = "0.1.0"
+            kind = "destination"
+            component = "slack.wasm"
+            allowed_outbound_hosts = ["{webhook_url}"]
+
+            [config.webhook_url]
+            env = "SLACK_WEBHOOK_URL"
+            secret = true
+            required = true
+            format = "url"
+        "#;
+        let url = "https://hooks.slack.com/services/T0001/B0002/XXXXsecretXXXX";
+        let m = Manifest::parse(slack).unwrap();
+        let c = m.resolve_config(&env(&[("SLACK_WEBHOOK_URL", url)])).unwrap();
+        let allow = m.allow_list(&c).unwrap();
+        assert!(allow.allows(&url::Url::parse(url).unwrap()));
+        assert!(!allow.allows(&url::Url::parse("https://evil.example.com/services/x").unwrap()));
+        assert_eq!(allow.describe(), ["https://hooks.slack.com:443"]);
+        assert_eq!(c.redact(&format!("POST {url}\n")), "POST «redacted»\n");
+        assert!(!format!("{:?}", c.vars).contains("XXXXsecret"));
+    }
+
     #[test]
     fn a_pattern_must_compile_and_a_secret_is_never_echoed() {
         let bad = format!("{META}\n[config.region]\nenv = \"META_REGION\"\npattern = \"(eu\"\n");
         let err = Manifest::parse(&bad).unwrap_err().to_string();
         assert!(err.contains("config.region: pattern \"(eu\" is not a regular expression"), "{err}");
+        let wrong_example =
+            format!("{META}\n[config.region]\nenv = \"META_REGION\"\none_of = [\"eu\"]\nexample = \"us\"\n");
+        let err = Manifest::parse(&wrong_example).unwrap_err().to_string();
+        assert!(err.contains("config.region: the example must be one of eu, got \"us\""), "{err}");
         let checked = META.replace("secret = true", "secret = true\npattern = 'EAAB\\w+'");
         let m = Manifest::parse(&checked).unwrap();
         let err = m.resolve_config(&env(&[("META_ACCESS_TOKEN", "wrong-token-value")])).unwrap_err().to_string();

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 pub use engine::{
     CacheSettings, Compared, DeliveryRequest, EngineOptions, IncomingRequest, LoadError, LoadedPlugin, Outcome,
-    ParseFailure, PluginEngine, PluginError, PoolShares, Status,
+    ParseFailure, PluginEngine, PluginError, PoolShares, Status, Trace,
 };
 pub use manifest::Kind;
 

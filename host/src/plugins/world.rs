@@ -67,16 +67,49 @@ pub enum HttpMode {
     /// Really send (allow-listed), with the plugin's own clients (see
     /// `outbound`).
     Live(outbound::Clients),
-    /// Record the request and answer with this canned response (dry-run).
-    Record { status: u16, body: Vec<u8> },
+    /// Record the request, whole, and answer from the call's script
+    /// (`PluginState::answers`, by place; the last one answers any request
+    /// after it): `plugin test`.
+    Record,
     /// A shadow candidate: record the request, never send it, and answer
     /// with what the live version got for its request in the same place in
     /// the call (`PluginState::answers`).
     Shadow,
 }
 
-/// What the live version's request got, handed to its shadow candidate.
-pub type Answer = Result<(u16, Vec<u8>), String>;
+/// An answer given instead of sending a request: what the live version's
+/// request got, for its shadow candidate, or a test's scripted answer. An
+/// error is a transport failure with that reason.
+pub type Answer = Result<Reply, String>;
+
+/// A downstream's answer, as a plugin sees it.
+#[derive(Debug, Clone, PartialEq, Default, serde::Deserialize)]
+pub struct Reply {
+    pub status: u16,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub body: Vec<u8>,
+}
+
+/// What the live version's request got, as given to a plugin that is not
+/// to send its own: refused, answered, or failed in transport.
+pub fn answer_like(denied: Option<&str>, status: Option<u16>, excerpt: Option<&str>, error: Option<&str>) -> Answer {
+    match (denied, status) {
+        (Some(why), _) => Err(format!("the live version's request here was refused: {why}")),
+        (None, Some(status)) => {
+            Ok(Reply { status, headers: Vec::new(), body: excerpt.unwrap_or_default().as_bytes().to_vec() })
+        }
+        (None, None) => Err(error.unwrap_or("no answer").to_string()),
+    }
+}
+
+/// A line a plugin logged during a call (kept in `plugin test` only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogLine {
+    pub level: &'static str,
+    pub message: String,
+}
 
 /// Per-plugin facts every call of it shares.
 pub struct PluginContext {
@@ -153,8 +186,13 @@ pub struct PluginState {
     pub deadline: Instant,
     /// At most `limits.max_requests_per_call` of them.
     pub requests: Vec<RecordedRequest>,
-    /// Shadow mode: the answer for each request, by its place in the call.
+    /// Shadow mode and `plugin test`: the answer for each request, by its
+    /// place in the call.
     pub answers: Vec<Answer>,
+    /// `plugin test`: the lines the plugin logged.
+    pub logs: Vec<LogLine>,
+    /// `plugin test`: the last answer answers any request after it.
+    pub repeat_last_answer: bool,
     /// Keep a digest of each request's whole body (for a shadow comparison).
     pub digest_bodies: bool,
     /// `http.send` calls so far, and their body bytes.
@@ -183,7 +221,7 @@ pub fn digest(bytes: &[u8]) -> String {
     crate::plugins::engine::hex(&<sha2::Sha256 as sha2::Digest>::digest(bytes))
 }
 
-fn excerpt(body: &[u8], max: usize) -> String {
+pub fn excerpt(body: &[u8], max: usize) -> String {
     // A few bytes more, so a character cut at the edge is not mangled.
     clip(&String::from_utf8_lossy(&body[..body.len().min(max + 4)]), max)
 }
@@ -199,6 +237,8 @@ impl PluginState {
             deadline: Instant::now() + time,
             requests: Vec::new(),
             answers: Vec::new(),
+            logs: Vec::new(),
+            repeat_last_answer: false,
             digest_bodies: false,
             sent: 0,
             sent_bytes: 0,
@@ -268,6 +308,15 @@ impl wit_log::Host for PluginState {
         // Clip before redacting (a huge message costs nothing), with room for
         // a secret cut at the edge to be redacted whole.
         let message = clip(&self.plugin.config.redact(&clip(&message, 8192)), 2048);
+        if matches!(self.plugin.http, HttpMode::Record) {
+            let level = match level {
+                wit_log::Level::Debug => "debug",
+                wit_log::Level::Info => "info",
+                wit_log::Level::Warn => "warn",
+                wit_log::Level::Error => "error",
+            };
+            self.logs.push(LogLine { level, message: message.clone() });
+        }
         match level {
             wit_log::Level::Debug => tracing::debug!(plugin, "{message}"),
             wit_log::Level::Info => tracing::info!(plugin, "{message}"),
@@ -352,20 +401,34 @@ impl wit_http::Host for PluginState {
         self.requests.push(record);
 
         let client = match &plugin.http {
-            HttpMode::Record { status, body } => {
-                return Ok(wit_http::Response { status: *status, headers: vec![], body: body.clone() });
-            }
-            HttpMode::Shadow => {
-                // Paired by place, as the comparison pairs them.
-                return match self.answers.get(self.requests.len() - 1).cloned() {
-                    Some(Ok((status, body))) => Ok(wit_http::Response { status, headers: vec![], body }),
+            HttpMode::Live(clients) => clients.get(route),
+            // Paired by place, as a shadow comparison pairs them.
+            HttpMode::Record | HttpMode::Shadow => {
+                let place = self.requests.len() - 1;
+                let last = if self.repeat_last_answer { self.answers.last() } else { None };
+                let answer = self.answers.get(place).or(last);
+                let answer = match answer.cloned() {
+                    Some(Ok(reply)) => {
+                        if let Some(record) = self.requests.last_mut() {
+                            record.response_status = Some(reply.status);
+                        }
+                        Ok(wit_http::Response {
+                            status: reply.status,
+                            headers: reply
+                                .headers
+                                .into_iter()
+                                .map(|(name, value)| wit::Header { name, value })
+                                .collect(),
+                            body: reply.body,
+                        })
+                    }
                     Some(Err(error)) => Err(wit_http::HttpError::Transport(error)),
                     None => Err(wit_http::HttpError::Transport(
-                        "shadow mode: the live version made no request here, so there is no answer to give".into(),
+                        "no answer for this request: the live version made no request here".into(),
                     )),
                 };
+                return answer;
             }
-            HttpMode::Live(clients) => clients.get(route),
         };
         let answer = self.exchange(client, method, url, headers, request.body, plugin.max_response_bytes).await;
         // For the attempt log: what came back, in short.

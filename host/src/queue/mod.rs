@@ -52,8 +52,9 @@ pub struct Job {
     /// attempts, but back off like them.
     #[serde(default)]
     pub deferrals: u32,
-    /// When the webhook that made this job was accepted.
-    #[serde(alias = "enqueued_at_ms")]
+    /// When the webhook that made this job was accepted. Stored under its
+    /// earlier name, so a host of an earlier version reads it too.
+    #[serde(rename = "enqueued_at_ms")]
     pub accepted_at_ms: u64,
     /// When the job was last replayed, if it was; its delivery latency
     /// counts from here.

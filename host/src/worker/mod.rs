@@ -191,10 +191,7 @@ async fn attempt_delivery(app: &App, job: &Job) -> Result<(Outcome, LoggedAttemp
             Outcome::Retryable { status: None, reason: e.to_string(), retry_after: None }
         }
     };
-    let (status, detail) = match &outcome {
-        Outcome::Delivered { status, detail } => (*status, detail.clone()),
-        Outcome::Retryable { status, reason, .. } | Outcome::Permanent { status, reason } => (*status, reason.clone()),
-    };
+    let (status, detail) = (outcome.status(), outcome.text().to_string());
     // The plugin's own text (detail, reason) is redacted already; what it
     // sent and got back is redacted here, before it is stored.
     let redact = |text: &str| plugin.config.redact_excerpt(text);

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use crate::App;
-use crate::plugins::world::{Answer, RecordedRequest};
+use crate::plugins::world::{Answer, RecordedRequest, answer_like};
 use crate::plugins::{Compared, DeliveryRequest, LoadedPlugin, Outcome, PluginError, Status};
 use crate::store::ShadowComparison;
 use crate::telemetry::ShadowLabels;
@@ -38,10 +38,8 @@ pub fn outcome_name(result: &Result<Outcome, PluginError>) -> &'static str {
 /// An outcome's status, reason and name, for comparing.
 fn outcome_summary(result: &Result<Outcome, PluginError>) -> (&'static str, Option<u16>, String) {
     let (status, reason) = match result {
-        Ok(Outcome::Delivered { status, .. }) => (*status, String::new()),
-        Ok(Outcome::Retryable { status, reason, .. } | Outcome::Permanent { status, reason }) => {
-            (*status, reason.clone())
-        }
+        Ok(delivered @ Outcome::Delivered { .. }) => (delivered.status(), String::new()),
+        Ok(failed) => (failed.status(), failed.text().to_string()),
         Err(e) => (None, e.to_string()),
     };
     (outcome_name(result), status, reason)
@@ -60,11 +58,7 @@ pub async fn compare(
     // Each of its requests gets what the live request in the same place got.
     let answers: Vec<Answer> = live_requests
         .iter()
-        .map(|r| match (&r.denied, r.response_status) {
-            (Some(why), _) => Err(format!("the live version's request here was refused: {why}")),
-            (None, Some(status)) => Ok((status, r.response_excerpt.clone().unwrap_or_default().into_bytes())),
-            (None, None) => Err(r.error.clone().unwrap_or_else(|| "no answer".into())),
-        })
+        .map(|r| answer_like(r.denied.as_deref(), r.response_status, r.response_excerpt.as_deref(), r.error.as_deref()))
         .collect();
     let (shadow_result, requests) =
         match tokio::time::timeout(BUDGET, candidate.deliver_with(req, Compared::Shadow(answers))).await {

@@ -78,7 +78,7 @@ impl Settings {
         let api_url = settings.required("api_url", "BREVO_API_URL");
         let sender_name = settings.required("sender_name", "BREVO_SENDER_NAME");
         settings.finish("Brevo")?;
-        // Checked by the manifest's pattern (`[1-9]\d*`).
+        // Checked by the manifest's pattern (`[1-9][0-9]*`).
         let template_id = match settings.optional("template_id") {
             None => None,
             Some(id) => Some(

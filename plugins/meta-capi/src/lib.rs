@@ -84,7 +84,7 @@ impl Settings {
         let action_source = settings.required("action_source", "META_ACTION_SOURCE");
         settings.finish("Meta")?;
         let get = |key: &str| settings.optional(key);
-        // Checked by the manifest's pattern (`\+?\d{1,3}`).
+        // Checked by the manifest's pattern (`\+?[0-9]{1,3}`).
         let default_country_code = get("default_country_code").map(|c| c.trim().trim_start_matches('+').to_string());
         let number = |key: &str, var: &str| -> Result<i64, String> {
             get(key).map_or(Ok(0), |v| v.trim().parse().map_err(|_| format!("{var} must be a number, got {v:?}")))
