@@ -184,23 +184,11 @@ async fn customer_text_reaches_the_email_escaped() {
 #[tokio::test]
 async fn plugin_run_prints_the_exact_requests_and_sends_nothing() {
     let s = setup(&[]).await;
-    let run = |args: Vec<String>| {
-        let vars = s.vars.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                let out = std::process::Command::new(env!("CARGO_BIN_EXE_crm-event-handler"))
-                    .args(args)
-                    .env_clear()
-                    .envs(vars.iter().map(|(k, v)| (k.to_string(), v.clone())))
-                    .current_dir(std::env::temp_dir())
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                String::from_utf8(out.stdout).unwrap()
-            })
-            .await
-            .unwrap()
-        }
+    let run = async |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, out) = cli(&args, &s.vars).await;
+        assert!(ok, "{out}");
+        out
     };
     let committed = repo().join("examples/payloads/committed.json").display().to_string();
     let out = run(vec!["plugin".into(), "run".into(), "brevo".into(), "--payload".into(), committed.clone()]).await;

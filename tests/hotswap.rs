@@ -375,6 +375,20 @@ async fn a_plugin_built_for_an_incompatible_contract_is_refused_with_the_reason(
     }
 }
 
+/// A host process on `plugins` only, delivering to `meta` (with a test
+/// token of one character).
+fn meta_host(dir: &Path, plugins: &Path, meta: &StandIn) -> Vec<(&'static str, String)> {
+    vec![
+        ("API_KEY", API_KEY.to_string()),
+        ("DATA_DIR", dir.join("data").display().to_string()),
+        ("PLUGINS_DIR", plugins.display().to_string()),
+        ("BUNDLED_PLUGINS", "none".to_string()),
+        ("META_ACCESS_TOKEN", "t".to_string()),
+        ("META_PIXEL_ID", "1".to_string()),
+        ("META_GRAPH_URL", meta.url.clone()),
+    ]
+}
+
 /// A plugin built for a later 0.2.x than the host's (the same items, a
 /// newer patch of the contract) loads and delivers.
 #[tokio::test]
@@ -384,20 +398,13 @@ async fn a_plugin_built_for_a_compatible_contract_version_runs() {
     built_for_contract(&plugins.join("crm/crm.wasm"), "0.2.9");
     built_for_contract(&plugins.join("meta-capi/meta-capi.wasm"), "0.2.9");
     let meta = StandIn::meta().await;
-    let host = Host::start(&[
-        ("API_KEY", API_KEY.to_string()),
-        ("DATA_DIR", dir.path().join("data").display().to_string()),
-        ("PLUGINS_DIR", plugins.display().to_string()),
-        ("BUNDLED_PLUGINS", "none".to_string()),
-        ("META_ACCESS_TOKEN", "t".to_string()),
-        ("META_PIXEL_ID", "1".to_string()),
-        ("META_GRAPH_URL", meta.url.clone()),
-    ])
-    .await;
+    let host = Host::start(&meta_host(dir.path(), &plugins, &meta)).await;
     let (status, body) =
         post_webhook(&host.url, "/api/v1/webhook/crm", "deal_updated", &payload("V-029", "Qualified")).await;
     assert_eq!(status, 200, "{body}");
     eventually("the Lead", Duration::from_secs(20), async || (meta.events().len() == 1).then_some(())).await;
+    // The one-character token is warned about at start-up.
+    assert!(host.log_text().contains("META_ACCESS_TOKEN is shorter than 8 characters"), "{}", host.log_text());
 }
 
 /// A plugin built for a later 0.2.x that uses an interface this host does
@@ -528,17 +535,9 @@ async fn plugin_deploy_returns_once_the_host_runs_the_new_version() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = plugins_dir(dir.path(), &["crm", "meta-capi"]);
     let meta = StandIn::meta().await;
-    let host = Host::start(&[
-        ("API_KEY", API_KEY.to_string()),
-        ("DATA_DIR", dir.path().join("data").display().to_string()),
-        ("PLUGINS_DIR", plugins.display().to_string()),
-        ("BUNDLED_PLUGINS", "none".to_string()),
-        ("PLUGIN_RELOAD_MS", "100".to_string()),
-        ("META_ACCESS_TOKEN", "t".to_string()),
-        ("META_PIXEL_ID", "1".to_string()),
-        ("META_GRAPH_URL", meta.url.clone()),
-    ])
-    .await;
+    let mut vars = meta_host(dir.path(), &plugins, &meta);
+    vars.push(("PLUGIN_RELOAD_MS", "100".to_string()));
+    let host = Host::start(&vars).await;
     let to = plugins.display().to_string();
     let meta_version = async || -> String {
         let body: Value = reqwest::Client::new()
