@@ -356,22 +356,28 @@ fn built_for_contract(wasm: &Path, version: &str) {
     std::fs::write(wasm, bytes).unwrap();
 }
 
+/// Why the meta-capi folder in `plugins` is refused: a contract error.
+fn contract_refusal(plugins: &Path) -> String {
+    let err = PluginEngine::new(EngineOptions::default())
+        .unwrap()
+        .load(&plugins.join("meta-capi"), &plugin_env(&[], None), None)
+        .err()
+        .expect("refused");
+    assert!(matches!(err, LoadError::Contract { .. }), "{err}");
+    err.to_string()
+}
+
 #[tokio::test]
 async fn a_plugin_built_for_an_incompatible_contract_is_refused_with_the_reason() {
     for version in ["0.1.0", "0.3.0", "1.2.0"] {
         let dir = tempfile::tempdir().unwrap();
         let plugins = plugins_dir(dir.path(), &["meta-capi"]);
         built_for_contract(&plugins.join("meta-capi/meta-capi.wasm"), version);
-        let err = PluginEngine::new(EngineOptions::default())
-            .unwrap()
-            .load(&plugins.join("meta-capi"), &plugin_env(&[], None), None)
-            .err()
-            .unwrap();
-        assert!(matches!(err, LoadError::Contract { .. }), "{err}");
+        let err = contract_refusal(&plugins);
         let expected = format!(
             "targets crm:plugin contract version {version}; this host supports 0.2.0, and plugins built for any 0.2.x"
         );
-        assert!(err.to_string().contains(&expected), "{err}");
+        assert!(err.contains(&expected), "{err}");
     }
 }
 
@@ -421,16 +427,8 @@ async fn a_plugin_using_what_a_later_contract_added_is_told_to_upgrade_the_host(
     let at = bytes.windows(from.len()).position(|w| w == from).expect("the log import");
     bytes[at..at + to.len()].copy_from_slice(to);
     std::fs::write(&wasm, bytes).unwrap();
-    let err = PluginEngine::new(EngineOptions::default())
-        .unwrap()
-        .load(&plugins.join("meta-capi"), &plugin_env(&[], None), None)
-        .err()
-        .unwrap();
-    assert!(matches!(err, LoadError::Contract { .. }), "{err}");
-    assert!(
-        err.to_string().contains("was built for crm:plugin 0.2.9, newer than this host's 0.2.0, and uses something"),
-        "{err}"
-    );
+    let err = contract_refusal(&plugins);
+    assert!(err.contains("was built for crm:plugin 0.2.9, newer than this host's 0.2.0, and uses something"), "{err}");
 }
 
 #[tokio::test]
