@@ -430,12 +430,9 @@ pub async fn replay(
                 Status(status)
             ));
         }
-        if trace.requests.len() != sent.requests.len() + sent.requests_omitted as usize {
-            differences.push(format!(
-                "requests: sent {}, replayed {}",
-                sent.requests.len() + sent.requests_omitted as usize,
-                trace.requests.len()
-            ));
+        let sent_count = sent.requests.len() + sent.requests_omitted as usize;
+        if trace.requests.len() != sent_count {
+            differences.push(format!("requests: sent {sent_count}, replayed {}", trace.requests.len()));
         }
         for (n, (was, now)) in sent.requests.iter().zip(&trace.requests).enumerate() {
             let place = n + 1;

@@ -406,8 +406,7 @@ impl wit_http::Host for PluginState {
             HttpMode::Record | HttpMode::Shadow => {
                 let place = self.requests.len() - 1;
                 let last = if self.repeat_last_answer { self.answers.last() } else { None };
-                let answer = self.answers.get(place).or(last);
-                let answer = match answer.cloned() {
+                return match self.answers.get(place).or(last).cloned() {
                     Some(Ok(reply)) => {
                         if let Some(record) = self.requests.last_mut() {
                             record.response_status = Some(reply.status);
@@ -427,7 +426,6 @@ impl wit_http::Host for PluginState {
                         "no answer for this request: the live version made no request here".into(),
                     )),
                 };
-                return answer;
             }
         };
         let answer = self.exchange(client, method, url, headers, request.body, plugin.max_response_bytes).await;

@@ -114,12 +114,11 @@ pub async fn process(app: &App, reserved: Reserved) {
             Err(not_made) => return put_back(app, reserved, not_made).await,
         };
         let (health, reason) = match &outcome {
-            Outcome::Delivered { .. } => (Health::Up, ""),
-            Outcome::Retryable { reason, .. } => (Health::Failing, reason.as_str()),
-            Outcome::Permanent { .. } => (Health::Answering, ""),
+            Outcome::Delivered { .. } => (Health::Up, String::new()),
+            Outcome::Retryable { reason, .. } => (Health::Failing, reason.clone()),
+            Outcome::Permanent { .. } => (Health::Answering, String::new()),
         };
-        let (health, reason, probe) = (health, reason.to_string(), reserved.probe);
-        let destination = reserved.job.destination.clone();
+        let (destination, probe) = (reserved.job.destination.clone(), reserved.probe);
         settle(app, reserved, outcome, logged).await;
         app.breaker.observe(app, &destination, probe, health, &reason).await;
     }
